@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The project's test command (README): prepares the real-peer fixtures (QEMU 10, guest kernel and
+# initramfs, DPDK, vhost-device-*; cached outside the repo) and runs the whole workspace test suite.
+# SVQ_PEERS=0 skips the fixtures and the real-peer tests (fast developer loop).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${SVQ_PEERS:-1}" != 0 ] && [ -x scripts/peers/fixtures.sh ]; then
+    # shellcheck disable=SC1090
+    eval "$(scripts/peers/fixtures.sh --print-env)"
+fi
+exec cargo test --workspace --release "$@"
