@@ -1,0 +1,255 @@
+//! Reference vhost-user backends that deliberately offer **no** dirty logging.
+//!
+//! They stand in for the population svq exists for (vhost-device-*, qemu-storage-daemon with its
+//! logging hidden): neither `VHOST_F_LOG_ALL` nor `VHOST_USER_PROTOCOL_F_LOG_SHMFD` is offered, so a
+//! migration is only correct if something in between (svqd) logs the pages the device writes.
+//!
+//! * [`blk`]: a virtio-blk device on a file, optionally completing requests asynchronously, out of
+//!   order and after an injected delay, with qemu-storage-daemon's `GET_VRING_BASE` behaviour
+//!   (reply at once, late completions land in whatever ring is mapped then).
+//! * [`net`]: a virtio-net device that echoes every transmitted frame back into the receive queue.
+//!
+//! Both run in-process on a socket path through [`serve`], which returns a [`BackendHandle`] that
+//! stops them.
+
+pub mod blk;
+pub mod net;
+mod segments;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use segments::Segment;
+
+/// Guest memory as the reference backends see it (no dirty bitmap: they never log).
+pub type BackendMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// Errors starting a reference backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The listening socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// Underlying error.
+        source: vhost::vhost_user::Error,
+    },
+    /// The disk image could not be opened or sized.
+    #[error("disk image {path}: {source}")]
+    Disk {
+        /// Image path.
+        path: PathBuf,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// Invalid option combination.
+    #[error("invalid backend option: {0}")]
+    Option(String),
+    /// A thread could not be spawned.
+    #[error("cannot spawn thread: {0}")]
+    Spawn(io::Error),
+}
+
+/// A per-connection device instance: the accept loop creates a fresh one for every frontend
+/// connection (like qemu-storage-daemon, which serves one VMM after another on the same export).
+pub trait ConnectionBackend:
+    VhostUserBackend<Bitmap = (), Vring = VringRwLock<BackendMemory>> + Clone + 'static
+{
+    /// Called once the connection has ended and the vring worker threads were told to exit;
+    /// stops any helper threads (completion threads) of this instance.
+    fn connection_closed(&self);
+
+    /// Hands the instance a way to drop its own connection (used to emulate qemu-storage-daemon,
+    /// which disconnects when it must signal a closed call fd).
+    fn set_shutdown_handle(&self, _handle: ShutdownHandle) {}
+}
+
+/// Handle on a running in-process backend: stops it on [`BackendHandle::stop`] or drop.
+pub struct BackendHandle {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    conn: Arc<Mutex<Option<ShutdownHandle>>>,
+    connections: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BackendHandle {
+    /// The socket path the backend listens on.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many frontend connections were accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Drops the current frontend connection (if any) without stopping the listener, as a crashing
+    /// or restarting backend would look to the peer.
+    pub fn disconnect_current(&self) {
+        if let Some(h) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            h.shutdown();
+        }
+    }
+
+    /// Stops accepting, drops the current connection and waits for the backend thread to end.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.disconnect_current();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for BackendHandle {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// Listens on `path` (replacing a stale socket file) and serves one frontend connection after
+/// another, each with a fresh device instance from `make`, until the handle is stopped. If `make`
+/// fails the accept loop ends (logged).
+///
+/// The socket exists when this returns, so a frontend may connect at once.
+pub fn serve<B, F>(name: &str, path: &Path, mut make: F) -> Result<BackendHandle, BackendError>
+where
+    B: ConnectionBackend,
+    F: FnMut() -> io::Result<B> + Send + 'static,
+{
+    let mut listener = Listener::new(path, true).map_err(|source| BackendError::Listen {
+        path: path.to_owned(),
+        source,
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let conn: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    let connections = Arc::new(AtomicU64::new(0));
+    let (stop2, conn2, connections2) = (stop.clone(), conn.clone(), connections.clone());
+    let name2 = name.to_owned();
+    let thread = std::thread::Builder::new()
+        .name(format!("{name}-accept"))
+        .spawn(move || {
+            while !stop2.load(Ordering::Acquire) {
+                if !wait_readable(&listener, Duration::from_millis(20)) {
+                    continue;
+                }
+                let backend = match make() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!("{name2}: cannot create a device instance: {e}");
+                        break;
+                    }
+                };
+                let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+                let mut daemon = match VhostUserDaemon::new(name2.clone(), backend.clone(), mem) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::error!("{name2}: cannot create daemon: {e}");
+                        backend.connection_closed();
+                        break;
+                    }
+                };
+                if let Err(e) = daemon.start(&mut listener) {
+                    tracing::error!("{name2}: accept failed: {e}");
+                    continue;
+                }
+                connections2.fetch_add(1, Ordering::AcqRel);
+                if let Some(h) = daemon.shutdown_handle() {
+                    backend.set_shutdown_handle(h.clone());
+                    *conn2.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+                }
+                if stop2.load(Ordering::Acquire) {
+                    daemon.request_shutdown();
+                }
+                match daemon.wait() {
+                    Ok(()) => tracing::debug!("{name2}: frontend disconnected"),
+                    Err(e) => tracing::info!("{name2}: connection ended: {e}"),
+                }
+                *conn2.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                for h in daemon.get_epoll_handlers() {
+                    h.send_exit_event();
+                }
+                backend.connection_closed();
+            }
+        })
+        .map_err(BackendError::Spawn)?;
+    Ok(BackendHandle {
+        path: path.to_owned(),
+        stop,
+        conn,
+        connections,
+        thread: Some(thread),
+    })
+}
+
+/// Waits until the listening socket has a pending connection, or the timeout passes.
+fn wait_readable(listener: &Listener, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
+    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    r > 0 && (pfd.revents & libc::POLLIN) != 0
+}
+
+/// A new (consumer, notifier) pair for a vring worker's exit event.
+pub(crate) fn exit_pair() -> Option<(
+    vmm_sys_util::event::EventConsumer,
+    vmm_sys_util::event::EventNotifier,
+)> {
+    vmm_sys_util::event::new_event_consumer_and_notifier(vmm_sys_util::event::EventFlag::NONBLOCK)
+        .ok()
+}
+
+/// Tiny xorshift generator: the delays and completion order only need to be scrambled, not
+/// cryptographically random, and a seed makes a failing run reproducible.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator from `seed` (0 is replaced by a fixed non-zero constant).
+    pub fn new(seed: u64) -> Self {
+        XorShift(if seed == 0 {
+            0x9E37_79B9_7F4A_7C15
+        } else {
+            seed
+        })
+    }
+
+    /// Next pseudo-random 64-bit value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A value in `lo..=hi` (returns `lo` when `hi <= lo`).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            lo
+        } else {
+            lo + self.next_u64() % (hi - lo + 1)
+        }
+    }
+}
