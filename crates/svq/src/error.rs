@@ -2,33 +2,87 @@
 use thiserror::Error;
 
 /// Why a queue was marked broken. A broken queue stops forwarding; other queues keep running.
+///
+/// The first error is kept by the queue (see [`crate::ShadowVirtqueue::broken`]) and every later
+/// call returns a clone of it without touching memory.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum QueueError {
     /// The guest published an avail index more than a queue size ahead of the last one seen.
     #[error("guest avail index jumped from {last} to {new} (queue size {size})")]
-    AvailIndexJump { last: u16, new: u16, size: u16 },
+    AvailIndexJump {
+        /// Next avail index the engine would have read.
+        last: u16,
+        /// Avail index the guest published.
+        new: u16,
+        /// Guest queue size.
+        size: u16,
+    },
     /// A head or `next` index outside the descriptor table.
     #[error("descriptor index {index} out of range (table size {size})")]
-    DescIndexOutOfRange { index: u16, size: u16 },
+    DescIndexOutOfRange {
+        /// The offending index.
+        index: u16,
+        /// Number of entries of the table it indexes (queue size or indirect table length).
+        size: u16,
+    },
     /// The chain is longer than the queue size: a loop or an over-long chain.
     #[error("descriptor chain longer than {max} descriptors (loop?)")]
-    ChainTooLong { max: u32 },
+    ChainTooLong {
+        /// The limit that was exceeded.
+        max: u32,
+    },
     /// A buffer (or ring, or indirect table) that is not entirely inside guest memory.
     #[error("guest address {addr:#x}+{len:#x} is not in guest memory")]
-    BadGuestAddress { addr: u64, len: u64 },
+    BadGuestAddress {
+        /// Start guest-physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A guest ring part whose address violates the alignment the virtio spec requires.
+    #[error("guest {what} at {addr:#x} is not {align}-byte aligned")]
+    MisalignedRing {
+        /// Which ring part ("descriptor table", "avail ring", "used ring").
+        what: &'static str,
+        /// Its guest-physical address.
+        addr: u64,
+        /// Required alignment in bytes.
+        align: u64,
+    },
     /// An indirect descriptor that is malformed (nested, bad length, with NEXT set, or not allowed).
     #[error("bad indirect descriptor: {0}")]
     BadIndirect(&'static str),
     /// A translation to device addresses failed (vDPA: no IOVA mapping covers the buffer).
     #[error("no device mapping for guest address {addr:#x}+{len:#x}")]
-    Untranslatable { addr: u64, len: u64 },
-    /// The device returned a used id that is not in flight (or a length beyond the chain).
+    Untranslatable {
+        /// Start guest-physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// The device returned a used id that is not in flight.
     #[error("device returned bogus used id {id}")]
-    BogusUsedId { id: u32 },
+    BogusUsedId {
+        /// The id the device wrote into the shadow used ring.
+        id: u32,
+    },
     /// The device's used index moved more than a ring size ahead.
     #[error("device used index jumped from {last} to {new}")]
-    UsedIndexJump { last: u16, new: u16 },
+    UsedIndexJump {
+        /// Next shadow used index the engine would have read.
+        last: u16,
+        /// Used index the device published.
+        new: u16,
+    },
     /// A flattened chain cannot fit the shadow ring at all.
     #[error("chain of {len} descriptors cannot fit a shadow ring of {size}")]
-    ChainExceedsShadow { len: u32, size: u16 },
+    ChainExceedsShadow {
+        /// Number of descriptors of the flattened chain.
+        len: u32,
+        /// Shadow ring size.
+        size: u16,
+    },
+    /// The queue configuration or ring area handed to the engine is unusable.
+    #[error("invalid queue configuration: {0}")]
+    InvalidConfig(&'static str),
 }

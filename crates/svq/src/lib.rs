@@ -9,6 +9,8 @@
 //! Every guest page the device wrote (and the guest used ring) is marked in a [`DirtyLog`]
 //! in the vhost log format.
 
+#![deny(missing_docs)]
+
 pub mod error;
 pub mod guest;
 pub mod iova;
@@ -18,8 +20,9 @@ pub mod shadow;
 pub mod translate;
 
 pub use error::QueueError;
-pub use iova::{IovaError, IovaTree};
-pub use log::{DirtyLog, SharedLog, LOG_PAGE_SIZE};
-pub use ring::{RingArea, ShadowRing, SplitLayout, SplitShadowRing};
+pub use guest::{GuestBuffer, GuestQueue, GuestRings};
+pub use iova::{IovaError, IovaMapping, IovaTree};
+pub use log::{DirtyLog, LogBatch, SharedLog, LOG_PAGE_SIZE};
+pub use ring::{RingArea, ShadowDesc, ShadowRing, SplitLayout, SplitShadowRing, UsedElem};
 pub use shadow::{AvailBatch, InFlightChain, QueueConfig, QueueState, ShadowVirtqueue, UsedBatch};
-pub use translate::{IdentityTranslation, Translate};
+pub use translate::{IdentityTranslation, IovaTranslation, Translate};

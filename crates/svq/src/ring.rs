@@ -1,0 +1,731 @@
+//! The shadow ring: the driver side of a virtqueue in memory the engine owns.
+//!
+//! [`ShadowRing`] is the seam between the engine and the ring format: the engine hands it
+//! flattened chains and gets used elements back. [`SplitShadowRing`] implements it for the split
+//! layout; a packed shadow ring would be a second implementation, and the transports (which only
+//! see [`crate::ShadowVirtqueue`], [`RingArea`] and device addresses) would not change.
+//!
+//! Concurrency: the device reads the descriptor table and avail ring and writes the used ring
+//! while we run. Fields the device reads are written before the avail index is published with a
+//! release store; used elements are read after an acquire load of the used index. The free list
+//! lives in private memory (never read back from the shared table), so a device scribbling over
+//! the descriptor table cannot corrupt our bookkeeping.
+
+use crate::error::QueueError;
+use std::any::Any;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::Arc;
+
+/// `VIRTQ_DESC_F_NEXT`.
+pub const DESC_F_NEXT: u16 = 1;
+/// `VIRTQ_DESC_F_WRITE`.
+pub const DESC_F_WRITE: u16 = 2;
+/// `VIRTQ_DESC_F_INDIRECT`.
+pub const DESC_F_INDIRECT: u16 = 4;
+/// `VRING_USED_F_NO_NOTIFY`: the device asks the driver not to kick.
+pub const USED_F_NO_NOTIFY: u16 = 1;
+/// `VRING_AVAIL_F_NO_INTERRUPT`: the driver asks the device not to interrupt.
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Largest split queue size the virtio spec allows.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// `vring_need_event`: whether moving an index from `old` to `new` crossed `event` (the other
+/// side asked to be notified once index `event + 1` is reached). Wrapping u16 arithmetic.
+#[inline(always)]
+pub fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// Byte layout of a split virtqueue of a given size (virtio 1.x, event-idx fields included).
+///
+/// The three parts are placed back to back at the alignments the spec requires (descriptor table
+/// 16, avail ring 2, used ring 4); the used ring starts on its own 64-byte cache line so the
+/// device's used-ring writes do not share a line with our avail ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitLayout {
+    size: u16,
+    avail: usize,
+    used: usize,
+    total: usize,
+}
+
+impl SplitLayout {
+    /// Alignment of the area start the layout needs.
+    pub const ALIGN: usize = 64;
+
+    /// Layout for `size` entries (a power of two, 1..=32768).
+    pub fn new(size: u16) -> Result<Self, QueueError> {
+        if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
+            return Err(QueueError::InvalidConfig(
+                "queue size must be a power of two in 1..=32768",
+            ));
+        }
+        let avail = Self::desc_bytes(size);
+        let used = (avail + Self::avail_bytes(size, true)).next_multiple_of(64);
+        let total = used + Self::used_bytes(size, true);
+        Ok(SplitLayout {
+            size,
+            avail,
+            used,
+            total,
+        })
+    }
+
+    /// Bytes of a descriptor table of `size` entries.
+    pub fn desc_bytes(size: u16) -> usize {
+        16 * size as usize
+    }
+
+    /// Bytes of an avail ring (flags, idx, ring, and `used_event` when `event_idx`).
+    pub fn avail_bytes(size: u16, event_idx: bool) -> usize {
+        4 + 2 * size as usize + if event_idx { 2 } else { 0 }
+    }
+
+    /// Bytes of a used ring (flags, idx, ring, and `avail_event` when `event_idx`).
+    pub fn used_bytes(size: u16, event_idx: bool) -> usize {
+        4 + 8 * size as usize + if event_idx { 2 } else { 0 }
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Offset of the descriptor table (0).
+    pub fn desc_offset(&self) -> usize {
+        0
+    }
+
+    /// Offset of the avail ring.
+    pub fn avail_offset(&self) -> usize {
+        self.avail
+    }
+
+    /// Offset of the used ring.
+    pub fn used_offset(&self) -> usize {
+        self.used
+    }
+
+    /// Bytes the whole ring needs.
+    pub fn total_bytes(&self) -> usize {
+        self.total
+    }
+
+    /// Bytes rounded up to whole 4 KiB pages (what to allocate for an mmap'd area).
+    pub fn total_pages_bytes(&self) -> usize {
+        self.total.next_multiple_of(4096)
+    }
+
+    /// Device address of the descriptor table for an area at device address `base`.
+    pub fn desc_addr(&self, base: u64) -> u64 {
+        base
+    }
+
+    /// Device address of the avail (driver) ring.
+    pub fn avail_addr(&self, base: u64) -> u64 {
+        base + self.avail as u64
+    }
+
+    /// Device address of the used (device) ring.
+    pub fn used_addr(&self, base: u64) -> u64 {
+        base + self.used as u64
+    }
+}
+
+/// Memory the engine owns for a shadow ring: a host mapping plus the address the device uses
+/// for its start (vhost-user: an address inside a region added with ADD_MEM_REG / SET_MEM_TABLE;
+/// vDPA: an IOVA).
+pub struct RingArea {
+    ptr: NonNull<u8>,
+    len: usize,
+    device_addr: u64,
+    /// Keeps the mapping alive (an `Arc<MmapRegion>`, an owned heap buffer, ...).
+    _owner: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+// SAFETY: the area is plain shared memory accessed with volatile/atomic operations only; the
+// owner (if any) is itself Send + Sync.
+unsafe impl Send for RingArea {}
+
+impl std::fmt::Debug for RingArea {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingArea")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .field("device_addr", &format_args!("{:#x}", self.device_addr))
+            .finish()
+    }
+}
+
+/// Page-aligned zeroed heap memory (for [`RingArea::new_owned`]).
+struct OwnedPages {
+    ptr: NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+// SAFETY: exclusively owned heap memory.
+unsafe impl Send for OwnedPages {}
+// SAFETY: the buffer is only accessed through the RingArea with volatile/atomic operations.
+unsafe impl Sync for OwnedPages {}
+impl Drop for OwnedPages {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `RingArea::new_owned` with exactly this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl RingArea {
+    /// An area over `len` bytes at `ptr` that the device sees at `device_addr`.
+    ///
+    /// # Safety
+    ///
+    /// `ptr..ptr+len` must stay mapped and writable for the lifetime of the area and of any
+    /// [`crate::ShadowVirtqueue`] built on it, and nothing but the engine and the device may write
+    /// it while the engine runs.
+    pub unsafe fn new(ptr: *mut u8, len: usize, device_addr: u64) -> Result<Self, QueueError> {
+        let ptr = NonNull::new(ptr).ok_or(QueueError::InvalidConfig("null ring area"))?;
+        Ok(RingArea {
+            ptr,
+            len,
+            device_addr,
+            _owner: None,
+        })
+    }
+
+    /// An area at `offset` inside an mmap'd region (a memfd shared with the device), kept alive
+    /// by the `Arc`.
+    pub fn from_mmap_region<B: vm_memory::bitmap::Bitmap + Send + Sync + 'static>(
+        region: Arc<vm_memory::MmapRegion<B>>,
+        offset: usize,
+        device_addr: u64,
+    ) -> Result<Self, QueueError> {
+        if offset > region.size() {
+            return Err(QueueError::InvalidConfig("ring offset beyond region"));
+        }
+        // SAFETY: offset <= size, inside the mapping; the Arc keeps the mapping alive.
+        let ptr = unsafe { region.as_ptr().add(offset) };
+        let len = region.size() - offset;
+        // SAFETY: see above; the region is alive as long as `_owner`.
+        let mut area = unsafe { Self::new(ptr, len, device_addr)? };
+        area._owner = Some(region);
+        Ok(area)
+    }
+
+    /// A zeroed, page-aligned heap area of `len` bytes (tests, in-process simulations where the
+    /// simulated device reads the ring through [`RingArea::as_ptr`]).
+    pub fn new_owned(len: usize, device_addr: u64) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096)
+            .expect("ring area layout is valid");
+        // SAFETY: non-zero size layout.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        RingArea {
+            ptr,
+            len,
+            device_addr,
+            _owner: Some(Arc::new(OwnedPages { ptr, layout })),
+        }
+    }
+
+    /// Host address of the area.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the area is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The address the device uses for the start of the area.
+    pub fn device_addr(&self) -> u64 {
+        self.device_addr
+    }
+}
+
+/// One device-visible buffer of a flattened chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowDesc {
+    /// Device address (already translated).
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub write: bool,
+}
+
+/// A used element returned by the device: chain id (the head the ring returned from
+/// [`ShadowRing::add_chain`]) and the length the device wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsedElem {
+    /// Chain id.
+    pub id: u16,
+    /// Bytes written by the device, as reported.
+    pub len: u32,
+}
+
+/// The driver side of a shadow ring, independent of the ring format.
+pub trait ShadowRing: Send {
+    /// Ring size (maximum number of descriptors in flight).
+    fn size(&self) -> u16;
+    /// Free descriptors.
+    fn num_free(&self) -> u16;
+    /// Chains added and not yet returned by the device.
+    fn in_flight(&self) -> u16;
+    /// Write a chain (1..=num_free descriptors); invisible to the device until
+    /// [`ShadowRing::publish`]. Returns the chain id the device will return.
+    fn add_chain(&mut self, descs: &[ShadowDesc]) -> Result<u16, QueueError>;
+    /// Make every added chain visible to the device (one index publish). Returns whether the
+    /// device asked to be kicked (NO_NOTIFY / avail_event honoured).
+    fn publish(&mut self) -> bool;
+    /// Next used element, its descriptors already back on the free list. Validates the element
+    /// (id in flight, index not jumping).
+    fn next_used(&mut self) -> Result<Option<UsedElem>, QueueError>;
+    /// Ask the device to notify on its next used element; returns true if elements arrived in
+    /// the meantime (the caller must process them, or it would wait for a call that never comes).
+    fn enable_used_notify(&mut self) -> bool;
+    /// Device addresses of (descriptor area, driver area, device area).
+    fn device_addrs(&self) -> (u64, u64, u64);
+    /// The index the ring started at (what `SET_VRING_BASE` must tell the device).
+    fn base(&self) -> u16;
+    /// Avail index published so far (wrapping, in the ring's own index space).
+    fn avail_idx(&self) -> u16;
+    /// Used index consumed so far.
+    fn used_idx(&self) -> u16;
+}
+
+/// Bytes of a split descriptor: `le64 addr, le32 len, le16 flags, le16 next`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawDesc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+/// A split shadow ring in a [`RingArea`].
+pub struct SplitShadowRing {
+    area: RingArea,
+    layout: SplitLayout,
+    size: u16,
+    event_idx: bool,
+    base: u16,
+    /// Private links: free list for free descriptors, chain links for used ones.
+    next: Vec<u16>,
+    /// Per chain head: number of descriptors (0: not a head in flight).
+    chain_len: Vec<u16>,
+    free_head: u16,
+    num_free: u16,
+    in_flight: u16,
+    /// Next avail index to write into the avail ring.
+    next_avail: u16,
+    /// Avail index as last published to the device.
+    avail_idx: u16,
+    /// Next used index to consume.
+    last_used: u16,
+    /// Device used index as last loaded (avoid a load per element).
+    seen_used: u16,
+}
+
+impl std::fmt::Debug for SplitShadowRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SplitShadowRing")
+            .field("size", &self.size)
+            .field("base", &self.base)
+            .field("avail_idx", &self.next_avail)
+            .field("last_used", &self.last_used)
+            .field("in_flight", &self.in_flight)
+            .field("num_free", &self.num_free)
+            .finish()
+    }
+}
+
+impl SplitShadowRing {
+    /// Lay out and initialise a ring of `size` in `area`, starting at index `base`: the area is
+    /// zeroed, avail.idx = used.idx = used_event = base. The device must be told `base` with
+    /// `SET_VRING_BASE` (vhost reads used.idx from memory when the ring starts, so it must already
+    /// be there).
+    pub fn new(area: RingArea, size: u16, event_idx: bool, base: u16) -> Result<Self, QueueError> {
+        let layout = SplitLayout::new(size)?;
+        if area.len() < layout.total_bytes() {
+            return Err(QueueError::InvalidConfig(
+                "ring area too small for shadow ring",
+            ));
+        }
+        if !(area.as_ptr() as usize).is_multiple_of(SplitLayout::ALIGN) {
+            return Err(QueueError::InvalidConfig("ring area not 64-byte aligned"));
+        }
+        // SAFETY: the area is valid for `total_bytes` (checked) and not yet given to the device.
+        unsafe { std::ptr::write_bytes(area.as_ptr(), 0, layout.total_bytes()) };
+        let mut next: Vec<u16> = (1..=size).collect();
+        next[size as usize - 1] = 0;
+        let r = SplitShadowRing {
+            area,
+            layout,
+            size,
+            event_idx,
+            base,
+            next,
+            chain_len: vec![0; size as usize],
+            free_head: 0,
+            num_free: size,
+            in_flight: 0,
+            next_avail: base,
+            avail_idx: base,
+            last_used: base,
+            seen_used: base,
+        };
+        r.avail_idx_ref().store(base, Ordering::Relaxed);
+        r.used_idx_ref().store(base, Ordering::Relaxed);
+        r.used_event_ref().store(base, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        Ok(r)
+    }
+
+    /// The area the ring lives in.
+    pub fn area(&self) -> &RingArea {
+        &self.area
+    }
+
+    /// The ring's layout.
+    pub fn layout(&self) -> &SplitLayout {
+        &self.layout
+    }
+
+    #[inline(always)]
+    fn at(&self, off: usize) -> *mut u8 {
+        debug_assert!(off < self.layout.total_bytes());
+        // SAFETY: every caller passes an offset inside the layout, which fits the area.
+        unsafe { self.area.as_ptr().add(off) }
+    }
+
+    #[inline(always)]
+    fn u16_at(&self, off: usize) -> &AtomicU16 {
+        // SAFETY: in-bounds (see `at`), 2-byte aligned (layout offsets are even, area 64-aligned),
+        // shared memory only accessed atomically for these fields.
+        unsafe { &*(self.at(off) as *const AtomicU16) }
+    }
+
+    fn avail_idx_ref(&self) -> &AtomicU16 {
+        self.u16_at(self.layout.avail + 2)
+    }
+    fn used_event_ref(&self) -> &AtomicU16 {
+        self.u16_at(self.layout.avail + 4 + 2 * self.size as usize)
+    }
+    fn used_flags_ref(&self) -> &AtomicU16 {
+        self.u16_at(self.layout.used)
+    }
+    fn used_idx_ref(&self) -> &AtomicU16 {
+        self.u16_at(self.layout.used + 2)
+    }
+    fn avail_event_ref(&self) -> &AtomicU16 {
+        self.u16_at(self.layout.used + 4 + 8 * self.size as usize)
+    }
+
+    #[inline(always)]
+    fn write_desc(&self, i: u16, d: RawDesc) {
+        let p = self.at(16 * i as usize) as *mut RawDesc;
+        // SAFETY: i < size, so the 16 bytes are inside the descriptor table, 16-byte aligned.
+        // The device does not read a descriptor before it is published.
+        unsafe { p.write_volatile(d) };
+    }
+}
+
+impl ShadowRing for SplitShadowRing {
+    fn size(&self) -> u16 {
+        self.size
+    }
+
+    fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    fn in_flight(&self) -> u16 {
+        self.in_flight
+    }
+
+    #[inline]
+    fn add_chain(&mut self, descs: &[ShadowDesc]) -> Result<u16, QueueError> {
+        let n = descs.len();
+        if n == 0 || n > self.num_free as usize {
+            return Err(QueueError::ChainExceedsShadow {
+                len: n as u32,
+                size: self.num_free,
+            });
+        }
+        let head = self.free_head;
+        let mut i = head;
+        for (k, d) in descs.iter().enumerate() {
+            let nx = self.next[i as usize];
+            let last = k + 1 == n;
+            let flags = if d.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            self.write_desc(
+                i,
+                RawDesc {
+                    addr: d.addr.to_le(),
+                    len: d.len.to_le(),
+                    flags: flags.to_le(),
+                    next: if last { 0 } else { nx.to_le() },
+                },
+            );
+            if last {
+                self.free_head = nx;
+            } else {
+                i = nx;
+            }
+        }
+        self.num_free -= n as u16;
+        self.chain_len[head as usize] = n as u16;
+        self.in_flight += 1;
+        let slot = self.layout.avail + 4 + 2 * (self.next_avail & (self.size - 1)) as usize;
+        // Relaxed: published by the release store of avail.idx in `publish`.
+        self.u16_at(slot).store(head.to_le(), Ordering::Relaxed);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        Ok(head)
+    }
+
+    fn publish(&mut self) -> bool {
+        let old = self.avail_idx;
+        let new = self.next_avail;
+        if old == new {
+            return false;
+        }
+        self.avail_idx_ref().store(new.to_le(), Ordering::Release);
+        self.avail_idx = new;
+        // The index store must be visible before we read the device's suppression state,
+        // or both sides may decide not to notify (the device re-checks avail after its store).
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            let ev = u16::from_le(self.avail_event_ref().load(Ordering::Relaxed));
+            vring_need_event(ev, new, old)
+        } else {
+            u16::from_le(self.used_flags_ref().load(Ordering::Relaxed)) & USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    #[inline]
+    fn next_used(&mut self) -> Result<Option<UsedElem>, QueueError> {
+        if self.last_used == self.seen_used {
+            let idx = u16::from_le(self.used_idx_ref().load(Ordering::Acquire));
+            if idx.wrapping_sub(self.last_used) > self.in_flight {
+                return Err(QueueError::UsedIndexJump {
+                    last: self.last_used,
+                    new: idx,
+                });
+            }
+            self.seen_used = idx;
+            if idx == self.last_used {
+                return Ok(None);
+            }
+        }
+        let off = self.layout.used + 4 + 8 * (self.last_used & (self.size - 1)) as usize;
+        // SAFETY: in-bounds, 4-byte aligned used element; published by the acquire load above.
+        let (id, len) = unsafe {
+            let p = self.at(off) as *const u32;
+            (
+                u32::from_le(p.read_volatile()),
+                u32::from_le(p.add(1).read_volatile()),
+            )
+        };
+        if id >= u32::from(self.size) || self.chain_len[id as usize] == 0 {
+            return Err(QueueError::BogusUsedId { id });
+        }
+        let head = id as u16;
+        let n = std::mem::take(&mut self.chain_len[head as usize]);
+        let mut last = head;
+        for _ in 1..n {
+            last = self.next[last as usize];
+        }
+        self.next[last as usize] = self.free_head;
+        self.free_head = head;
+        self.num_free += n;
+        self.in_flight -= 1;
+        self.last_used = self.last_used.wrapping_add(1);
+        Ok(Some(UsedElem { id: head, len }))
+    }
+
+    fn enable_used_notify(&mut self) -> bool {
+        if self.event_idx {
+            self.used_event_ref()
+                .store(self.last_used.to_le(), Ordering::Relaxed);
+        }
+        // Our used_event store must be visible before we re-read used.idx; pairs with the
+        // device's fence between its used.idx store and its used_event load.
+        fence(Ordering::SeqCst);
+        u16::from_le(self.used_idx_ref().load(Ordering::Acquire)) != self.last_used
+    }
+
+    fn device_addrs(&self) -> (u64, u64, u64) {
+        let b = self.area.device_addr();
+        (
+            self.layout.desc_addr(b),
+            self.layout.avail_addr(b),
+            self.layout.used_addr(b),
+        )
+    }
+
+    fn base(&self) -> u16 {
+        self.base
+    }
+
+    fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.last_used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(size: u16, event_idx: bool, base: u16) -> SplitShadowRing {
+        let l = SplitLayout::new(size).unwrap();
+        SplitShadowRing::new(
+            RingArea::new_owned(l.total_bytes(), 0x1_0000_0000),
+            size,
+            event_idx,
+            base,
+        )
+        .unwrap()
+    }
+
+    /// Play device: complete chain `id` with `len`.
+    fn device_complete(r: &SplitShadowRing, id: u32, len: u32) {
+        let idx = u16::from_le(r.used_idx_ref().load(Ordering::Relaxed));
+        let off = r.layout.used + 4 + 8 * (idx & (r.size - 1)) as usize;
+        // SAFETY: in-bounds used element of the test's own ring.
+        unsafe {
+            let p = r.at(off) as *mut u32;
+            p.write_volatile(id.to_le());
+            p.add(1).write_volatile(len.to_le());
+        }
+        r.used_idx_ref()
+            .store(idx.wrapping_add(1).to_le(), Ordering::Release);
+    }
+
+    fn read_desc(r: &SplitShadowRing, i: u16) -> RawDesc {
+        // SAFETY: in-bounds descriptor of the test's own ring.
+        unsafe { (r.at(16 * i as usize) as *const RawDesc).read_volatile() }
+    }
+
+    #[test]
+    fn layout_matches_spec_sizes() {
+        let l = SplitLayout::new(256).unwrap();
+        assert_eq!(l.avail_offset(), 4096);
+        assert_eq!(l.used_offset() % 64, 0);
+        assert!(l.used_offset() >= 4096 + 6 + 512);
+        assert_eq!(l.total_bytes(), l.used_offset() + 6 + 8 * 256);
+        assert_eq!(l.used_addr(0x1000), 0x1000 + l.used_offset() as u64);
+        assert!(SplitLayout::new(3).is_err());
+        assert!(SplitLayout::new(0).is_err());
+    }
+
+    #[test]
+    fn need_event_semantics() {
+        assert!(vring_need_event(5, 6, 5));
+        assert!(!vring_need_event(5, 5, 4));
+        assert!(vring_need_event(0xffff, 0, 0xfffe));
+        assert!(!vring_need_event(10, 8, 2));
+    }
+
+    #[test]
+    fn chains_are_written_and_freed() {
+        let mut r = ring(4, false, 0xfffe);
+        let d = |a: u64, w: bool| ShadowDesc {
+            addr: a,
+            len: 0x100,
+            write: w,
+        };
+        let h1 = r.add_chain(&[d(0x1000, false), d(0x2000, true)]).unwrap();
+        let h2 = r.add_chain(&[d(0x3000, true)]).unwrap();
+        assert_eq!(r.num_free(), 1);
+        assert!(r.add_chain(&[d(0, false), d(0, false)]).is_err());
+        let d0 = read_desc(&r, h1);
+        assert_eq!(
+            (d0.addr, d0.flags),
+            (0x1000, DESC_F_NEXT),
+            "head readable with NEXT"
+        );
+        let d1 = read_desc(&r, d0.next);
+        assert_eq!((d1.addr, d1.flags), (0x2000, DESC_F_WRITE));
+        assert!(r.publish(), "no suppression: kick");
+        assert!(!r.publish(), "nothing new: no kick");
+        assert_eq!(r.avail_idx(), 0);
+        // Complete out of order.
+        device_complete(&r, h2 as u32, 7);
+        device_complete(&r, h1 as u32, 9);
+        assert_eq!(r.next_used().unwrap(), Some(UsedElem { id: h2, len: 7 }));
+        assert_eq!(r.next_used().unwrap(), Some(UsedElem { id: h1, len: 9 }));
+        assert_eq!(r.next_used().unwrap(), None);
+        assert_eq!((r.num_free(), r.in_flight()), (4, 0));
+        // All four descriptors are reusable.
+        let ds = [d(1, true); 4];
+        r.add_chain(&ds).unwrap();
+    }
+
+    #[test]
+    fn bogus_device_is_detected() {
+        let mut r = ring(4, false, 0);
+        let h = r
+            .add_chain(&[ShadowDesc {
+                addr: 1,
+                len: 1,
+                write: true,
+            }])
+            .unwrap();
+        r.publish();
+        device_complete(&r, 3, 0); // never posted
+        assert_eq!(r.next_used(), Err(QueueError::BogusUsedId { id: 3 }));
+        let mut r2 = ring(4, false, 0);
+        r2.add_chain(&[ShadowDesc {
+            addr: 1,
+            len: 1,
+            write: true,
+        }])
+        .unwrap();
+        r2.publish();
+        r2.used_idx_ref().store(3, Ordering::Release); // 3 > 1 in flight
+        assert!(matches!(
+            r2.next_used(),
+            Err(QueueError::UsedIndexJump { last: 0, new: 3 })
+        ));
+        let _ = h;
+    }
+
+    #[test]
+    fn notification_suppression() {
+        let mut r = ring(8, false, 0);
+        let d = [ShadowDesc {
+            addr: 1,
+            len: 1,
+            write: false,
+        }];
+        r.used_flags_ref()
+            .store(USED_F_NO_NOTIFY, Ordering::Relaxed);
+        r.add_chain(&d).unwrap();
+        assert!(!r.publish(), "device said NO_NOTIFY");
+
+        let mut r = ring(8, true, 10);
+        assert_eq!(r.used_event_ref().load(Ordering::Relaxed), 10);
+        r.avail_event_ref().store(11, Ordering::Relaxed); // kick when idx passes 11
+        r.add_chain(&d).unwrap();
+        assert!(!r.publish(), "10 -> 11 does not cross avail_event 11");
+        r.add_chain(&d).unwrap();
+        assert!(r.publish(), "11 -> 12 crosses it");
+        device_complete(&r, 0, 0);
+        assert!(r.next_used().unwrap().is_some());
+        assert!(!r.enable_used_notify());
+        assert_eq!(r.used_event_ref().load(Ordering::Relaxed), 11);
+        device_complete(&r, 1, 0);
+        assert!(r.enable_used_notify(), "re-check sees the late element");
+    }
+}

@@ -1,0 +1,589 @@
+//! The shadow virtqueue: one descriptor's journey through shadow mode, top to bottom.
+//!
+//! ```text
+//!  guest avail ring ──forward_avail──▶ shadow desc table + avail ring ──kick──▶ device
+//!   (validated chain,                  (translated addresses, in-flight
+//!    indirect flattened)                slot: shadow head → guest head
+//!                                       + device-writable guest ranges)
+//!  device ──call──▶ shadow used ring ──forward_used──▶ guest used ring (len unchanged)
+//!                                                     + dirty log: written bytes (len clipped to
+//!                                                       the writable ranges) + used elements/idx
+//! ```
+//!
+//! 1. [`ShadowVirtqueue::forward_avail`] (guest kick): read the guest avail index, and for every
+//!    new head read and validate the chain ([`crate::guest`]), translate each buffer, write it into
+//!    the shadow ring ([`crate::ring`]) and remember the writable ranges in the in-flight slot of
+//!    the shadow head. One avail-index publish and one kick decision per batch. With EVENT_IDX,
+//!    write the guest's `avail_event` and re-check the avail index so no kick is missed.
+//! 2. The device processes the chain and returns `(shadow head, len)` in the shadow used ring,
+//!    in any order.
+//! 3. [`ShadowVirtqueue::forward_used`] (device call): for every shadow used element, write
+//!    `(guest head, len)` into the guest used ring, and mark in the dirty log the first `len`
+//!    bytes of the chain's writable ranges. Then publish the guest used index once, mark the used
+//!    elements and index, and decide once whether to interrupt the guest. With EVENT_IDX, re-arm
+//!    the shadow `used_event` and re-check so no completion is missed.
+//!
+//! A violation by the guest or the device breaks only this queue: the error is logged once
+//! (`tracing::warn!`) and returned by every later call, which does no work.
+
+use crate::error::QueueError;
+use crate::guest::{GuestBuffer, GuestQueue, GuestRings};
+use crate::log::{LogBatch, SharedLog};
+use crate::ring::{RingArea, ShadowDesc, ShadowRing, SplitShadowRing};
+use crate::translate::Translate;
+use std::collections::VecDeque;
+use std::sync::atomic::{fence, Ordering};
+use vm_memory::GuestMemoryBackend;
+
+/// Static configuration of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Guest queue size (SET_VRING_NUM), power of two.
+    pub guest_size: u16,
+    /// Shadow ring size, power of two; may differ from `guest_size`. A flattened chain longer
+    /// than this breaks the queue, so with indirect descriptors pick at least `guest_size`.
+    pub shadow_size: u16,
+    /// Guest-physical address of the guest descriptor table.
+    pub desc_table: u64,
+    /// Guest-physical address of the guest avail ring.
+    pub avail_ring: u64,
+    /// Guest-physical address of the guest used ring.
+    pub used_ring: u64,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated (the same on both rings).
+    pub event_idx: bool,
+    /// VIRTIO_RING_F_INDIRECT_DESC negotiated (the guest may post indirect tables).
+    pub indirect: bool,
+}
+
+/// A guest chain forwarded to the device and not completed yet.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InFlightChain {
+    /// Guest head index.
+    pub head: u16,
+    /// Device-writable guest ranges `(gpa, len)` of the chain, in chain order (empty for a
+    /// chain imported but not forwarded yet).
+    pub writable: Vec<(u64, u32)>,
+}
+
+/// What crosses a mode switch (passthrough ↔ shadow) or a GET_VRING_BASE.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QueueState {
+    /// Next guest avail index the engine will read (= the vring base of the guest ring).
+    pub last_avail_idx: u16,
+    /// Next guest used index the engine will write.
+    pub used_idx: u16,
+    /// Guest chains taken from the avail ring but not completed. On import, these chains are
+    /// forwarded to the device again (before any new avail chain): pass only chains that no
+    /// device will complete otherwise.
+    pub in_flight: Vec<InFlightChain>,
+}
+
+impl QueueState {
+    /// State for taking over a guest ring that a device ran until now: `vring_base` from
+    /// GET_VRING_BASE and the used index the device left in guest memory. The transport must
+    /// have drained the device first (every popped chain completed: used idx == base), or the
+    /// chains in between are lost.
+    pub fn from_vring_base<M: GuestMemoryBackend>(
+        mem: &M,
+        cfg: &QueueConfig,
+        vring_base: u16,
+    ) -> Result<Self, QueueError> {
+        let q = guest_queue(cfg)?;
+        let used_idx = q.map(mem)?.used_idx()?;
+        Ok(QueueState {
+            last_avail_idx: vring_base,
+            used_idx,
+            in_flight: Vec::new(),
+        })
+    }
+}
+
+/// Result of one [`ShadowVirtqueue::forward_avail`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AvailBatch {
+    /// Guest chains forwarded.
+    pub chains: u32,
+    /// Shadow descriptors written.
+    pub descriptors: u32,
+    /// Bytes described by the forwarded chains (readable + writable).
+    pub bytes: u64,
+    /// The device must be kicked (it did not suppress notifications).
+    pub kick_device: bool,
+    /// Stopped because the shadow ring is full: call `forward_avail` again when
+    /// [`UsedBatch::retry_avail`] says so.
+    pub shadow_full: bool,
+}
+
+/// Result of one [`ShadowVirtqueue::forward_used`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UsedBatch {
+    /// Guest chains completed.
+    pub completed: u32,
+    /// Bytes the device wrote into guest buffers (reported lengths, clipped to the writable
+    /// ranges).
+    pub bytes_written: u64,
+    /// Pages marked in the dirty log (buffer pages plus used-ring pages, counted per mark).
+    pub pages_logged: u64,
+    /// The guest must be interrupted.
+    pub notify_guest: bool,
+    /// A previous `forward_avail` stopped on a full shadow ring and descriptors were freed:
+    /// call `forward_avail` now (the guest will not kick again for those chains).
+    pub retry_avail: bool,
+}
+
+/// Per shadow head: which guest chain it carries and where the device may write.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The shadow head is in flight.
+    live: bool,
+    guest_head: u16,
+    writable: Vec<(u64, u32)>,
+}
+
+/// The shadow virtqueue engine for one queue. See the module docs for the data path.
+///
+/// `T` translates guest addresses for the device; `R` is the shadow ring format (split by
+/// default).
+pub struct ShadowVirtqueue<T: Translate, R: ShadowRing = SplitShadowRing> {
+    cfg: QueueConfig,
+    guest: GuestQueue,
+    ring: R,
+    xlate: T,
+    /// Next guest avail index to read.
+    last_avail: u16,
+    /// Next guest used index to write.
+    used_idx: u16,
+    /// Used index at the last interrupt decision (`None`: no decision yet, notify).
+    signalled_used: Option<u16>,
+    /// Last value written to the guest's avail_event.
+    avail_event: Option<u16>,
+    /// avail_event written in this batch and not logged yet.
+    avail_event_written: Option<u16>,
+    slots: Vec<Slot>,
+    /// Imported in-flight guest heads to forward before new avail chains.
+    resubmit: VecDeque<u16>,
+    /// Scratch buffers reused by every chain (no allocation on the data path).
+    chain: Vec<GuestBuffer>,
+    descs: Vec<ShadowDesc>,
+    forwarding: bool,
+    shadow_was_full: bool,
+    broken: Option<QueueError>,
+}
+
+impl<T: Translate, R: ShadowRing> std::fmt::Debug for ShadowVirtqueue<T, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowVirtqueue")
+            .field("cfg", &self.cfg)
+            .field("last_avail", &self.last_avail)
+            .field("used_idx", &self.used_idx)
+            .field("in_flight", &self.ring.in_flight())
+            .field("forwarding", &self.forwarding)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+fn guest_queue(cfg: &QueueConfig) -> Result<GuestQueue, QueueError> {
+    GuestQueue::new(
+        cfg.guest_size,
+        cfg.desc_table,
+        cfg.avail_ring,
+        cfg.used_ring,
+        cfg.event_idx,
+        cfg.indirect,
+    )
+}
+
+impl<T: Translate> ShadowVirtqueue<T, SplitShadowRing> {
+    /// Build the engine with a split shadow ring in `ring`, starting at shadow index 0, from the
+    /// guest-side state `start`. The shadow ring memory is initialised (avail.idx = used.idx = 0)
+    /// before this returns: tell the device `SET_VRING_BASE` = [`ShadowVirtqueue::shadow_base`]
+    /// and the addresses of [`ShadowVirtqueue::device_addrs`].
+    pub fn new(
+        cfg: QueueConfig,
+        ring: RingArea,
+        xlate: T,
+        start: QueueState,
+    ) -> Result<Self, QueueError> {
+        Self::new_with_base(cfg, ring, xlate, start, 0)
+    }
+
+    /// As [`ShadowVirtqueue::new`], with the shadow ring starting at index `shadow_base` (the
+    /// shadow ring has its own index space; any start works).
+    pub fn new_with_base(
+        cfg: QueueConfig,
+        ring: RingArea,
+        xlate: T,
+        start: QueueState,
+        shadow_base: u16,
+    ) -> Result<Self, QueueError> {
+        let r = SplitShadowRing::new(ring, cfg.shadow_size, cfg.event_idx, shadow_base)?;
+        Self::with_ring(cfg, r, xlate, start)
+    }
+}
+
+impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
+    /// Build the engine over an already initialised shadow ring of any format.
+    pub fn with_ring(
+        cfg: QueueConfig,
+        ring: R,
+        xlate: T,
+        start: QueueState,
+    ) -> Result<Self, QueueError> {
+        let guest = guest_queue(&cfg)?;
+        if ring.size() != cfg.shadow_size {
+            return Err(QueueError::InvalidConfig(
+                "shadow ring size differs from config",
+            ));
+        }
+        if ring.in_flight() != 0 {
+            return Err(QueueError::InvalidConfig("shadow ring is not empty"));
+        }
+        if start.in_flight.len() > usize::from(cfg.guest_size) {
+            return Err(QueueError::InvalidConfig(
+                "more in-flight chains than the guest queue size",
+            ));
+        }
+        if let Some(c) = start.in_flight.iter().find(|c| c.head >= cfg.guest_size) {
+            return Err(QueueError::DescIndexOutOfRange {
+                index: c.head,
+                size: cfg.guest_size,
+            });
+        }
+        let slots = (0..cfg.shadow_size).map(|_| Slot::default()).collect();
+        Ok(ShadowVirtqueue {
+            cfg,
+            guest,
+            ring,
+            xlate,
+            last_avail: start.last_avail_idx,
+            used_idx: start.used_idx,
+            signalled_used: None,
+            avail_event: None,
+            avail_event_written: None,
+            slots,
+            resubmit: start.in_flight.iter().map(|c| c.head).collect(),
+            chain: Vec::with_capacity(usize::from(cfg.shadow_size)),
+            descs: Vec::with_capacity(usize::from(cfg.shadow_size)),
+            forwarding: true,
+            shadow_was_full: false,
+            broken: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &QueueConfig {
+        &self.cfg
+    }
+
+    /// The shadow ring (for transports and simulated devices that need its memory).
+    pub fn ring(&self) -> &R {
+        &self.ring
+    }
+
+    /// The shadow ring's start index: what SET_VRING_BASE must tell the device (its avail.idx
+    /// and used.idx were set to it in ring memory by the constructor).
+    pub fn shadow_base(&self) -> u16 {
+        self.ring.base()
+    }
+
+    /// Device addresses of the shadow ring: (descriptor table, avail/driver ring, used/device
+    /// ring), for SET_VRING_ADDR.
+    pub fn device_addrs(&self) -> (u64, u64, u64) {
+        self.ring.device_addrs()
+    }
+
+    /// Guest chains forwarded to the device and not completed.
+    pub fn in_flight(&self) -> usize {
+        usize::from(self.ring.in_flight())
+    }
+
+    /// Guest chains not yet forwarded (available in the guest ring, plus imported ones waiting
+    /// to be resubmitted).
+    pub fn pending_guest<M: GuestMemoryBackend>(&self, mem: &M) -> Result<u16, QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let idx = self.guest.map(mem)?.avail_idx()?;
+        Ok(idx
+            .wrapping_sub(self.last_avail)
+            .wrapping_add(self.resubmit.len() as u16))
+    }
+
+    /// Turn forwarding of new guest chains on or off. Off: `forward_avail` does nothing (used
+    /// entries still flow back), which is how a transport drains the shadow ring before
+    /// handing the guest ring back to the device.
+    pub fn set_forwarding(&mut self, on: bool) {
+        self.forwarding = on;
+    }
+
+    /// Whether forwarding is on.
+    pub fn forwarding(&self) -> bool {
+        self.forwarding
+    }
+
+    /// Guest-side state: what the device must resume from after a switch back to passthrough
+    /// (SET_VRING_BASE = `last_avail_idx` once `in_flight` is empty).
+    pub fn export_state(&self) -> QueueState {
+        let mut in_flight: Vec<InFlightChain> = self
+            .resubmit
+            .iter()
+            .map(|&head| InFlightChain {
+                head,
+                writable: Vec::new(),
+            })
+            .collect();
+        for s in &self.slots {
+            if s.live {
+                in_flight.push(InFlightChain {
+                    head: s.guest_head,
+                    writable: s.writable.clone(),
+                });
+            }
+        }
+        QueueState {
+            last_avail_idx: self.last_avail,
+            used_idx: self.used_idx,
+            in_flight,
+        }
+    }
+
+    /// Guest kick: move every available guest chain into the shadow ring.
+    ///
+    /// Stops cleanly when the shadow ring is full ([`AvailBatch::shadow_full`]; resume when
+    /// [`UsedBatch::retry_avail`] says so). Publishes the shadow avail index once and decides once
+    /// whether to kick the device. `log` receives the guest `avail_event` write (EVENT_IDX).
+    pub fn forward_avail<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        log: &SharedLog,
+    ) -> Result<AvailBatch, QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let mut batch = AvailBatch::default();
+        if !self.forwarding {
+            return Ok(batch);
+        }
+        let g = match self.guest.map(mem) {
+            Ok(g) => g,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let res = self.avail_loop(&g, &mut batch);
+        // Chains written before an error are valid: publish them either way, so the device and
+        // the guest agree on what was forwarded.
+        if batch.chains > 0 {
+            batch.kick_device = self.ring.publish();
+        }
+        if let Err(e) = res {
+            return Err(self.fail(e));
+        }
+        if self.avail_event_written.take().is_some() {
+            // Log after the write: the VMM must see the bit only once the new value is there.
+            log.mark(self.guest.used_ring() + self.guest.avail_event_offset(), 2);
+        }
+        Ok(batch)
+    }
+
+    /// Forward chains until the guest ring is empty (with EVENT_IDX: empty after re-arming
+    /// avail_event) or the shadow ring is full.
+    fn avail_loop<M: GuestMemoryBackend>(
+        &mut self,
+        g: &GuestRings<'_, M>,
+        batch: &mut AvailBatch,
+    ) -> Result<(), QueueError> {
+        while let Some(&head) = self.resubmit.front() {
+            if !self.forward_chain(g, head, batch)? {
+                return Ok(());
+            }
+            self.resubmit.pop_front();
+        }
+        loop {
+            let avail = g.avail_idx()?;
+            let pending = avail.wrapping_sub(self.last_avail);
+            if pending > self.cfg.guest_size {
+                return Err(QueueError::AvailIndexJump {
+                    last: self.last_avail,
+                    new: avail,
+                    size: self.cfg.guest_size,
+                });
+            }
+            while self.last_avail != avail {
+                let head = g.avail_head(self.last_avail)?;
+                if !self.forward_chain(g, head, batch)? {
+                    return Ok(());
+                }
+                self.last_avail = self.last_avail.wrapping_add(1);
+            }
+            if !self.cfg.event_idx || self.avail_event == Some(self.last_avail) {
+                return Ok(());
+            }
+            // Ask the guest to kick when it adds entry `last_avail`, then re-check: a chain
+            // added between our avail.idx read and the avail_event store would otherwise sit
+            // unforwarded with no kick coming.
+            g.set_avail_event(self.last_avail)?;
+            self.avail_event = Some(self.last_avail);
+            self.avail_event_written = Some(self.last_avail);
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    /// Read, validate and forward one guest chain. Returns false (nothing consumed) when the
+    /// shadow ring has no room for it.
+    #[inline]
+    fn forward_chain<M: GuestMemoryBackend>(
+        &mut self,
+        g: &GuestRings<'_, M>,
+        head: u16,
+        batch: &mut AvailBatch,
+    ) -> Result<bool, QueueError> {
+        g.read_chain(head, &mut self.chain, self.cfg.shadow_size)?;
+        if self.chain.len() > usize::from(self.ring.num_free()) {
+            batch.shadow_full = true;
+            self.shadow_was_full = true;
+            return Ok(false);
+        }
+        self.descs.clear();
+        let mut bytes = 0u64;
+        for b in &self.chain {
+            let addr = self.xlate.to_device(b.addr, b.len)?;
+            bytes += u64::from(b.len);
+            self.descs.push(ShadowDesc {
+                addr,
+                len: b.len,
+                write: b.write,
+            });
+        }
+        let id = self.ring.add_chain(&self.descs)?;
+        let slot = &mut self.slots[usize::from(id)];
+        slot.live = true;
+        slot.guest_head = head;
+        slot.writable.clear();
+        slot.writable.extend(
+            self.chain
+                .iter()
+                .filter(|b| b.write && b.len > 0)
+                .map(|b| (b.addr, b.len)),
+        );
+        batch.chains += 1;
+        batch.descriptors += self.chain.len() as u32;
+        batch.bytes += bytes;
+        Ok(true)
+    }
+
+    /// Device call: move every shadow used element to the guest used ring (lengths unchanged,
+    /// any completion order), mark the written guest bytes and the used-ring writes in `log`,
+    /// publish the guest used index once and decide once whether to interrupt the guest.
+    pub fn forward_used<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        log: &SharedLog,
+    ) -> Result<UsedBatch, QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let g = match self.guest.map(mem) {
+            Ok(g) => g,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let lb = log.batch();
+        let mut batch = UsedBatch::default();
+        let old = self.used_idx;
+        let res = self.used_loop(&g, &lb, &mut batch);
+        if batch.completed > 0 {
+            let fin = self.finish_used(&g, &lb, old, &mut batch);
+            if res.is_ok() {
+                if let Err(e) = fin {
+                    return Err(self.fail(e));
+                }
+            }
+            if self.shadow_was_full {
+                self.shadow_was_full = false;
+                batch.retry_avail = self.forwarding;
+            }
+        }
+        if let Err(e) = res {
+            return Err(self.fail(e));
+        }
+        Ok(batch)
+    }
+
+    fn used_loop<M: GuestMemoryBackend>(
+        &mut self,
+        g: &GuestRings<'_, M>,
+        lb: &LogBatch<'_>,
+        batch: &mut UsedBatch,
+    ) -> Result<(), QueueError> {
+        loop {
+            while let Some(e) = self.ring.next_used()? {
+                let slot = &mut self.slots[usize::from(e.id)];
+                slot.live = false;
+                g.write_used(self.used_idx, slot.guest_head, e.len)?;
+                self.used_idx = self.used_idx.wrapping_add(1);
+                batch.completed += 1;
+                // Log exactly the bytes the device reports having written: the first `len`
+                // bytes of the writable ranges, in chain order.
+                let mut rem = e.len;
+                for &(addr, len) in &slot.writable {
+                    if rem == 0 {
+                        break;
+                    }
+                    let n = rem.min(len);
+                    batch.pages_logged += lb.mark(addr, u64::from(n));
+                    batch.bytes_written += u64::from(n);
+                    rem -= n;
+                }
+            }
+            // Re-arm the device's call (used_event) and re-check, else a completion landing
+            // between our last read and the re-arm would never be signalled.
+            if !self.ring.enable_used_notify() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Publish the guest used index, log the used-ring writes, decide the interrupt.
+    fn finish_used<M: GuestMemoryBackend>(
+        &mut self,
+        g: &GuestRings<'_, M>,
+        lb: &LogBatch<'_>,
+        old: u16,
+        batch: &mut UsedBatch,
+    ) -> Result<(), QueueError> {
+        let new = self.used_idx;
+        g.publish_used(new)?;
+        // The used elements old..new (at most two runs when they wrap) and the idx field.
+        let base = self.guest.used_ring();
+        let size = self.cfg.guest_size;
+        let n = new.wrapping_sub(old);
+        let first = old & (size - 1);
+        let run1 = n.min(size - first);
+        batch.pages_logged += lb.mark(
+            base + self.guest.used_elem_offset(first),
+            8 * u64::from(run1),
+        );
+        if n > run1 {
+            batch.pages_logged += lb.mark(base + 4, 8 * u64::from(n - run1));
+        }
+        batch.pages_logged += lb.mark(base + 2, 2);
+        // Before the first decision we cannot know what the guest last saw: interrupt.
+        let wanted = g.needs_interrupt(self.signalled_used.unwrap_or(old), new)?;
+        batch.notify_guest = wanted || self.signalled_used.is_none();
+        self.signalled_used = Some(new);
+        Ok(())
+    }
+
+    /// The error that broke the queue, if any.
+    pub fn broken(&self) -> Option<&QueueError> {
+        self.broken.as_ref()
+    }
+
+    /// Record the first error (logged once) and return it.
+    fn fail(&mut self, e: QueueError) -> QueueError {
+        if self.broken.is_none() {
+            tracing::warn!(error = %e, "virtqueue broken");
+            self.broken = Some(e.clone());
+        }
+        e
+    }
+}
