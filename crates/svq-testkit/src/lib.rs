@@ -8,3 +8,5 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod guest;
+pub mod vmm;
