@@ -4,12 +4,13 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::guest::{self, iterations};
 use crate::proc::Proc;
 use crate::vm::{compare_ram, start_qsd, MigStats, Svqd, SvqdOpts, Vm, VmSpec};
-use crate::{Setup, TestDir};
+use crate::{bin_dir, Setup, TestDir};
 
 /// Guest RAM for the blk scenarios (MiB). Small keeps pmemsave and the comparison cheap.
 pub const MEM_MIB: u64 = 256;
@@ -24,6 +25,12 @@ pub enum Via {
     Direct,
     /// Through svqd with these options.
     Svqd(SvqdOpts),
+    /// Through this crate's `vu-relay`; `drop_log` hides dirty logging from qsd (a negative control
+    /// that does not depend on svqd).
+    Relay {
+        /// Hide SET_LOG_BASE / LOG_ALL from the backend.
+        drop_log: bool,
+    },
 }
 
 /// One side of a migration: a QEMU and, with [`Via::Svqd`], its svqd.
@@ -32,6 +39,8 @@ pub struct Side {
     pub vm: Vm,
     /// Its svqd, if any.
     pub svqd: Option<Svqd>,
+    /// Its vu-relay, if any.
+    pub relay: Option<Proc>,
 }
 
 impl Side {
@@ -116,19 +125,28 @@ impl BlkRig {
     /// paused migration destination on `incoming`.
     pub fn start_side(&self, s: &Setup, g: usize, incoming: Option<&str>) -> Result<Side, String> {
         let export = &self.exports[g % 2];
-        let svqd = match &self.via {
-            Via::Direct => None,
-            Via::Svqd(o) => Some(Svqd::start(
-                self.dir.path(),
-                &format!("svqd{g}"),
-                export,
-                o,
-            )?),
-        };
-        let sock = svqd
-            .as_ref()
-            .map(|d| d.socket.clone())
-            .unwrap_or(export.clone());
+        let (mut svqd, mut relay, mut sock) = (None, None, export.clone());
+        match &self.via {
+            Via::Direct => {}
+            Via::Svqd(o) => {
+                let d = Svqd::start(self.dir.path(), &format!("svqd{g}"), export, o)?;
+                sock = d.socket.clone();
+                svqd = Some(d);
+            }
+            Via::Relay { drop_log } => {
+                sock = self.dir.join(&format!("relay{g}.sock"));
+                let _ = std::fs::remove_file(&sock);
+                let mut c = Command::new(bin_dir().join("vu-relay"));
+                c.arg("--socket").arg(&sock).arg("--backend").arg(export);
+                if *drop_log {
+                    c.arg("--drop-log");
+                }
+                let name = format!("relay{g}");
+                let mut p = Proc::spawn(&name, c, &self.dir.join(&format!("{name}.log")));
+                p.wait_socket(&sock, Duration::from_secs(10))?;
+                relay = Some(p);
+            }
+        }
         let mut spec = VmSpec::new(
             &format!("vm{g}"),
             MEM_MIB,
@@ -145,7 +163,7 @@ impl BlkRig {
                 .unwrap_or_default();
             format!("{e}{extra}\n--- qsd log:\n{}", self.qsd.log_tail(10))
         })?;
-        Ok(Side { vm, svqd })
+        Ok(Side { vm, svqd, relay })
     }
 
     /// Adds svqd's and qsd's log tails to an error message.
