@@ -1,0 +1,350 @@
+//! The control socket: QMP-style JSON lines.
+//!
+//! Each request is one JSON object on one line, `{"execute": NAME, "arguments": {...}, "id": ANY}`;
+//! each reply is one line, `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}`, echoing
+//! `id` when given. Commands:
+//!
+//! * `query-status`: mode per queue, features, backend (from [`ControlTarget::query_status`]);
+//! * `set-shadow` `{"enable": bool}`: force shadow mode on, or back to automatic;
+//! * `query-stats`: per-queue counters.
+//!
+//! One thread per client: clients are operators and scripts, a handful at most.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::ControlTarget;
+
+/// Longest request line accepted; anything longer is answered with an error and the client dropped.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A request as it arrives on the wire.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    execute: String,
+    #[serde(default)]
+    arguments: Option<Value>,
+    #[serde(default)]
+    id: Option<Value>,
+}
+
+/// Arguments of `set-shadow`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetShadowArgs {
+    enable: bool,
+}
+
+/// A running control server. Dropping it stops accepting clients and removes the socket file.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+/// Binds `path` (mode 0600) and serves control requests for `target` on a background thread.
+///
+/// Fails if `path` exists and another process is listening on it; a stale socket file left by a
+/// dead process is replaced.
+pub fn serve(path: &Path, target: Arc<dyn ControlTarget>) -> io::Result<ControlServer> {
+    let listener = bind_private(path)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("svqd-control".into())
+            .spawn(move || accept_loop(listener, target, stop))?
+    };
+    Ok(ControlServer {
+        path: path.to_path_buf(),
+        stop,
+        acceptor: Some(acceptor),
+    })
+}
+
+impl ControlServer {
+    /// The socket path this server listens on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept() so the thread sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds a unix socket readable and writable by the owner only, refusing a path in live use.
+pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{}: socket in use by another process", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn accept_loop(listener: UnixListener, target: Arc<dyn ControlTarget>, stop: Arc<AtomicBool>) {
+    for stream in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match stream {
+            Ok(stream) => {
+                let target = target.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("svqd-control-client".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_client(stream, target.as_ref()) {
+                            tracing::debug!("control client ended: {e}");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!("control: cannot start a client thread: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("control: accept failed: {e}"),
+        }
+    }
+}
+
+fn serve_client(stream: UnixStream, target: &dyn ControlTarget) -> io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST_BYTES {
+            let reply = error_reply(None, "GenericError", "request line too long");
+            writeln!(writer, "{reply}")?;
+            return Ok(());
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let reply = handle_line(&line, target);
+        writeln!(writer, "{reply}")?;
+    }
+}
+
+/// Parses and executes one request line, returning the reply object.
+pub fn handle_line(line: &[u8], target: &dyn ControlTarget) -> Value {
+    let request: Request = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => return error_reply(None, "GenericError", &format!("malformed request: {e}")),
+    };
+    let id = request.id.clone();
+    match execute(&request, target) {
+        Ok(value) => with_id(json!({ "return": value }), id),
+        Err((class, desc)) => error_reply(id, class, &desc),
+    }
+}
+
+fn execute(request: &Request, target: &dyn ControlTarget) -> Result<Value, (&'static str, String)> {
+    let no_arguments = |name: &str| match &request.arguments {
+        None => Ok(()),
+        Some(Value::Object(map)) if map.is_empty() => Ok(()),
+        Some(_) => Err(("GenericError", format!("{name} takes no arguments"))),
+    };
+    match request.execute.as_str() {
+        "query-status" => {
+            no_arguments("query-status")?;
+            Ok(target.query_status())
+        }
+        "query-stats" => {
+            no_arguments("query-stats")?;
+            Ok(target.query_stats())
+        }
+        "set-shadow" => {
+            let arguments = request.arguments.clone().ok_or((
+                "GenericError",
+                "set-shadow needs {\"enable\": bool}".to_string(),
+            ))?;
+            let args: SetShadowArgs = serde_json::from_value(arguments)
+                .map_err(|e| ("GenericError", format!("set-shadow: {e}")))?;
+            target
+                .set_shadow(args.enable)
+                .map_err(|e| ("GenericError", e))?;
+            Ok(json!({}))
+        }
+        other => Err((
+            "CommandNotFound",
+            format!("the command {other} has not been found"),
+        )),
+    }
+}
+
+fn error_reply(id: Option<Value>, class: &str, desc: &str) -> Value {
+    with_id(json!({ "error": { "class": class, "desc": desc } }), id)
+}
+
+fn with_id(mut reply: Value, id: Option<Value>) -> Value {
+    if let (Some(id), Some(map)) = (id, reply.as_object_mut()) {
+        map.insert("id".into(), id);
+    }
+    reply
+}
+
+/// A blocking client for the control socket (used by `svqctl` and tests).
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ControlClient {
+    /// Connects to the control socket at `path`.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let writer = UnixStream::connect(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let reader = BufReader::new(writer.try_clone()?);
+        Ok(Self { reader, writer })
+    }
+
+    /// Sends `{"execute": command, "arguments": arguments}` and returns the raw reply object.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> io::Result<Value> {
+        let mut request = json!({ "execute": command });
+        if let Some(arguments) = arguments {
+            request["arguments"] = arguments;
+        }
+        writeln!(self.writer, "{request}")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "svqd closed the control connection",
+            ));
+        }
+        serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct FakeTarget {
+        shadow: Mutex<Vec<bool>>,
+    }
+
+    impl ControlTarget for FakeTarget {
+        fn query_status(&self) -> Value {
+            json!({ "queues": [{ "index": 0, "mode": "passthrough" }] })
+        }
+        fn set_shadow(&self, enable: bool) -> Result<(), String> {
+            if !enable && self.shadow.lock().unwrap().is_empty() {
+                return Err("not in shadow mode".into());
+            }
+            self.shadow.lock().unwrap().push(enable);
+            Ok(())
+        }
+        fn query_stats(&self) -> Value {
+            json!({ "queues": [{ "index": 0, "kicks": 3 }] })
+        }
+    }
+
+    fn run(line: &str, target: &FakeTarget) -> Value {
+        handle_line(line.as_bytes(), target)
+    }
+
+    #[test]
+    fn commands_return_the_target_values_and_echo_ids() {
+        let t = FakeTarget::default();
+        let r = run(r#"{"execute":"query-status","id":7}"#, &t);
+        assert_eq!(r["return"]["queues"][0]["mode"], "passthrough");
+        assert_eq!(r["id"], 7);
+        let r = run(r#"{"execute":"query-stats","arguments":{}}"#, &t);
+        assert_eq!(r["return"]["queues"][0]["kicks"], 3);
+        let r = run(
+            r#"{"execute":"set-shadow","arguments":{"enable":true}}"#,
+            &t,
+        );
+        assert_eq!(r, json!({ "return": {} }));
+        assert_eq!(*t.shadow.lock().unwrap(), vec![true]);
+    }
+
+    #[test]
+    fn bad_requests_get_typed_errors() {
+        let t = FakeTarget::default();
+        let r = run(r#"{"execute":"frobnicate"}"#, &t);
+        assert_eq!(r["error"]["class"], "CommandNotFound");
+        let r = run("not json", &t);
+        assert_eq!(r["error"]["class"], "GenericError");
+        let r = run(r#"{"execute":"set-shadow"}"#, &t);
+        assert!(r["error"]["desc"].as_str().unwrap().contains("enable"));
+        let r = run(
+            r#"{"execute":"set-shadow","arguments":{"enable":"yes"}}"#,
+            &t,
+        );
+        assert_eq!(r["error"]["class"], "GenericError");
+        let r = run(r#"{"execute":"query-status","arguments":{"x":1}}"#, &t);
+        assert_eq!(r["error"]["class"], "GenericError");
+        // The target's own refusal is passed through.
+        let r = run(
+            r#"{"execute":"set-shadow","arguments":{"enable":false}}"#,
+            &t,
+        );
+        assert_eq!(r["error"]["desc"], "not in shadow mode");
+        assert!(t.shadow.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn socket_round_trip_permissions_and_in_use() {
+        let dir = std::env::temp_dir().join(format!("svqd-control-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctl.sock");
+        let target = Arc::new(FakeTarget::default());
+        let server = serve(&path, target.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A second server on the same live path is refused.
+        let err = serve(&path, target.clone()).err().expect("in use");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+
+        let mut client = ControlClient::connect(&path).unwrap();
+        let r = client
+            .execute("set-shadow", Some(json!({ "enable": true })))
+            .unwrap();
+        assert_eq!(r, json!({ "return": {} }));
+        let r = client.execute("query-status", None).unwrap();
+        assert_eq!(r["return"]["queues"][0]["index"], 0);
+        drop(client);
+        drop(server);
+        assert!(!path.exists());
+        // A stale socket file (nobody listening) is replaced.
+        let stale = UnixListener::bind(&path).unwrap();
+        drop(stale);
+        let server = serve(&path, target).unwrap();
+        drop(server);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
