@@ -6,8 +6,24 @@
 //! command, each running queue switches to shadow mode: the backend is pointed at a shadow ring
 //! owned by svqd and the [`svq`] engine relays buffers between the guest ring and the shadow ring,
 //! marking every guest page the backend wrote in the VMM's dirty log.
+//!
+//! Use as a library: [`Proxy::new`] with a [`ProxyConfig`], then [`Proxy::run`] (blocking) or
+//! [`Proxy::spawn`]; [`Proxy::control`] gives the [`ControlTarget`] the control socket serves.
 
 pub mod api;
+pub mod backend;
+pub mod config;
 pub mod control;
+pub mod error;
+pub mod features;
+pub mod memory;
+pub mod proxy;
+pub mod shadow;
+pub mod state;
+pub mod stats;
+pub mod worker;
 
 pub use api::ControlTarget;
+pub use config::{ProxyConfig, ShadowPolicy};
+pub use error::ProxyError;
+pub use proxy::{Proxy, ProxyThread, ShutdownHandle};

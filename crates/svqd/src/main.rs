@@ -1,1 +1,144 @@
-fn main(){}
+//! `svqd`: the vhost-user proxy daemon. See the library documentation.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use svqd::{Proxy, ProxyConfig, ShadowPolicy};
+
+/// vhost-user proxy that makes backends without dirty logging live-migratable.
+///
+/// svqd listens on --socket for the VMM and connects to the backend at --backend. Queues run in
+/// passthrough (no data-path overhead) until the VMM starts dirty logging for a migration (or
+/// `svqctl set-shadow on`); then they run through a shadow virtqueue that logs every page the
+/// backend writes.
+#[derive(Debug, Parser)]
+#[command(name = "svqd", version)]
+struct Cli {
+    /// vhost-user socket to create for the VMM (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// vhost-user socket of the backend (retried for a few seconds while it starts).
+    #[arg(long, value_name = "PATH")]
+    backend: PathBuf,
+    /// Control socket for svqctl (QMP-style JSON lines, mode 0600).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// When to use the shadow virtqueue.
+    #[arg(long, value_enum, default_value_t = Policy::Auto)]
+    shadow: Policy,
+    /// Seconds to retry connecting to the backend.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    backend_timeout: f64,
+    /// Seconds a mode switch may wait for the backend to complete requests in flight.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    drain_timeout: f64,
+    /// Shadow ring size (power of two); default: the guest's queue size.
+    #[arg(long, value_name = "N")]
+    shadow_size: Option<u16>,
+    /// Test only: never write the dirty log (makes migrations lose pages; the negative control).
+    #[arg(long = "x-test-no-log", hide = true)]
+    no_log: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Policy {
+    /// Every running queue is shadowed.
+    Always,
+    /// Shadow while the VMM logs dirty pages (migration) or when forced by svqctl.
+    Auto,
+    /// Pure passthrough; dirty logging requests are refused.
+    Never,
+}
+
+static SHUTDOWN_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    let fd = SHUTDOWN_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is 8 valid bytes.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+fn install_signals(fd: i32) {
+    SHUTDOWN_FD.store(fd, Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    // A VMM or backend vanishing mid-write must be an error return, not a dead daemon.
+    // SAFETY: ignoring SIGPIPE is always valid.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+fn secs(v: f64, what: &str) -> Result<Duration, String> {
+    if v.is_finite() && (0.0..=3600.0).contains(&v) {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!(
+            "--{what} must be between 0 and 3600 seconds, not {v}"
+        ))
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let mut cfg = ProxyConfig::new(&cli.socket, &cli.backend);
+    cfg.shadow = match cli.shadow {
+        Policy::Always => ShadowPolicy::Always,
+        Policy::Auto => ShadowPolicy::Auto,
+        Policy::Never => ShadowPolicy::Never,
+    };
+    cfg.backend_connect_timeout = secs(cli.backend_timeout, "backend-timeout")?;
+    cfg.drain_timeout = secs(cli.drain_timeout, "drain-timeout")?;
+    if let Some(n) = cli.shadow_size {
+        if n == 0 || !n.is_power_of_two() {
+            return Err(format!("--shadow-size must be a power of two, not {n}"));
+        }
+        cfg.shadow_size = n;
+    }
+    if cli.no_log {
+        tracing::warn!("--x-test-no-log: the dirty log is NOT written; migrations will lose pages");
+        cfg.log_enabled = false;
+    }
+    if cli.control.as_deref() == Some(cli.socket.as_path()) {
+        return Err("--control and --socket must be different paths".into());
+    }
+    let proxy = Proxy::new(cfg).map_err(|e| e.to_string())?;
+    install_signals(proxy.shutdown_handle().raw_fd());
+    let _control = match &cli.control {
+        Some(path) => Some(
+            svqd::control::serve(path, proxy.control())
+                .map_err(|e| format!("control socket {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    proxy.run().map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("svqd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Which virtio and vhost-user protocol features svqd offers the VMM and acks to the backend.
+//!
+//! svqd must never advertise something it cannot carry through in *both* modes: in shadow mode the
+//! engine, not the backend, walks the guest ring, and the vhost 0.18 backend-side handler ends the
+//! connection on messages it has no arm for (SET_LOG_FD, STATUS, IOTLB, SEND_RARP, NET_SET_MTU...).
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
+/// `VHOST_F_LOG_ALL`: the VMM asks the device to log every write to guest memory.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_F_VERSION_1`.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Virtio feature bits passed through from the backend to the VMM.
+///
+/// Device-specific bits (0..=23) and the ring features the shadow engine implements. Everything
+/// else is hidden: packed rings and IN_ORDER (the engine drives split rings without ordering
+/// guarantees), ACCESS_PLATFORM (needs IOTLB messages svqd cannot handle), NOTIFICATION_DATA and
+/// RING_RESET (need messages or kick formats the relay does not carry).
+pub const PASSTHROUGH_VIRTIO_FEATURES: u64 = ((1 << 24) - 1)
+    | (1 << 24) // VIRTIO_F_NOTIFY_ON_EMPTY
+    | (1 << 27) // VIRTIO_F_ANY_LAYOUT
+    | VIRTIO_RING_F_INDIRECT_DESC
+    | VIRTIO_RING_F_EVENT_IDX
+    | VHOST_USER_F_PROTOCOL_FEATURES
+    | VIRTIO_F_VERSION_1;
+
+/// Features offered to the VMM for a backend offering `backend`: LOG_ALL always (svqd logs), and
+/// PROTOCOL_FEATURES always (LOG_SHMFD needs it).
+pub fn vmm_virtio_features(backend: u64) -> u64 {
+    (backend & PASSTHROUGH_VIRTIO_FEATURES) | VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES
+}
+
+/// Protocol features passed through when the backend has them.
+///
+/// Not passed: BACKEND_REQ and everything riding on it (BACKEND_SEND_FD, HOST_NOTIFIER maps the
+/// backend's doorbell into the guest and would bypass svqd's kick path, SHARED_OBJECT, SHMEM), STATUS,
+/// PAGEFAULT (postcopy), RARP, NET_MTU, CRYPTO_SESSION, INBAND_NOTIFICATIONS, XEN_MMAP, GPU: the
+/// vhost crate cannot relay them, or they conflict with shadow mode.
+pub fn passthrough_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::DEVICE_STATE
+}
+
+/// Protocol features offered to the VMM: what passes through, plus LOG_SHMFD (svqd writes the log).
+pub fn vmm_protocol_features(backend: VhostUserProtocolFeatures) -> VhostUserProtocolFeatures {
+    (backend & passthrough_protocol_features()) | VhostUserProtocolFeatures::LOG_SHMFD
+}
+
+/// Protocol features svqd acks to the backend when the VMM acked `vmm_acked`.
+///
+/// Whatever the VMM chose that passes through, plus the ones svqd itself relies on when the
+/// backend has them: REPLY_ACK (errors from the backend become visible), MQ (queue count for index
+/// validation) and CONFIGURE_MEM_SLOTS (adding the shadow ring region). None of these changes how
+/// the backend treats the messages the VMM sends.
+pub fn backend_protocol_features(
+    backend: VhostUserProtocolFeatures,
+    vmm_acked: VhostUserProtocolFeatures,
+) -> VhostUserProtocolFeatures {
+    let own = VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    backend & ((vmm_acked & passthrough_protocol_features()) | own)
+}
+
+/// Features forwarded to the backend for what the VMM acked: LOG_ALL never reaches it.
+pub fn backend_virtio_features(vmm_acked: u64) -> u64 {
+    vmm_acked & !VHOST_F_LOG_ALL
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_all_and_shmfd_always_offered_and_never_forwarded() {
+        let backend = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | 1;
+        let f = vmm_virtio_features(backend);
+        assert_ne!(f & VHOST_F_LOG_ALL, 0);
+        assert_eq!(backend_virtio_features(f) & VHOST_F_LOG_ALL, 0);
+        let p = vmm_protocol_features(VhostUserProtocolFeatures::MQ);
+        assert!(p.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+        let b = backend_protocol_features(
+            VhostUserProtocolFeatures::MQ,
+            VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::MQ,
+        );
+        assert!(!b.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+        assert!(b.contains(VhostUserProtocolFeatures::MQ));
+    }
+
+    #[test]
+    fn unsupported_features_are_hidden() {
+        let packed = 1u64 << 34;
+        let in_order = 1u64 << 35;
+        let access_platform = 1u64 << 33;
+        let f = vmm_virtio_features(packed | in_order | access_platform | VIRTIO_F_VERSION_1);
+        assert_eq!(f & (packed | in_order | access_platform), 0);
+        let p = vmm_protocol_features(VhostUserProtocolFeatures::all());
+        assert!(!p.contains(VhostUserProtocolFeatures::STATUS));
+        assert!(!p.contains(VhostUserProtocolFeatures::BACKEND_REQ));
+        assert!(!p.contains(VhostUserProtocolFeatures::HOST_NOTIFIER));
+        assert!(!p.contains(VhostUserProtocolFeatures::PAGEFAULT));
+    }
+}

@@ -1,0 +1,346 @@
+//! The daemon loop: accept a VMM, serve its requests, watch the backend, start over.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use serde_json::Value;
+use vhost::vhost_user::BackendReqHandler;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::api::ControlTarget;
+use crate::backend::BackendConn;
+use crate::config::{ProxyConfig, ShadowPolicy};
+use crate::error::ProxyError;
+use crate::state::ProxyState;
+
+/// Shared handle on the proxy state.
+pub type SharedState = Arc<Mutex<ProxyState>>;
+
+fn lock(state: &SharedState) -> MutexGuard<'_, ProxyState> {
+    // A panic in a request handler poisons the lock; the state is still consistent enough to
+    // report and to be reset by the next session.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A vhost-user proxy: one VMM socket, one backend.
+pub struct Proxy {
+    cfg: Arc<ProxyConfig>,
+    listener: UnixListener,
+    state: SharedState,
+    shutdown: Arc<EventFd>,
+}
+
+/// Stops a running [`Proxy`] from another thread (or a signal handler's helper thread).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    evt: Arc<EventFd>,
+}
+
+impl ShutdownHandle {
+    /// Ask the proxy to stop; `run` returns soon after.
+    pub fn shutdown(&self) {
+        let _ = self.evt.write(1);
+    }
+
+    /// Raw fd of the eventfd (for async-signal-safe writes from a signal handler).
+    pub fn raw_fd(&self) -> i32 {
+        self.evt.as_raw_fd()
+    }
+}
+
+/// A proxy running on its own thread.
+pub struct ProxyThread {
+    handle: ShutdownHandle,
+    join: Option<JoinHandle<Result<(), ProxyError>>>,
+    control: Arc<dyn ControlTarget>,
+}
+
+impl ProxyThread {
+    /// The control interface of the running proxy.
+    pub fn control(&self) -> Arc<dyn ControlTarget> {
+        self.control.clone()
+    }
+
+    /// Handle to stop it.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// Stop the proxy and wait for its thread.
+    pub fn stop(mut self) -> Result<(), ProxyError> {
+        self.handle.shutdown();
+        self.join_inner()
+    }
+
+    fn join_inner(&mut self) -> Result<(), ProxyError> {
+        match self.join.take() {
+            Some(j) => j
+                .join()
+                .unwrap_or_else(|_| Err(ProxyError::NotAllowed("proxy thread panicked".into()))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ProxyThread {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        let _ = self.join_inner();
+    }
+}
+
+impl Proxy {
+    /// Connect to the backend (retrying while it starts) and bind the VMM socket (mode 0600;
+    /// refused if another process listens on it).
+    pub fn new(cfg: ProxyConfig) -> Result<Proxy, ProxyError> {
+        let cfg = Arc::new(cfg);
+        let backend = BackendConn::connect(&cfg.backend, cfg.backend_connect_timeout)?;
+        let listener =
+            crate::control::bind_private(&cfg.socket).map_err(|e| ProxyError::Listen {
+                path: cfg.socket.display().to_string(),
+                source: e,
+            })?;
+        let mut st = ProxyState::new(cfg.clone());
+        st.attach(backend);
+        let shutdown =
+            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?);
+        tracing::info!(socket = %cfg.socket.display(), policy = cfg.shadow.as_str(), "listening for the VMM");
+        Ok(Proxy {
+            cfg,
+            listener,
+            state: Arc::new(Mutex::new(st)),
+            shutdown,
+        })
+    }
+
+    /// The control interface (for the control socket or in-process callers).
+    pub fn control(&self) -> Arc<dyn ControlTarget> {
+        Arc::new(ProxyControl {
+            state: self.state.clone(),
+        })
+    }
+
+    /// A handle that stops [`Proxy::run`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            evt: self.shutdown.clone(),
+        }
+    }
+
+    /// Run on a new thread.
+    pub fn spawn(self) -> Result<ProxyThread, ProxyError> {
+        let handle = self.shutdown_handle();
+        let control = self.control();
+        let join = std::thread::Builder::new()
+            .name("svqd".into())
+            .spawn(move || self.run())
+            .map_err(|e| ProxyError::Io("spawn proxy thread", e))?;
+        Ok(ProxyThread {
+            handle,
+            join: Some(join),
+            control,
+        })
+    }
+
+    /// Serve VMMs one after the other until shut down. Returns an error only when the backend
+    /// cannot be reached any more.
+    pub fn run(self) -> Result<(), ProxyError> {
+        let res = self.serve();
+        lock(&self.state).reset_session();
+        let _ = std::fs::remove_file(&self.cfg.socket);
+        tracing::info!("svqd stopped");
+        res
+    }
+
+    fn serve(&self) -> Result<(), ProxyError> {
+        loop {
+            // Wait for a VMM (or shutdown).
+            match poll2(
+                self.listener.as_raw_fd(),
+                libc::POLLIN,
+                self.shutdown.as_raw_fd(),
+                None,
+            )? {
+                Ready::Shutdown => return Ok(()),
+                Ready::Other => {
+                    // Only the backend can be watched here: reconnect if it went away while idle.
+                    let mut st = lock(&self.state);
+                    if st.backend.as_ref().is_some_and(|b| b.hung_up()) {
+                        tracing::warn!("backend closed the connection while no VMM was connected");
+                        st.backend = None;
+                    }
+                    continue;
+                }
+                Ready::First => {}
+            }
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            {
+                let mut st = lock(&self.state);
+                if st.backend.is_none() {
+                    match BackendConn::connect(&self.cfg.backend, self.cfg.backend_connect_timeout)
+                    {
+                        Ok(b) => st.attach(b),
+                        Err(e) => {
+                            tracing::error!(error = %e, "backend unavailable; refusing the VMM");
+                            drop(stream);
+                            return Err(e);
+                        }
+                    }
+                }
+                st.vmm_connected = true;
+            }
+            tracing::info!("VMM connected");
+            let vmm_fd = stream.as_raw_fd();
+            let handler_stream = match stream.try_clone() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot clone the VMM socket");
+                    continue;
+                }
+            };
+            let mut handler = BackendReqHandler::from_stream(handler_stream, self.state.clone());
+            let backend_fd = lock(&self.state).backend.as_ref().map(|b| b.raw_fd());
+            let outcome = loop {
+                match poll2(vmm_fd, libc::POLLIN, self.shutdown.as_raw_fd(), backend_fd)? {
+                    Ready::Shutdown => break Outcome::Shutdown,
+                    Ready::Other => {
+                        if lock(&self.state)
+                            .backend
+                            .as_ref()
+                            .is_none_or(|b| b.hung_up())
+                        {
+                            break Outcome::BackendGone;
+                        }
+                    }
+                    Ready::First => match handler.handle_request() {
+                        Ok(()) => {}
+                        Err(vhost::vhost_user::Error::Disconnected)
+                        | Err(vhost::vhost_user::Error::PartialMessage) => break Outcome::VmmGone,
+                        Err(e) => {
+                            if lock(&self.state)
+                                .backend
+                                .as_ref()
+                                .is_none_or(|b| b.hung_up())
+                            {
+                                break Outcome::BackendGone;
+                            }
+                            break Outcome::VmmError(e);
+                        }
+                    },
+                }
+            };
+            drop(handler);
+            drop(stream);
+            let mut st = lock(&self.state);
+            match outcome {
+                Outcome::Shutdown => return Ok(()),
+                Outcome::VmmGone => {
+                    tracing::info!("VMM disconnected; resetting the backend connection")
+                }
+                Outcome::VmmError(e) => {
+                    tracing::warn!(error = %e, "closing the VMM connection after an invalid request")
+                }
+                Outcome::BackendGone => {
+                    tracing::error!("backend disconnected; closed the VMM connection")
+                }
+            }
+            // The backend resets its state on disconnect; the next VMM starts from scratch.
+            st.reset_session();
+        }
+    }
+}
+
+enum Outcome {
+    Shutdown,
+    VmmGone,
+    VmmError(vhost::vhost_user::Error),
+    BackendGone,
+}
+
+enum Ready {
+    First,
+    Shutdown,
+    Other,
+}
+
+/// Wait until `fd` has `events`, the shutdown eventfd fires, or `watch` hangs up.
+fn poll2(fd: i32, events: i16, shutdown: i32, watch: Option<i32>) -> Result<Ready, ProxyError> {
+    let mut fds = vec![
+        libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: shutdown,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    if let Some(w) = watch {
+        fds.push(libc::pollfd {
+            fd: w,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        });
+    }
+    loop {
+        // SAFETY: fds is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ProxyError::Io("poll", e));
+        }
+        if fds[1].revents != 0 {
+            return Ok(Ready::Shutdown);
+        }
+        if fds.len() > 2 && fds[2].revents != 0 {
+            return Ok(Ready::Other);
+        }
+        if fds[0].revents != 0 {
+            return Ok(Ready::First);
+        }
+    }
+}
+
+/// The [`ControlTarget`] of a proxy.
+pub struct ProxyControl {
+    state: SharedState,
+}
+
+impl ControlTarget for ProxyControl {
+    fn query_status(&self) -> Value {
+        lock(&self.state).status_json()
+    }
+
+    fn set_shadow(&self, enable: bool) -> Result<(), String> {
+        let mut st = lock(&self.state);
+        match (st.cfg.shadow, enable) {
+            (ShadowPolicy::Never, true) => return Err("svqd runs with --shadow never".into()),
+            (ShadowPolicy::Always, false) => return Err("svqd runs with --shadow always".into()),
+            _ => {}
+        }
+        let was = st.forced;
+        st.forced = enable;
+        let res = st.reconcile();
+        if res.is_err() && enable {
+            st.forced = was;
+        }
+        res.map_err(|e| e.to_string())
+    }
+
+    fn query_stats(&self) -> Value {
+        lock(&self.state).stats_json()
+    }
+}

@@ -1,0 +1,129 @@
+//! A queue in shadow mode: the shadow ring's memory (a memfd region svqd adds to the backend's
+//! memory table) and the worker relaying between the guest ring and it.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use svq::{IdentityTranslation, QueueConfig, QueueState, RingArea, SplitLayout};
+use vhost::VhostUserMemoryRegionInfo;
+use vm_memory::{FileOffset, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::ProxyError;
+use crate::worker::{Engine, Worker};
+
+/// The memory of one shadow ring.
+#[derive(Clone)]
+pub struct ShadowRegion {
+    /// The memfd shared with the backend.
+    pub file: Arc<File>,
+    /// svqd's mapping of it.
+    pub mapping: Arc<MmapRegion>,
+    /// Size in bytes (whole pages).
+    pub size: u64,
+    /// Guest-physical address given to the backend (outside all guest RAM).
+    pub gpa: u64,
+    /// User address given to the backend (above all of the VMM's); ring addresses use it.
+    pub uva: u64,
+}
+
+impl ShadowRegion {
+    /// A zeroed memfd region large enough for a split ring of `size` entries.
+    pub fn create(queue: usize, size: u16) -> Result<Self, ProxyError> {
+        let layout = SplitLayout::new(size).map_err(|e| ProxyError::Engine(e.to_string()))?;
+        let bytes = layout.total_pages_bytes();
+        let name = std::ffi::CString::new(format!("svqd-shadow-q{queue}")).expect("no NUL");
+        // SAFETY: valid NUL-terminated name; the returned fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(ProxyError::Io(
+                "memfd_create",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fd is a fresh, valid descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(bytes as u64)
+            .map_err(|e| ProxyError::Io("ftruncate shadow ring", e))?;
+        let dup = file.try_clone().map_err(|e| ProxyError::Io("dup", e))?;
+        let mapping = MmapRegion::from_file(FileOffset::new(dup, 0), bytes)
+            .map_err(|e| ProxyError::Engine(format!("mmap shadow ring: {e}")))?;
+        Ok(ShadowRegion {
+            file: Arc::new(file),
+            mapping: Arc::new(mapping),
+            size: bytes as u64,
+            gpa: 0,
+            uva: 0,
+        })
+    }
+
+    /// svqd's address of the mapping (the key under which the address allocators record it).
+    pub fn host_addr(&self) -> u64 {
+        self.mapping.as_ptr() as u64
+    }
+
+    /// The engine on this region: the ring's device addresses are in the backend's user-address
+    /// space (the region's `uva`).
+    pub fn engine(&self, cfg: QueueConfig, start: QueueState) -> Result<Engine, ProxyError> {
+        let area = RingArea::from_mmap_region(self.mapping.clone(), 0, self.uva)
+            .map_err(|e| ProxyError::Engine(e.to_string()))?;
+        Engine::new(cfg, area, IdentityTranslation, start)
+            .map_err(|e| ProxyError::Engine(e.to_string()))
+    }
+
+    /// The region for ADD_MEM_REG / REM_MEM_REG / SET_MEM_TABLE (borrowing our fd).
+    pub fn info(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: self.gpa,
+            memory_size: self.size,
+            userspace_addr: self.uva,
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+}
+
+/// A queue in shadow mode.
+pub struct ShadowQueue {
+    /// The shadow ring's memory.
+    pub region: ShadowRegion,
+    /// The worker (taken while the switch code holds the engine).
+    pub worker: Option<Worker>,
+    /// svqd's kick towards the backend.
+    pub backend_kick: Arc<EventFd>,
+    /// svqd's call from the backend.
+    pub backend_call: Arc<EventFd>,
+    /// Shadow ring size.
+    pub shadow_size: u16,
+    /// When shadowing started.
+    pub started: Instant,
+}
+
+impl ShadowQueue {
+    /// Stop the worker at once, dropping the engine (device reset or a connection is gone).
+    pub fn abandon(mut self) {
+        if let Some(w) = self.worker.take() {
+            let exit = w.stop(None);
+            if exit.engine.in_flight() > 0 {
+                tracing::warn!(
+                    in_flight = exit.engine.in_flight(),
+                    "shadow queue abandoned with requests in flight"
+                );
+            }
+        }
+    }
+
+    /// Status for `query-status`.
+    pub fn status_json(&self) -> Value {
+        json!({
+            "size": self.shadow_size,
+            "gpa": format!("{:#x}", self.region.gpa),
+            "uva": format!("{:#x}", self.region.uva),
+            "bytes": self.region.size,
+            "seconds": self.started.elapsed().as_secs_f64(),
+        })
+    }
+}

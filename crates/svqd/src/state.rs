@@ -1,0 +1,1481 @@
+//! The proxy's state for one VMM connection, and the vhost-user request handler over it.
+//!
+//! Every VMM request arrives here (through the vhost crate's `BackendReqHandler`), is validated,
+//! recorded (svqd must know the rings to shadow them later) and forwarded to the backend, except
+//! what svqd implements itself: LOG_ALL, SET_LOG_BASE, and, for queues in shadow mode, the ring's
+//! kick/call/enable, which then belong to the worker.
+
+use std::fs::File;
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use svq::{DirtyLog, IovaTree, SharedLog};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionBase, VringConfigData};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::BackendConn;
+use crate::config::{ProxyConfig, ShadowPolicy};
+use crate::error::ProxyError;
+use crate::features::{
+    self, VHOST_F_LOG_ALL, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::memory::{MemoryTable, MAX_TABLE_REGIONS};
+use crate::shadow::{self, ShadowQueue};
+use crate::stats::QueueStats;
+
+type VhostResult<T> = vhost::vhost_user::Result<T>;
+
+/// Ring addresses as the VMM gave them, with their guest-physical translation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VringAddr {
+    /// Flags (VHOST_VRING_F_LOG).
+    pub flags: u32,
+    /// Descriptor table, VMM user address.
+    pub desc: u64,
+    /// Used ring, VMM user address.
+    pub used: u64,
+    /// Avail ring, VMM user address.
+    pub avail: u64,
+    /// Used-ring log address (a GPA).
+    pub log: u64,
+    /// Descriptor table GPA.
+    pub desc_gpa: u64,
+    /// Used ring GPA.
+    pub used_gpa: u64,
+    /// Avail ring GPA.
+    pub avail_gpa: u64,
+}
+
+/// What the VMM configured for one ring.
+#[derive(Default)]
+pub struct VmmVring {
+    /// Queue size (SET_VRING_NUM); 0 = not set.
+    pub num: u16,
+    /// Last SET_VRING_BASE.
+    pub base: u16,
+    /// SET_VRING_ADDR.
+    pub addr: Option<VringAddr>,
+    /// Guest kick eventfd.
+    pub kick: Option<Arc<EventFd>>,
+    /// Guest call eventfd (None: the VMM asked for no interrupts).
+    pub call: Option<Arc<EventFd>>,
+    /// SET_VRING_ENABLE state.
+    pub enabled: bool,
+    /// Started: kick received since the last GET_VRING_BASE.
+    pub started: bool,
+}
+
+impl VmmVring {
+    /// Whether the backend is running this ring (so it can be switched).
+    pub fn running(&self) -> bool {
+        self.started && self.num != 0 && self.addr.is_some() && self.kick.is_some()
+    }
+}
+
+/// Mode of one queue.
+pub enum Mode {
+    /// The backend runs the guest ring directly.
+    Passthrough,
+    /// The backend runs svqd's shadow ring; the worker relays.
+    Shadow(Box<ShadowQueue>),
+}
+
+/// One queue.
+pub struct QueueSlot {
+    /// What the VMM configured.
+    pub vmm: VmmVring,
+    /// Current mode.
+    pub mode: Mode,
+    /// Counters.
+    pub stats: Arc<QueueStats>,
+}
+
+impl QueueSlot {
+    fn new() -> Self {
+        QueueSlot {
+            vmm: VmmVring::default(),
+            mode: Mode::Passthrough,
+            stats: Arc::new(QueueStats::default()),
+        }
+    }
+}
+
+/// Allocators for the shadow rings' place in the backend's memory table: a guest-physical range
+/// outside all guest RAM and a user-address range above all of the VMM's.
+pub struct ShadowSpace {
+    /// Guest-physical addresses.
+    pub gpa: IovaTree,
+    /// User addresses (what the backend translates ring addresses with).
+    pub uva: IovaTree,
+}
+
+/// Lowest GPA used for shadow rings: 1 TiB, above the RAM of any guest svqd is meant for (and
+/// always above the highest guest region).
+const SHADOW_GPA_FLOOR: u64 = 1 << 40;
+const GIB: u64 = 1 << 30;
+
+/// The proxy state.
+pub struct ProxyState {
+    /// Configuration.
+    pub cfg: Arc<ProxyConfig>,
+    /// The backend connection (None between VMMs if it could not be re-established).
+    pub backend: Option<BackendConn>,
+    /// A VMM is connected.
+    pub vmm_connected: bool,
+    /// Features the VMM acked (including LOG_ALL).
+    pub acked_features: u64,
+    /// Protocol features the VMM acked.
+    pub acked_protocol: VhostUserProtocolFeatures,
+    /// The VMM's memory table.
+    pub mem: MemoryTable,
+    /// The VMM's dirty log (SET_LOG_BASE).
+    pub vmm_log: Option<Arc<DirtyLog>>,
+    /// The log the engines write: the VMM's while LOG_ALL is on (and logging is enabled).
+    pub active_log: Arc<SharedLog>,
+    /// Queues.
+    pub queues: Vec<QueueSlot>,
+    /// Shadow forced on by the control plane.
+    pub forced: bool,
+    /// Shadow ring address allocators (while any shadow ring exists).
+    pub space: Option<ShadowSpace>,
+    /// An eventfd handed to the backend when the VMM wants no interrupts on a ring.
+    pub dummy_call: Option<Arc<EventFd>>,
+}
+
+impl ProxyState {
+    /// New state for `cfg`, with no connections.
+    pub fn new(cfg: Arc<ProxyConfig>) -> Self {
+        ProxyState {
+            cfg,
+            backend: None,
+            vmm_connected: false,
+            acked_features: 0,
+            acked_protocol: VhostUserProtocolFeatures::empty(),
+            mem: MemoryTable::default(),
+            vmm_log: None,
+            active_log: Arc::new(SharedLog::new(None)),
+            queues: Vec::new(),
+            forced: false,
+            space: None,
+            dummy_call: None,
+        }
+    }
+
+    /// Install a fresh backend connection for the next VMM, forgetting everything about the last.
+    pub fn attach(&mut self, backend: BackendConn) {
+        self.reset_session();
+        self.queues = (0..backend.num_queues).map(|_| QueueSlot::new()).collect();
+        self.backend = Some(backend);
+    }
+
+    /// Stop all workers without draining (the VMM or the backend is gone) and forget the session.
+    pub fn reset_session(&mut self) {
+        for q in &mut self.queues {
+            if let Mode::Shadow(sq) = std::mem::replace(&mut q.mode, Mode::Passthrough) {
+                sq.abandon();
+            }
+        }
+        if let Some(b) = self.backend.take() {
+            b.close();
+        }
+        self.queues.clear();
+        self.acked_features = 0;
+        self.acked_protocol = VhostUserProtocolFeatures::empty();
+        self.mem.clear();
+        self.vmm_log = None;
+        self.active_log.replace(None);
+        self.space = None;
+        self.vmm_connected = false;
+    }
+
+    fn be(&mut self) -> Result<&mut BackendConn, ProxyError> {
+        self.backend
+            .as_mut()
+            .ok_or_else(|| ProxyError::NotAllowed("no backend connection".into()))
+    }
+
+    /// Validate a queue index from the VMM (a bad index must never reach the backend: it aborts
+    /// qemu-storage-daemon).
+    pub fn check_queue(&self, index: u32) -> Result<usize, ProxyError> {
+        let i = index as usize;
+        if i < self.queues.len() {
+            Ok(i)
+        } else {
+            Err(ProxyError::BadQueue {
+                index,
+                queues: self.queues.len(),
+            })
+        }
+    }
+
+    /// LOG_ALL acked by the VMM.
+    pub fn log_all(&self) -> bool {
+        self.acked_features & VHOST_F_LOG_ALL != 0
+    }
+
+    /// Whether queues should be in shadow mode now.
+    pub fn want_shadow(&self) -> bool {
+        match self.cfg.shadow {
+            ShadowPolicy::Never => false,
+            ShadowPolicy::Always => true,
+            ShadowPolicy::Auto => self.forced || self.log_all(),
+        }
+    }
+
+    /// Point the engines at the VMM's log while LOG_ALL is on, at nothing otherwise.
+    fn update_active_log(&mut self) {
+        let log = if self.log_all() && self.cfg.log_enabled {
+            self.vmm_log.clone()
+        } else {
+            None
+        };
+        self.active_log.replace(log);
+    }
+
+    /// Bring every queue to the mode the policy wants. Returns the first error; keeps going with
+    /// the other queues.
+    pub fn reconcile(&mut self) -> Result<(), ProxyError> {
+        let want = self.want_shadow();
+        let mut first = None;
+        for q in 0..self.queues.len() {
+            let res = match (&self.queues[q].mode, want) {
+                (Mode::Passthrough, true) if self.queues[q].vmm.running() => {
+                    self.switch_to_shadow(q)
+                }
+                (Mode::Shadow(_), false) => self.switch_to_passthrough(q, false).map(|_| ()),
+                _ => Ok(()),
+            };
+            if let Err(e) = res {
+                tracing::error!(queue = q, error = %e, "mode switch failed");
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn event_idx(&self) -> bool {
+        self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0
+    }
+
+    fn eventfd(fd: File) -> EventFd {
+        // SAFETY: the File owned the fd; ownership moves to the EventFd.
+        unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+    }
+
+    /// An eventfd nobody reads, for a backend whose VMM asked for no interrupts.
+    fn dummy_call(&mut self) -> Result<Arc<EventFd>, ProxyError> {
+        if self.dummy_call.is_none() {
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
+            self.dummy_call = Some(Arc::new(fd));
+        }
+        Ok(self.dummy_call.clone().expect("just set"))
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Guest ring access (used by the drains).
+
+    /// Read the guest used ring's idx.
+    pub fn guest_used_idx(&self, q: usize) -> Option<u16> {
+        let addr = self.queues[q].vmm.addr?;
+        let mem = self.mem.shared().snapshot();
+        mem.load::<u16>(GuestAddress(addr.used_gpa + 2), Ordering::Acquire)
+            .ok()
+    }
+
+    /// Read the avail_event field the backend writes at the end of the guest used ring.
+    pub fn guest_avail_event(&self, q: usize) -> Option<u16> {
+        let v = &self.queues[q].vmm;
+        let addr = v.addr?;
+        let mem = self.mem.shared().snapshot();
+        let off = 4 + 8 * u64::from(v.num);
+        mem.load::<u16>(GuestAddress(addr.used_gpa + off), Ordering::Acquire)
+            .ok()
+    }
+
+    fn notify_guest(&self, q: usize) {
+        if let Some(call) = &self.queues[q].vmm.call {
+            let _ = call.write(1);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Shadow ring space.
+
+    /// Allocate a GPA and a user address for a shadow region of `size` bytes mapped at `host`.
+    pub fn alloc_shadow_space(&mut self, size: u64, host: u64) -> Result<(u64, u64), ProxyError> {
+        if self.space.is_none() {
+            let gpa_first = self
+                .mem
+                .gpa_end()
+                .max(SHADOW_GPA_FLOOR)
+                .next_multiple_of(GIB);
+            let uva_first = self.mem.uva_end().next_multiple_of(GIB).max(GIB);
+            let err = |e: svq::IovaError| ProxyError::Engine(format!("shadow address space: {e}"));
+            self.space = Some(ShadowSpace {
+                gpa: IovaTree::new(gpa_first, (1u64 << 52) - 1).map_err(err)?,
+                uva: IovaTree::new(uva_first, (1u64 << 63) - 1).map_err(err)?,
+            });
+        }
+        let space = self.space.as_mut().expect("just set");
+        let err = |e: svq::IovaError| ProxyError::Engine(format!("shadow address space: {e}"));
+        let gpa = space.gpa.alloc(size, 4096, host).map_err(err)?;
+        let uva = match space.uva.alloc(size, 4096, host) {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = space.gpa.remove(gpa);
+                return Err(err(e));
+            }
+        };
+        Ok((gpa, uva))
+    }
+
+    /// Release a shadow region's addresses.
+    pub fn free_shadow_space(&mut self, gpa: u64, uva: u64) {
+        if let Some(space) = self.space.as_mut() {
+            let _ = space.gpa.remove(gpa);
+            let _ = space.uva.remove(uva);
+            if space.gpa.is_empty() {
+                // Re-derive from the memory table next time (it may have grown).
+                self.space = None;
+            }
+        }
+    }
+
+    /// The backend's memory table: the VMM's regions plus every shadow region (for
+    /// SET_MEM_TABLE, which replaces the whole table).
+    pub fn backend_table(
+        &self,
+        extra: Option<&shadow::ShadowRegion>,
+    ) -> Vec<vhost::VhostUserMemoryRegionInfo> {
+        let mut t: Vec<_> = self.mem.regions().iter().map(|r| r.info()).collect();
+        for q in &self.queues {
+            if let Mode::Shadow(sq) = &q.mode {
+                t.push(sq.region.info());
+            }
+        }
+        if let Some(r) = extra {
+            t.push(r.info());
+        }
+        t
+    }
+
+    /// Slots reserved for shadow regions out of the backend's GET_MAX_MEM_SLOTS.
+    fn reserved_slots(&self) -> u64 {
+        self.queues.len().clamp(1, 64) as u64
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // JSON views for the control plane.
+
+    /// `query-status`.
+    pub fn status_json(&self) -> Value {
+        let queues: Vec<Value> = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let (mode, shadow) = match &q.mode {
+                    Mode::Passthrough => ("passthrough", Value::Null),
+                    Mode::Shadow(sq) => ("shadow", sq.status_json()),
+                };
+                json!({
+                    "index": i,
+                    "mode": mode,
+                    "started": q.vmm.running(),
+                    "enabled": q.vmm.enabled,
+                    "size": q.vmm.num,
+                    "shadow": shadow,
+                })
+            })
+            .collect();
+        let (bf, bp) = self
+            .backend
+            .as_ref()
+            .map(|b| (b.features, b.protocol.bits()))
+            .unwrap_or_default();
+        json!({
+            "socket": self.cfg.socket.display().to_string(),
+            "backend": self.cfg.backend.display().to_string(),
+            "backend_connected": self.backend.is_some(),
+            "vmm_connected": self.vmm_connected,
+            "policy": self.cfg.shadow.as_str(),
+            "forced": self.forced,
+            "log_all": self.log_all(),
+            "logging": self.active_log.is_enabled(),
+            "log_bytes": self.vmm_log.as_ref().map(|l| l.len_bytes()),
+            "features": {
+                "backend": format!("{bf:#x}"),
+                "offered": format!("{:#x}", features::vmm_virtio_features(bf)),
+                "acked": format!("{:#x}", self.acked_features),
+            },
+            "protocol_features": {
+                "backend": format!("{bp:#x}"),
+                "offered": format!("{:#x}", features::vmm_protocol_features(VhostUserProtocolFeatures::from_bits_truncate(bp)).bits()),
+                "acked": format!("{:#x}", self.acked_protocol.bits()),
+            },
+            "queues": queues,
+        })
+    }
+
+    /// `query-stats`.
+    pub fn stats_json(&self) -> Value {
+        let queues: Vec<Value> = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let mut v = q.stats.to_json();
+                v["index"] = json!(i);
+                v["mode"] = json!(match q.mode {
+                    Mode::Passthrough => "passthrough",
+                    Mode::Shadow(_) => "shadow",
+                });
+                v
+            })
+            .collect();
+        json!({ "queues": queues })
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Mode switches.
+
+    /// Passthrough → shadow for queue `q` (which the backend is running on the guest ring).
+    pub fn switch_to_shadow(&mut self, q: usize) -> Result<(), ProxyError> {
+        let t0 = Instant::now();
+        let base = self.drain_passthrough(q)?;
+        if let Err(e) = self.start_shadow(q, base) {
+            tracing::error!(queue = q, error = %e, "cannot start shadow ring; back to passthrough");
+            if let Err(e2) = self.restart_passthrough(q, base) {
+                tracing::error!(queue = q, error = %e2, "restarting the guest ring failed too");
+            }
+            return Err(e);
+        }
+        let us = t0.elapsed().as_micros() as u64;
+        let st = &self.queues[q].stats;
+        QueueStats::add(&st.mode_switches, 1);
+        st.last_switch_to_shadow_us.store(us, Ordering::Relaxed);
+        tracing::info!(
+            queue = q,
+            base,
+            micros = us,
+            "queue switched to shadow mode"
+        );
+        Ok(())
+    }
+
+    /// Take the guest ring away from the backend without losing, doubling or straying a
+    /// completion. Returns the guest index where the backend stopped (= guest used idx).
+    ///
+    /// 1. SET_VRING_CALL with svqd's eventfd: completions from now on notify svqd, which relays
+    ///    them to the guest (the VMM's call fd stays open on svqd's side whatever the backend does
+    ///    with its copy).
+    /// 2. SET_VRING_ENABLE 0: a backend honouring it (vhost-user-backend) stops taking buffers
+    ///    and unregisters the guest kick fd while that fd is still open.
+    /// 3. SET_VRING_KICK with svqd's eventfd: a backend ignoring enable (libvhost-user,
+    ///    qemu-storage-daemon) no longer sees guest kicks; svqd kicks once so it scans the ring
+    ///    and publishes its position.
+    /// 4. Quiesce: with EVENT_IDX, wait until the guest used idx equals the avail_event the
+    ///    backend writes on every pop (everything popped is completed); without it, until the
+    ///    used idx and calls stay still for a quiet period.
+    /// 5. GET_VRING_BASE, then verify its answer against the guest used idx: any difference is
+    ///    requests still in flight (qemu-storage-daemon answers at once). Those complete into the
+    ///    guest ring, which stays mapped in the backend, so wait for the used idx to reach the
+    ///    base before the ring moves. Only then is the backend's state fully in guest memory.
+    fn drain_passthrough(&mut self, q: usize) -> Result<u16, ProxyError> {
+        let event_idx = self.event_idx();
+        let drain_timeout = self.cfg.drain_timeout;
+        let num = self.queues[q].vmm.num;
+        let drain_call = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
+        let drain_kick = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
+        {
+            let be = self.be()?;
+            be.fe
+                .set_vring_call(q, &drain_call)
+                .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
+            if be.has_enable() {
+                be.fe
+                    .set_vring_enable(q, false)
+                    .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
+            }
+            be.fe
+                .set_vring_kick(q, &drain_kick)
+                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
+        }
+        let _ = drain_kick.write(1);
+
+        // Quiesce.
+        let quiet = Duration::from_millis(5);
+        let deadline = Instant::now() + drain_timeout.min(Duration::from_secs(2));
+        let mut last_used = self.guest_used_idx(q);
+        let mut last_change = Instant::now();
+        let mut stable_hits = 0;
+        loop {
+            if drain_call.read().is_ok() {
+                self.notify_guest(q);
+                last_change = Instant::now();
+            }
+            let used = self.guest_used_idx(q);
+            if used != last_used {
+                last_used = used;
+                last_change = Instant::now();
+            }
+            let settled = if event_idx {
+                let ae = self.guest_avail_event(q);
+                if used.is_some() && used == ae {
+                    stable_hits += 1;
+                } else {
+                    stable_hits = 0;
+                }
+                // Two observations 100 µs apart with nothing completing in between.
+                stable_hits >= 2 && last_change.elapsed() >= Duration::from_micros(100)
+            } else {
+                last_change.elapsed() >= quiet
+            };
+            if settled || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+
+        let base = {
+            let be = self.be()?;
+            be.fe
+                .get_vring_base(q)
+                .map_err(|e| ProxyError::Backend("GET_VRING_BASE", e))?
+        } as u16;
+        // Verify against the guest used idx; wait for late completions.
+        let used = self.guest_used_idx(q).unwrap_or(base);
+        let in_flight = base.wrapping_sub(used);
+        if in_flight > num {
+            let reason = format!(
+                "backend reports base {base} but the guest used idx is {used} (queue size {num})"
+            );
+            let _ = self.restart_passthrough(q, base);
+            return Err(ProxyError::Switch { queue: q, reason });
+        }
+        if in_flight > 0 {
+            QueueStats::add(&self.queues[q].stats.late_completions, in_flight.into());
+            tracing::debug!(
+                queue = q,
+                in_flight,
+                "waiting for late completions after GET_VRING_BASE"
+            );
+            let deadline = Instant::now() + drain_timeout;
+            loop {
+                let now_used = self.guest_used_idx(q).unwrap_or(base);
+                if now_used == base {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let reason = format!(
+                        "{} requests still in flight in the backend after {:?}",
+                        base.wrapping_sub(now_used),
+                        drain_timeout
+                    );
+                    let _ = self.restart_passthrough(q, base);
+                    return Err(ProxyError::Switch { queue: q, reason });
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        // Notifications of late completions went to a closed fd: interrupt the guest ourselves
+        // (a spurious interrupt is harmless, a lost one hangs the guest).
+        self.notify_guest(q);
+        Ok(base)
+    }
+
+    /// Put the backend back on the guest ring at `base`, as the VMM configured it.
+    fn restart_passthrough(&mut self, q: usize, base: u16) -> Result<(), ProxyError> {
+        let dummy = self.dummy_call()?;
+        let v = &self.queues[q].vmm;
+        let addr = v
+            .addr
+            .ok_or_else(|| ProxyError::NotAllowed("ring has no address".into()))?;
+        let num = v.num;
+        let kick = v.kick.clone();
+        let call = v.call.clone().unwrap_or(dummy);
+        let enabled = v.enabled;
+        let be = self.be()?;
+        be.fe
+            .set_vring_num(q, num)
+            .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e))?;
+        be.fe
+            .set_vring_base(q, base)
+            .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e))?;
+        be.fe
+            .set_vring_addr(q, &guest_vring_config(num, &addr))
+            .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
+        if let Some(kick) = &kick {
+            be.fe
+                .set_vring_kick(q, kick)
+                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
+        }
+        be.fe
+            .set_vring_call(q, &call)
+            .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
+        if be.has_enable() {
+            be.fe
+                .set_vring_enable(q, enabled)
+                .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
+        }
+        if let Some(kick) = &kick {
+            // Guest kicks svqd consumed or that arrived while the ring was stopped.
+            let _ = kick.write(1);
+        }
+        Ok(())
+    }
+
+    /// Build the shadow ring for queue `q` at guest index `base` and start the backend and the
+    /// worker on it.
+    fn start_shadow(&mut self, q: usize, base: u16) -> Result<(), ProxyError> {
+        let v = &self.queues[q].vmm;
+        let addr = v
+            .addr
+            .ok_or_else(|| ProxyError::NotAllowed("ring has no address".into()))?;
+        let guest_size = v.num;
+        let shadow_size = match self.cfg.shadow_size {
+            0 => guest_size,
+            s => s,
+        };
+        let qcfg = svq::QueueConfig {
+            guest_size,
+            shadow_size,
+            desc_table: addr.desc_gpa,
+            avail_ring: addr.avail_gpa,
+            used_ring: addr.used_gpa,
+            event_idx: self.event_idx(),
+            indirect: self.acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0,
+        };
+        let mut region = shadow::ShadowRegion::create(q, shadow_size)?;
+        let (gpa, uva) = self.alloc_shadow_space(region.size, region.host_addr())?;
+        region.gpa = gpa;
+        region.uva = uva;
+        let start = svq::QueueState {
+            last_avail_idx: base,
+            used_idx: base,
+            in_flight: Vec::new(),
+        };
+        let engine = match region.engine(qcfg, start) {
+            Ok(e) => e,
+            Err(e) => {
+                self.free_shadow_space(gpa, uva);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.add_backend_region(&region) {
+            self.free_shadow_space(gpa, uva);
+            return Err(e);
+        }
+        let backend_kick =
+            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?);
+        let backend_call =
+            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?);
+        let (desc, avail, used) = engine.device_addrs();
+        let shadow_base = engine.shadow_base();
+        let res = (|| {
+            let be = self.be()?;
+            be.fe
+                .set_vring_num(q, shadow_size)
+                .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e))?;
+            be.fe
+                .set_vring_base(q, shadow_base)
+                .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e))?;
+            let cfg = VringConfigData {
+                queue_max_size: shadow_size,
+                queue_size: shadow_size,
+                flags: 0,
+                desc_table_addr: desc,
+                used_ring_addr: used,
+                avail_ring_addr: avail,
+                log_addr: None,
+            };
+            be.fe
+                .set_vring_addr(q, &cfg)
+                .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
+            be.fe
+                .set_vring_kick(q, &backend_kick)
+                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
+            be.fe
+                .set_vring_call(q, &backend_call)
+                .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
+            if be.has_enable() {
+                be.fe
+                    .set_vring_enable(q, true)
+                    .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            let _ = self.remove_backend_region(&region);
+            self.free_shadow_space(gpa, uva);
+            return Err(e);
+        }
+        let v = &self.queues[q].vmm;
+        let mut engine = engine;
+        engine.set_forwarding(v.enabled || !self.backend.as_ref().is_some_and(|b| b.has_enable()));
+        let setup = crate::worker::WorkerSetup {
+            index: q,
+            engine,
+            mem: self.mem.shared(),
+            log: self.active_log.clone(),
+            guest_kick: v.kick.clone().expect("running ring has a kick fd"),
+            guest_call: v.call.clone(),
+            backend_kick: backend_kick.clone(),
+            backend_call: backend_call.clone(),
+            stats: self.queues[q].stats.clone(),
+        };
+        let worker =
+            crate::worker::Worker::spawn(setup).map_err(|e| ProxyError::Io("spawn worker", e))?;
+        self.queues[q].mode = Mode::Shadow(Box::new(ShadowQueue {
+            region,
+            worker: Some(worker),
+            backend_kick,
+            backend_call,
+            shadow_size,
+            started: Instant::now(),
+        }));
+        Ok(())
+    }
+
+    fn add_backend_region(&mut self, region: &shadow::ShadowRegion) -> Result<(), ProxyError> {
+        let mem_slots = self.be()?.mem_slots();
+        if mem_slots {
+            let be = self.be()?;
+            be.fe
+                .add_mem_region(&region.info())
+                .map_err(|e| ProxyError::Backend("ADD_MEM_REG", e))?;
+        } else {
+            let table = self.backend_table(Some(region));
+            if table.len() > MAX_TABLE_REGIONS {
+                return Err(ProxyError::NotAllowed(format!(
+                    "no free memory-table slot for a shadow ring ({} regions, backend without \
+                     CONFIGURE_MEM_SLOTS takes {MAX_TABLE_REGIONS})",
+                    table.len() - 1
+                )));
+            }
+            let be = self.be()?;
+            be.fe
+                .set_mem_table(&table)
+                .map_err(|e| ProxyError::Backend("SET_MEM_TABLE", e))?;
+        }
+        Ok(())
+    }
+
+    /// Remove `region` from the backend's table. The caller must have removed the queue's shadow
+    /// state from `self.queues` already (SET_MEM_TABLE style rebuilds the table from it).
+    fn remove_backend_region(&mut self, region: &shadow::ShadowRegion) -> Result<(), ProxyError> {
+        let mem_slots = self.be()?.mem_slots();
+        if mem_slots {
+            let be = self.be()?;
+            be.fe
+                .remove_mem_region(&region.info())
+                .map_err(|e| ProxyError::Backend("REM_MEM_REG", e))?;
+        } else {
+            let table = self.backend_table(None);
+            if table.is_empty() {
+                // Nothing to tell: an empty table cannot be sent, and the backend keeps a region
+                // it will never be pointed at again until the VMM sends its own table.
+                return Ok(());
+            }
+            let be = self.be()?;
+            be.fe
+                .set_mem_table(&table)
+                .map_err(|e| ProxyError::Backend("SET_MEM_TABLE", e))?;
+        }
+        Ok(())
+    }
+
+    /// Shadow → passthrough for queue `q`: stop forwarding, wait until the backend completed
+    /// everything in the shadow ring, GET_VRING_BASE, and (unless `stopped`) restart the backend
+    /// on the guest ring with the guest's index and the VMM's kick/call fds. With `stopped` (the
+    /// VMM's GET_VRING_BASE), the backend ring is left stopped on the guest ring. Returns the
+    /// guest index (last avail = used, nothing in flight).
+    pub fn switch_to_passthrough(&mut self, q: usize, stopped: bool) -> Result<u16, ProxyError> {
+        let t0 = Instant::now();
+        let Mode::Shadow(mut sq) = std::mem::replace(&mut self.queues[q].mode, Mode::Passthrough)
+        else {
+            return Err(ProxyError::NotAllowed(format!(
+                "queue {q} is not in shadow mode"
+            )));
+        };
+        let worker = sq.worker.take().expect("shadow queue has a worker");
+        let exit = worker.stop(Some(self.cfg.drain_timeout));
+        // The worker tracks fd replacements the VMM made while it ran.
+        self.queues[q].vmm.kick = Some(exit.guest_kick.clone());
+        self.queues[q].vmm.call = exit.guest_call.clone();
+        if !exit.drained {
+            let n = exit.engine.in_flight();
+            // Keep shadowing: handing back a ring with requests in flight would lose them.
+            let mut engine = exit.engine;
+            engine.set_forwarding(self.queues[q].vmm.enabled);
+            let setup = crate::worker::WorkerSetup {
+                index: q,
+                engine,
+                mem: self.mem.shared(),
+                log: self.active_log.clone(),
+                guest_kick: exit.guest_kick,
+                guest_call: exit.guest_call,
+                backend_kick: sq.backend_kick.clone(),
+                backend_call: sq.backend_call.clone(),
+                stats: self.queues[q].stats.clone(),
+            };
+            let worker = crate::worker::Worker::spawn(setup)
+                .map_err(|e| ProxyError::Io("spawn worker", e))?;
+            sq.worker = Some(worker);
+            self.queues[q].mode = Mode::Shadow(sq);
+            return Err(ProxyError::Switch {
+                queue: q,
+                reason: format!(
+                    "backend did not complete {n} requests within {:?}; queue stays in shadow mode",
+                    self.cfg.drain_timeout
+                ),
+            });
+        }
+        let state = exit.engine.export_state();
+        let guest_idx = state.last_avail_idx;
+        debug_assert!(state.in_flight.is_empty());
+        let n = {
+            let be = self.be()?;
+            be.fe
+                .get_vring_base(q)
+                .map_err(|e| ProxyError::Backend("GET_VRING_BASE", e))?
+        };
+        tracing::debug!(queue = q, shadow_base = n, guest_idx, "shadow ring stopped");
+        drop(exit.engine);
+        if stopped {
+            let v = &self.queues[q].vmm;
+            let addr = v
+                .addr
+                .ok_or_else(|| ProxyError::NotAllowed("ring has no address".into()))?;
+            let num = v.num;
+            let be = self.be()?;
+            be.fe
+                .set_vring_num(q, num)
+                .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e))?;
+            be.fe
+                .set_vring_base(q, guest_idx)
+                .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e))?;
+            be.fe
+                .set_vring_addr(q, &guest_vring_config(num, &addr))
+                .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
+        } else {
+            self.restart_passthrough(q, guest_idx)?;
+        }
+        let region = sq.region;
+        self.remove_backend_region(&region)?;
+        self.free_shadow_space(region.gpa, region.uva);
+        let us = t0.elapsed().as_micros() as u64;
+        let st = &self.queues[q].stats;
+        QueueStats::add(&st.mode_switches, 1);
+        st.last_switch_to_passthrough_us
+            .store(us, Ordering::Relaxed);
+        tracing::info!(
+            queue = q,
+            guest_idx,
+            micros = us,
+            "queue switched to passthrough mode"
+        );
+        Ok(guest_idx)
+    }
+}
+
+/// The guest ring's configuration as the backend should see it: the VMM's addresses, without the
+/// log flag (the backend never logs; svqd does).
+fn guest_vring_config(num: u16, a: &VringAddr) -> VringConfigData {
+    VringConfigData {
+        queue_max_size: num,
+        queue_size: num,
+        flags: a.flags & !VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits(),
+        desc_table_addr: a.desc,
+        used_ring_addr: a.used,
+        avail_ring_addr: a.avail,
+        log_addr: None,
+    }
+}
+
+fn fail<T>(e: ProxyError) -> VhostResult<T> {
+    tracing::warn!(error = %e, "request refused");
+    Err(e.into())
+}
+
+macro_rules! try_req {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        }
+    };
+}
+
+impl VhostUserBackendReqHandlerMut for ProxyState {
+    fn set_owner(&mut self) -> VhostResult<()> {
+        let be = try_req!(self.be());
+        be.fe
+            .set_owner()
+            .map_err(|e| ProxyError::Backend("SET_OWNER", e).into())
+    }
+
+    fn reset_owner(&mut self) -> VhostResult<()> {
+        self.reset_rings();
+        let be = try_req!(self.be());
+        be.fe
+            .reset_owner()
+            .map_err(|e| ProxyError::Backend("RESET_OWNER", e).into())
+    }
+
+    fn reset_device(&mut self) -> VhostResult<()> {
+        self.reset_rings();
+        let be = try_req!(self.be());
+        be.fe
+            .reset_device()
+            .map_err(|e| ProxyError::Backend("RESET_DEVICE", e).into())
+    }
+
+    fn get_features(&mut self) -> VhostResult<u64> {
+        let be = try_req!(self.be());
+        Ok(features::vmm_virtio_features(be.features))
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        let policy = self.cfg.shadow;
+        let be = try_req!(self.be());
+        let offered = features::vmm_virtio_features(be.features);
+        if features & !offered != 0 {
+            return fail(ProxyError::BadRequest(format!(
+                "SET_FEATURES {features:#x} acks features never offered ({offered:#x})"
+            )));
+        }
+        if features & VHOST_F_LOG_ALL != 0 && policy == ShadowPolicy::Never {
+            return fail(ProxyError::NotAllowed(
+                "dirty logging requested but svqd runs with --shadow never".into(),
+            ));
+        }
+        let fwd = features::backend_virtio_features(features);
+        if be.last_features != Some(fwd) {
+            try_req!(be
+                .fe
+                .set_features(fwd)
+                .map_err(|e| ProxyError::Backend("SET_FEATURES", e)));
+            be.last_features = Some(fwd);
+        }
+        let was = self.log_all();
+        self.acked_features = features;
+        let now = self.log_all();
+        if was != now {
+            tracing::info!(
+                log_all = now,
+                "VMM {} dirty logging",
+                if now { "started" } else { "stopped" }
+            );
+        }
+        // Start logging before switching (completions relayed from now on are logged), stop
+        // after switching back.
+        if now {
+            self.update_active_log();
+        }
+        let res = self.reconcile();
+        if !now {
+            self.update_active_log();
+        }
+        res.map_err(Into::into)
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        try_req!(self.mem.set(ctx, files));
+        let table = self.backend_table(None);
+        if table.len() > MAX_TABLE_REGIONS && !try_req!(self.be()).mem_slots() {
+            return fail(ProxyError::NotAllowed(format!(
+                "memory table of {} regions plus shadow rings exceeds {MAX_TABLE_REGIONS}",
+                ctx.len()
+            )));
+        }
+        let be = try_req!(self.be());
+        try_req!(be
+            .fe
+            .set_mem_table(&table)
+            .map_err(|e| ProxyError::Backend("SET_MEM_TABLE", e)));
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        let q = try_req!(self.check_queue(index));
+        if num == 0 || num > 32768 || !num.is_power_of_two() {
+            return fail(ProxyError::BadRequest(format!("queue {q} size {num}")));
+        }
+        try_req!(self.leave_shadow_for_reconfig(q));
+        let be = try_req!(self.be());
+        try_req!(be
+            .fe
+            .set_vring_num(q, num as u16)
+            .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e)));
+        self.queues[q].vmm.num = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        log: u64,
+    ) -> VhostResult<()> {
+        let q = try_req!(self.check_queue(index));
+        let num = u64::from(self.queues[q].vmm.num.max(1));
+        let check = |uva: u64, len: u64, align: u64, what: &str| -> Result<u64, ProxyError> {
+            if !uva.is_multiple_of(align) {
+                return Err(ProxyError::BadRequest(format!(
+                    "queue {q} {what} at {uva:#x} misaligned"
+                )));
+            }
+            self.mem.uva_to_gpa(uva, len).ok_or_else(|| {
+                ProxyError::BadRequest(format!(
+                    "queue {q} {what} at {uva:#x} (+{len:#x}) is outside guest memory"
+                ))
+            })
+        };
+        let desc_gpa = try_req!(check(descriptor, 16 * num, 16, "descriptor table"));
+        let avail_gpa = try_req!(check(available, 6 + 2 * num, 2, "avail ring"));
+        let used_gpa = try_req!(check(used, 6 + 8 * num, 4, "used ring"));
+        let addr = VringAddr {
+            flags: flags.bits(),
+            desc: descriptor,
+            used,
+            avail: available,
+            log,
+            desc_gpa,
+            used_gpa,
+            avail_gpa,
+        };
+        // Re-sending the same ring with only the log flag changed (migration start/stop) is no
+        // reconfiguration: in shadow mode the engine logs the used ring already.
+        let same_ring = self.queues[q]
+            .vmm
+            .addr
+            .is_some_and(|a| a.desc == descriptor && a.used == used && a.avail == available);
+        let shadowed = matches!(self.queues[q].mode, Mode::Shadow(_));
+        if shadowed && same_ring {
+            self.queues[q].vmm.addr = Some(addr);
+            return Ok(());
+        }
+        try_req!(self.leave_shadow_for_reconfig(q));
+        let num = self.queues[q].vmm.num;
+        let be = try_req!(self.be());
+        try_req!(be
+            .fe
+            .set_vring_addr(q, &guest_vring_config(num, &addr))
+            .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e)));
+        self.queues[q].vmm.addr = Some(addr);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        let q = try_req!(self.check_queue(index));
+        if base > u32::from(u16::MAX) {
+            return fail(ProxyError::BadRequest(format!("queue {q} base {base}")));
+        }
+        try_req!(self.leave_shadow_for_reconfig(q));
+        let be = try_req!(self.be());
+        try_req!(be
+            .fe
+            .set_vring_base(q, base as u16)
+            .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e)));
+        self.queues[q].vmm.base = base as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        let q = try_req!(self.check_queue(index));
+        let base = if matches!(self.queues[q].mode, Mode::Shadow(_)) {
+            try_req!(self.switch_to_passthrough(q, true))
+        } else {
+            let be = try_req!(self.be());
+            let base = try_req!(be
+                .fe
+                .get_vring_base(q)
+                .map_err(|e| ProxyError::Backend("GET_VRING_BASE", e)))
+                as u16;
+            // A backend that answers with requests still in flight writes their completions
+            // into the guest ring later: wait for them, so the index the VMM migrates is
+            // consistent with the guest ring it migrates.
+            self.wait_used_reaches(q, base);
+            base
+        };
+        let v = &mut self.queues[q].vmm;
+        v.started = false;
+        v.kick = None;
+        v.base = base;
+        Ok(VhostUserVringState::new(index, u32::from(base)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let q = try_req!(self.check_queue(index.into()));
+        let Some(fd) = fd else {
+            return fail(ProxyError::BadRequest(format!(
+                "queue {q}: SET_VRING_KICK without fd (polling mode) is not supported"
+            )));
+        };
+        let kick = Arc::new(Self::eventfd(fd));
+        if let Mode::Shadow(sq) = &self.queues[q].mode {
+            sq.worker
+                .as_ref()
+                .expect("worker")
+                .set_guest_kick(kick.clone());
+        } else {
+            let be = try_req!(self.be());
+            try_req!(be
+                .fe
+                .set_vring_kick(q, &kick)
+                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e)));
+        }
+        let v = &mut self.queues[q].vmm;
+        v.kick = Some(kick);
+        v.started = true;
+        if !be_has_enable(&self.backend) {
+            // Without PROTOCOL_FEATURES a started ring is enabled.
+            self.queues[q].vmm.enabled = true;
+        }
+        self.reconcile().map_err(Into::into)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let q = try_req!(self.check_queue(index.into()));
+        let call = fd.map(|f| Arc::new(Self::eventfd(f)));
+        if let Mode::Shadow(sq) = &self.queues[q].mode {
+            sq.worker
+                .as_ref()
+                .expect("worker")
+                .set_guest_call(call.clone());
+        } else {
+            let fwd = match &call {
+                Some(c) => c.clone(),
+                None => try_req!(self.dummy_call()),
+            };
+            let be = try_req!(self.be());
+            try_req!(be
+                .fe
+                .set_vring_call(q, &fwd)
+                .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e)));
+        }
+        self.queues[q].vmm.call = call;
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let q = try_req!(self.check_queue(index.into()));
+        // The error fd is the backend's alone in both modes.
+        if let Some(fd) = fd {
+            let err = Self::eventfd(fd);
+            let be = try_req!(self.be());
+            try_req!(be
+                .fe
+                .set_vring_err(q, &err)
+                .map_err(|e| ProxyError::Backend("SET_VRING_ERR", e)));
+        }
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
+        let be = try_req!(self.be());
+        Ok(features::vmm_protocol_features(be.protocol))
+    }
+
+    fn set_protocol_features(&mut self, bits: u64) -> VhostResult<()> {
+        let be = try_req!(self.be());
+        let offered =
+            features::vmm_protocol_features(be.protocol) | VhostUserProtocolFeatures::REPLY_ACK;
+        if bits & !offered.bits() != 0 {
+            return fail(ProxyError::BadRequest(format!(
+                "SET_PROTOCOL_FEATURES {bits:#x} acks features never offered ({:#x})",
+                offered.bits()
+            )));
+        }
+        let acked = VhostUserProtocolFeatures::from_bits_truncate(bits);
+        let fwd = features::backend_protocol_features(be.protocol, acked);
+        try_req!(be.set_protocol_features(fwd));
+        let n = be.num_queues;
+        self.acked_protocol = acked;
+        if self.queues.len() != n {
+            for q in &mut self.queues {
+                if let Mode::Shadow(sq) = std::mem::replace(&mut q.mode, Mode::Passthrough) {
+                    sq.abandon();
+                }
+            }
+            self.queues = (0..n).map(|_| QueueSlot::new()).collect();
+        }
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostResult<u64> {
+        Ok(self.queues.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        let q = try_req!(self.check_queue(index));
+        if let Mode::Shadow(sq) = &self.queues[q].mode {
+            // The backend keeps its shadow ring enabled; the engine holds the guest's buffers.
+            sq.worker.as_ref().expect("worker").set_forwarding(enable);
+        } else {
+            let be = try_req!(self.be());
+            try_req!(be
+                .fe
+                .set_vring_enable(q, enable)
+                .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e)));
+        }
+        self.queues[q].vmm.enabled = enable;
+        self.reconcile().map_err(Into::into)
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        flags: VhostUserConfigFlags,
+    ) -> VhostResult<Vec<u8>> {
+        let be = try_req!(self.be());
+        let buf = vec![0u8; size as usize];
+        let (_, payload) = try_req!(be
+            .fe
+            .get_config(offset, size, flags, &buf)
+            .map_err(|e| ProxyError::Backend("GET_CONFIG", e)));
+        Ok(payload)
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        flags: VhostUserConfigFlags,
+    ) -> VhostResult<()> {
+        let be = try_req!(self.be());
+        be.fe
+            .set_config(offset, flags, buf)
+            .map_err(|e| ProxyError::Backend("SET_CONFIG", e).into())
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {
+        // Never offered (the vhost crate cannot relay CONFIG_CHANGE_MSG): nothing to do.
+        tracing::warn!("VMM sent SET_BACKEND_REQ_FD although BACKEND_REQ was not offered; ignored");
+    }
+
+    fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VhostResult<()> {
+        fail(ProxyError::NotAllowed(
+            "GPU_SET_SOCKET is not supported".into(),
+        ))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
+        fail(ProxyError::NotAllowed(
+            "GET_SHARED_OBJECT is not supported".into(),
+        ))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+    ) -> VhostResult<(VhostUserInflight, File)> {
+        let be = try_req!(self.be());
+        be.fe
+            .get_inflight_fd(inflight)
+            .map_err(|e| ProxyError::Backend("GET_INFLIGHT_FD", e).into())
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
+        use std::os::fd::AsRawFd;
+        let be = try_req!(self.be());
+        be.fe
+            .set_inflight_fd(inflight, file.as_raw_fd())
+            .map_err(|e| ProxyError::Backend("SET_INFLIGHT_FD", e).into())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
+        let reserved = self.reserved_slots();
+        let be = try_req!(self.be());
+        let slots = be.max_mem_slots.unwrap_or(MAX_TABLE_REGIONS as u64);
+        Ok(slots.saturating_sub(reserved).max(1))
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        let limit = {
+            let reserved = self.reserved_slots();
+            let be = try_req!(self.be());
+            be.max_mem_slots
+                .unwrap_or(MAX_TABLE_REGIONS as u64)
+                .saturating_sub(reserved)
+                .max(1) as usize
+        };
+        let r = try_req!(self.mem.add(region, fd, limit));
+        if let Some(space) = &self.space {
+            let (first, _) = space.gpa.range();
+            if r.gpa + r.size > first {
+                tracing::warn!(
+                    gpa = r.gpa,
+                    "new guest region reaches into the shadow ring address range"
+                );
+            }
+        }
+        let mem_slots = try_req!(self.be()).mem_slots();
+        let res = if mem_slots {
+            let be = try_req!(self.be());
+            be.fe
+                .add_mem_region(&r.info())
+                .map(|_| ())
+                .map_err(|e| ProxyError::Backend("ADD_MEM_REG", e))
+        } else {
+            let table = self.backend_table(None);
+            let be = try_req!(self.be());
+            be.fe
+                .set_mem_table(&table)
+                .map(|_| ())
+                .map_err(|e| ProxyError::Backend("SET_MEM_TABLE", e))
+        };
+        if let Err(e) = res {
+            let _ = self.mem.remove(region);
+            return fail(e);
+        }
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        let r = try_req!(self.mem.remove(region));
+        let mem_slots = try_req!(self.be()).mem_slots();
+        if mem_slots {
+            let be = try_req!(self.be());
+            be.fe
+                .remove_mem_region(&r.info())
+                .map_err(|e| ProxyError::Backend("REM_MEM_REG", e).into())
+        } else {
+            let table = self.backend_table(None);
+            if table.is_empty() {
+                return Ok(());
+            }
+            let be = try_req!(self.be());
+            be.fe
+                .set_mem_table(&table)
+                .map(|_| ())
+                .map_err(|e| ProxyError::Backend("SET_MEM_TABLE", e).into())
+        }
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        fd: File,
+    ) -> VhostResult<Option<File>> {
+        let be = try_req!(self.be());
+        be.fe
+            .set_device_state_fd(direction, phase, fd.into())
+            .map_err(|e| ProxyError::Backend("SET_DEVICE_STATE_FD", e).into())
+    }
+
+    fn check_device_state(&mut self) -> VhostResult<()> {
+        let be = try_req!(self.be());
+        be.fe
+            .check_device_state()
+            .map_err(|e| ProxyError::Backend("CHECK_DEVICE_STATE", e).into())
+    }
+
+    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
+        fail(ProxyError::NotAllowed(
+            "GET_SHMEM_CONFIG is not supported".into(),
+        ))
+    }
+
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
+        let dl = try_req!(
+            DirtyLog::from_fd(file.as_fd(), log.mmap_offset, log.mmap_size).map_err(|e| {
+                ProxyError::BadRequest(format!(
+                    "cannot map log region of {:#x} bytes at offset {:#x}: {e}",
+                    log.mmap_size, log.mmap_offset
+                ))
+            })
+        );
+        tracing::debug!(bytes = log.mmap_size, "new dirty log region");
+        self.vmm_log = Some(Arc::new(dl));
+        // Swapped atomically for the workers: after this returns no worker writes the old one.
+        self.update_active_log();
+        Ok(())
+    }
+}
+
+fn be_has_enable(b: &Option<BackendConn>) -> bool {
+    b.as_ref().is_some_and(|b| b.has_enable())
+}
+
+impl ProxyState {
+    /// A queue in shadow mode is being reconfigured by the VMM (NUM/BASE/ADDR): give the ring
+    /// back first, so the new configuration applies to the guest ring; [`Self::reconcile`]
+    /// shadows it again once it runs.
+    fn leave_shadow_for_reconfig(&mut self, q: usize) -> Result<(), ProxyError> {
+        if matches!(self.queues[q].mode, Mode::Shadow(_)) {
+            self.switch_to_passthrough(q, true)?;
+            let v = &mut self.queues[q].vmm;
+            v.started = false;
+        }
+        Ok(())
+    }
+
+    /// Device reset: the rings' contents are discarded by definition, so stop shadowing without
+    /// draining.
+    fn reset_rings(&mut self) {
+        for q in 0..self.queues.len() {
+            if let Mode::Shadow(sq) = std::mem::replace(&mut self.queues[q].mode, Mode::Passthrough)
+            {
+                let region = sq.region.clone();
+                sq.abandon();
+                let _ = self.remove_backend_region(&region);
+                self.free_shadow_space(region.gpa, region.uva);
+            }
+            self.queues[q].vmm = VmmVring::default();
+        }
+    }
+
+    /// After a passthrough GET_VRING_BASE: wait (bounded) until the backend's late completions
+    /// reached the guest used ring.
+    fn wait_used_reaches(&self, q: usize, base: u16) {
+        let num = self.queues[q].vmm.num;
+        let Some(used) = self.guest_used_idx(q) else {
+            return;
+        };
+        let behind = base.wrapping_sub(used);
+        if behind == 0 || behind > num {
+            return;
+        }
+        QueueStats::add(&self.queues[q].stats.late_completions, behind.into());
+        let deadline = Instant::now() + self.cfg.drain_timeout;
+        while Instant::now() < deadline {
+            if self.guest_used_idx(q) == Some(base) {
+                self.notify_guest(q);
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        tracing::warn!(
+            queue = q,
+            base,
+            "backend still has requests in flight after GET_VRING_BASE"
+        );
+    }
+}

@@ -1,0 +1,370 @@
+//! The shadow-mode data path of one queue: an epoll loop on its own thread.
+//!
+//! guest kick → `forward_avail` → kick the backend; backend call → `forward_used` (guest used ring +
+//! dirty log) → interrupt the guest. The worker owns the engine while it runs; stopping the worker
+//! hands the engine back, so the switch code never shares the engine with a running data path.
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use svq::{IdentityTranslation, QueueError, ShadowVirtqueue, SharedLog};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::memory::SharedMemory;
+use crate::stats::QueueStats;
+
+/// The engine type svqd runs: vhost-user descriptors carry guest-physical addresses unchanged.
+pub type Engine = ShadowVirtqueue<IdentityTranslation>;
+
+const TOKEN_GUEST_KICK: u64 = 0;
+const TOKEN_BACKEND_CALL: u64 = 1;
+const TOKEN_CMD: u64 = 2;
+
+/// Requests to a running worker.
+enum Cmd {
+    /// The VMM replaced the guest kick eventfd.
+    GuestKick(Arc<EventFd>),
+    /// The VMM replaced (or removed) the guest call eventfd.
+    GuestCall(Option<Arc<EventFd>>),
+    /// The VMM enabled or disabled the ring: forward new guest buffers or not.
+    Forwarding(bool),
+    /// Stop: with a deadline, first wait (until then) for the backend to complete everything in
+    /// flight, forwarding nothing new.
+    Stop(Option<Instant>),
+}
+
+/// What a stopped worker hands back.
+pub struct WorkerExit {
+    /// The engine, with its state.
+    pub engine: Engine,
+    /// The guest kick eventfd as last set (the VMM may have replaced it).
+    pub guest_kick: Arc<EventFd>,
+    /// The guest call eventfd as last set.
+    pub guest_call: Option<Arc<EventFd>>,
+    /// Nothing was left in flight in the shadow ring.
+    pub drained: bool,
+}
+
+/// Everything the worker thread needs.
+pub struct WorkerSetup {
+    /// Queue index (for logs).
+    pub index: usize,
+    /// The engine, built on the shadow ring.
+    pub engine: Engine,
+    /// Guest memory.
+    pub mem: Arc<SharedMemory>,
+    /// The active dirty log (empty when the VMM is not logging).
+    pub log: Arc<SharedLog>,
+    /// Guest kick (the VMM's eventfd).
+    pub guest_kick: Arc<EventFd>,
+    /// Guest call (the VMM's eventfd).
+    pub guest_call: Option<Arc<EventFd>>,
+    /// svqd's kick towards the backend.
+    pub backend_kick: Arc<EventFd>,
+    /// svqd's call from the backend.
+    pub backend_call: Arc<EventFd>,
+    /// Counters.
+    pub stats: Arc<QueueStats>,
+}
+
+/// Handle of a running worker.
+pub struct Worker {
+    cmd: Sender<Cmd>,
+    wake: Arc<EventFd>,
+    join: Option<JoinHandle<WorkerExit>>,
+}
+
+impl Worker {
+    /// Start the worker thread.
+    pub fn spawn(setup: WorkerSetup) -> std::io::Result<Worker> {
+        let (tx, rx) = channel();
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let w = wake.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("svqd-q{}", setup.index))
+            .spawn(move || run(setup, rx, w))?;
+        Ok(Worker {
+            cmd: tx,
+            wake,
+            join: Some(join),
+        })
+    }
+
+    fn send(&self, cmd: Cmd) {
+        // A send error means the thread is gone; `stop` reports it through the join.
+        let _ = self.cmd.send(cmd);
+        let _ = self.wake.write(1);
+    }
+
+    /// Replace the guest kick eventfd.
+    pub fn set_guest_kick(&self, fd: Arc<EventFd>) {
+        self.send(Cmd::GuestKick(fd));
+    }
+
+    /// Replace the guest call eventfd.
+    pub fn set_guest_call(&self, fd: Option<Arc<EventFd>>) {
+        self.send(Cmd::GuestCall(fd));
+    }
+
+    /// Forward new guest buffers (ring enabled by the VMM) or hold them.
+    pub fn set_forwarding(&self, on: bool) {
+        self.send(Cmd::Forwarding(on));
+    }
+
+    /// Stop the worker and take the engine back. With `drain`, wait up to that long for the
+    /// backend to complete what it holds.
+    pub fn stop(mut self, drain: Option<Duration>) -> WorkerExit {
+        self.send(Cmd::Stop(drain.map(|d| Instant::now() + d)));
+        let join = self.join.take().expect("worker joined once");
+        match join.join() {
+            Ok(exit) => exit,
+            // The loop does not panic by design; if it did, there is no engine to recover.
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+}
+
+struct Loop {
+    index: usize,
+    engine: Engine,
+    mem: Arc<SharedMemory>,
+    log: Arc<SharedLog>,
+    guest_kick: Arc<EventFd>,
+    guest_call: Option<Arc<EventFd>>,
+    backend_kick: Arc<EventFd>,
+    backend_call: Arc<EventFd>,
+    stats: Arc<QueueStats>,
+    reported: bool,
+}
+
+impl Loop {
+    /// Record the first engine error once; the queue stays broken (the guest must reset it).
+    fn fail(&mut self, e: QueueError) {
+        if !self.reported {
+            tracing::error!(queue = self.index, error = %e, "shadow queue broken; it stops until the device is reset");
+            self.reported = true;
+        }
+    }
+
+    fn avail(&mut self) {
+        if self.engine.broken().is_some() || !self.engine.forwarding() {
+            return;
+        }
+        let mem = self.mem.snapshot();
+        match self.engine.forward_avail(&*mem, &self.log) {
+            Ok(b) => {
+                if b.chains > 0 {
+                    QueueStats::add(&self.stats.chains, b.chains.into());
+                    QueueStats::add(&self.stats.descriptors, b.descriptors.into());
+                    QueueStats::add(&self.stats.bytes, b.bytes);
+                }
+                if b.kick_device {
+                    QueueStats::add(&self.stats.backend_kicks, 1);
+                    if let Err(e) = self.backend_kick.write(1) {
+                        tracing::warn!(queue = self.index, error = %e, "kicking the backend failed");
+                    }
+                }
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Returns whether descriptors were freed while the shadow ring was full.
+    fn used(&mut self) -> bool {
+        if self.engine.broken().is_some() {
+            return false;
+        }
+        let mem = self.mem.snapshot();
+        match self.engine.forward_used(&*mem, &self.log) {
+            Ok(u) => {
+                if u.completed > 0 {
+                    QueueStats::add(&self.stats.completed, u.completed.into());
+                    QueueStats::add(&self.stats.bytes_written, u.bytes_written);
+                    QueueStats::add(&self.stats.dirty_pages, u.pages_logged);
+                }
+                if u.notify_guest {
+                    self.notify_guest();
+                }
+                u.retry_avail || u.completed > 0
+            }
+            Err(e) => {
+                self.fail(e);
+                false
+            }
+        }
+    }
+
+    fn notify_guest(&self) {
+        if let Some(call) = &self.guest_call {
+            QueueStats::add(&self.stats.guest_notifies, 1);
+            if let Err(e) = call.write(1) {
+                tracing::warn!(queue = self.index, error = %e, "interrupting the guest failed");
+            }
+        }
+    }
+}
+
+fn drain_eventfd(fd: &EventFd) -> u64 {
+    fd.read().unwrap_or(0)
+}
+
+fn run(setup: WorkerSetup, rx: Receiver<Cmd>, wake: Arc<EventFd>) -> WorkerExit {
+    let mut l = Loop {
+        index: setup.index,
+        engine: setup.engine,
+        mem: setup.mem,
+        log: setup.log,
+        guest_kick: setup.guest_kick,
+        guest_call: setup.guest_call,
+        backend_kick: setup.backend_kick,
+        backend_call: setup.backend_call,
+        stats: setup.stats,
+        reported: false,
+    };
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(queue = l.index, error = %e, "epoll_create failed; queue stalls");
+            return wait_stop_without_epoll(l, rx);
+        }
+    };
+    let add = |fd: i32, token: u64| {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+    };
+    for (fd, token) in [
+        (l.guest_kick.as_raw_fd(), TOKEN_GUEST_KICK),
+        (l.backend_call.as_raw_fd(), TOKEN_BACKEND_CALL),
+        (wake.as_raw_fd(), TOKEN_CMD),
+    ] {
+        if let Err(e) = add(fd, token) {
+            tracing::error!(queue = l.index, error = %e, "epoll_ctl failed; queue stalls");
+            return wait_stop_without_epoll(l, rx);
+        }
+    }
+    // Buffers the guest posted before the switch (their kick went to the old backend ring or is
+    // pending on the kick fd), and completions that raced the switch.
+    l.avail();
+    if l.used() {
+        l.avail();
+    }
+
+    let mut events = vec![EpollEvent::default(); 8];
+    let mut deadline: Option<Instant> = None;
+    let mut stopping = false;
+    loop {
+        if stopping {
+            // Draining: poll the used ring too (a backend may suppress notifications), stop when
+            // nothing is in flight or the deadline passed.
+            l.used();
+            if l.engine.in_flight() == 0 || l.engine.broken().is_some() {
+                break;
+            }
+            if deadline.is_none_or(|d| Instant::now() >= d) {
+                break;
+            }
+        }
+        let timeout = if stopping { 1 } else { -1 };
+        let n = match epoll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(queue = l.index, error = %e, "epoll_wait failed");
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_GUEST_KICK => {
+                    let k = drain_eventfd(&l.guest_kick);
+                    if k > 0 {
+                        QueueStats::add(&l.stats.kicks, 1);
+                    }
+                    if !stopping {
+                        l.avail();
+                    }
+                }
+                TOKEN_BACKEND_CALL => {
+                    if drain_eventfd(&l.backend_call) > 0 {
+                        QueueStats::add(&l.stats.calls, 1);
+                    }
+                    if l.used() && !stopping {
+                        l.avail();
+                    }
+                }
+                _ => {
+                    drain_eventfd(&wake);
+                    while let Ok(cmd) = rx.try_recv() {
+                        match cmd {
+                            Cmd::GuestKick(fd) => {
+                                let _ = epoll.ctl(
+                                    ControlOperation::Delete,
+                                    l.guest_kick.as_raw_fd(),
+                                    EpollEvent::default(),
+                                );
+                                if let Err(e) = add(fd.as_raw_fd(), TOKEN_GUEST_KICK) {
+                                    tracing::error!(queue = l.index, error = %e, "cannot watch the new guest kick");
+                                }
+                                l.guest_kick = fd;
+                                if !stopping {
+                                    l.avail();
+                                }
+                            }
+                            Cmd::GuestCall(fd) => l.guest_call = fd,
+                            Cmd::Forwarding(on) => {
+                                l.engine.set_forwarding(on);
+                                if on && !stopping {
+                                    l.avail();
+                                }
+                            }
+                            Cmd::Stop(d) => {
+                                stopping = true;
+                                deadline = d;
+                                l.engine.set_forwarding(false);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if stopping && deadline.is_none() {
+            break;
+        }
+    }
+    let drained = l.engine.in_flight() == 0;
+    WorkerExit {
+        engine: l.engine,
+        guest_kick: l.guest_kick,
+        guest_call: l.guest_call,
+        drained,
+    }
+}
+
+/// Without epoll nothing can be relayed; wait for the stop request so the engine is handed back.
+fn wait_stop_without_epoll(l: Loop, rx: Receiver<Cmd>) -> WorkerExit {
+    let mut guest_kick = l.guest_kick;
+    let mut guest_call = l.guest_call;
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            Cmd::Stop(_) => break,
+            Cmd::GuestKick(fd) => guest_kick = fd,
+            Cmd::GuestCall(fd) => guest_call = fd,
+            Cmd::Forwarding(_) => {}
+        }
+    }
+    let drained = l.engine.in_flight() == 0;
+    WorkerExit {
+        engine: l.engine,
+        guest_kick,
+        guest_call,
+        drained,
+    }
+}
