@@ -396,6 +396,15 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
             .map_err(|_| bad(self.q.used_ring, 4))
     }
 
+    /// The `avail_event` value currently in guest memory (EVENT_IDX).
+    pub fn avail_event(&self) -> Result<u16, QueueError> {
+        let off = self.q.avail_event_offset() as usize;
+        self.used
+            .load::<u16>(off, Ordering::Relaxed)
+            .map(u16::from_le)
+            .map_err(|_| bad(self.q.used_ring + off as u64, 2))
+    }
+
     /// Write `avail_event` (EVENT_IDX): the guest kicks once its avail index passes `idx`.
     pub fn set_avail_event(&self, idx: u16) -> Result<(), QueueError> {
         let off = self.q.avail_event_offset() as usize;

@@ -348,7 +348,7 @@ impl std::fmt::Debug for SplitShadowRing {
 
 impl SplitShadowRing {
     /// Lay out and initialise a ring of `size` in `area`, starting at index `base`: the area is
-    /// zeroed, avail.idx = used.idx = used_event = base. The device must be told `base` with
+    /// zeroed, avail.idx = used.idx = used_event = avail_event = base. The device must be told `base` with
     /// `SET_VRING_BASE` (vhost reads used.idx from memory when the ring starts, so it must already
     /// be there).
     pub fn new(area: RingArea, size: u16, event_idx: bool, base: u16) -> Result<Self, QueueError> {
@@ -384,6 +384,8 @@ impl SplitShadowRing {
         r.avail_idx_ref().store(base, Ordering::Relaxed);
         r.used_idx_ref().store(base, Ordering::Relaxed);
         r.used_event_ref().store(base, Ordering::Relaxed);
+        // Until the device writes its own avail_event, ask for a kick on the first chain.
+        r.avail_event_ref().store(base, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         Ok(r)
     }

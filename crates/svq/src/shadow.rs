@@ -158,7 +158,7 @@ pub struct ShadowVirtqueue<T: Translate, R: ShadowRing = SplitShadowRing> {
     /// Last value written to the guest's avail_event.
     avail_event: Option<u16>,
     /// avail_event written in this batch and not logged yet.
-    avail_event_written: Option<u16>,
+    avail_event_written: bool,
     slots: Vec<Slot>,
     /// Imported in-flight guest heads to forward before new avail chains.
     resubmit: VecDeque<u16>,
@@ -260,7 +260,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             used_idx: start.used_idx,
             signalled_used: None,
             avail_event: None,
-            avail_event_written: None,
+            avail_event_written: false,
             slots,
             resubmit: start.in_flight.iter().map(|c| c.head).collect(),
             chain: Vec::with_capacity(usize::from(cfg.shadow_size)),
@@ -375,12 +375,12 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         if batch.chains > 0 {
             batch.kick_device = self.ring.publish();
         }
-        if let Err(e) = res {
-            return Err(self.fail(e));
-        }
-        if self.avail_event_written.take().is_some() {
+        if std::mem::take(&mut self.avail_event_written) {
             // Log after the write: the VMM must see the bit only once the new value is there.
             log.mark(self.guest.used_ring() + self.guest.avail_event_offset(), 2);
+        }
+        if let Err(e) = res {
+            return Err(self.fail(e));
         }
         Ok(batch)
     }
@@ -421,9 +421,12 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             // Ask the guest to kick when it adds entry `last_avail`, then re-check: a chain
             // added between our avail.idx read and the avail_event store would otherwise sit
             // unforwarded with no kick coming.
-            g.set_avail_event(self.last_avail)?;
+            // Only write (and log) when the value in guest memory changes.
+            if g.avail_event()? != self.last_avail {
+                g.set_avail_event(self.last_avail)?;
+                self.avail_event_written = true;
+            }
             self.avail_event = Some(self.last_avail);
-            self.avail_event_written = Some(self.last_avail);
             fence(Ordering::SeqCst);
         }
     }

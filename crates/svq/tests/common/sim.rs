@@ -1,0 +1,425 @@
+//! A whole queue in simulation: guest driver + engine (or passthrough) + device, with every
+//! notification delivered only when its sender decided to send it (so a lost kick or call shows
+//! up as a chain that never completes), and an independent model of what the dirty log must hold.
+
+use super::*;
+use std::collections::{BTreeSet, HashMap};
+use svq::{DirtyLog, IdentityTranslation, QueueConfig, QueueState, ShadowVirtqueue, SharedLog};
+
+/// Shape of a chain the driver posts: buffers `(len, gap before it, device-writable)`.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub bufs: Vec<(u32, u16, bool)>,
+    pub indirect: bool,
+}
+
+pub struct Sim {
+    pub m: Memories,
+    pub cfg: QueueConfig,
+    /// `None`: passthrough (the device runs the guest ring itself).
+    pub engine: Option<ShadowVirtqueue<IdentityTranslation>>,
+    pub drv: Driver,
+    pub dev: Device,
+    pub log: SharedLog,
+    pub logs: Vec<Arc<DirtyLog>>,
+    pub guest_kick: bool,
+    pub dev_kick: bool,
+    pub dev_call: bool,
+    pub guest_irq: bool,
+    /// Pages the engine must have logged, nothing more, nothing less.
+    pub expected_pages: BTreeSet<u64>,
+    /// First buffer address of a chain -> length the device reported.
+    pub expected_len: HashMap<u64, u32>,
+    /// First buffer address of a posted chain -> its buffers (to compare with the device's view).
+    pub posted: HashMap<u64, Vec<Buf>>,
+    pub posted_count: u64,
+    pub completed_count: u64,
+    area_flip: bool,
+    rng: u64,
+}
+
+fn log_bytes() -> usize {
+    // Covers guest RAM only: the engine must never log anything else.
+    (RAM_SIZE / 4096 / 8) as usize
+}
+
+impl Sim {
+    pub fn new(cfg: QueueConfig, guest_start: u16, shadow_base: u16, seed: u64) -> Self {
+        let m = memories();
+        let drv = Driver::new(&m.guest, cfg.guest_size, cfg.event_idx, guest_start);
+        let first = Arc::new(DirtyLog::new_owned(log_bytes()));
+        let engine = ShadowVirtqueue::new_with_base(
+            cfg,
+            shadow_area(&m, 0, cfg.shadow_size),
+            IdentityTranslation,
+            QueueState {
+                last_avail_idx: guest_start,
+                used_idx: guest_start,
+                in_flight: vec![],
+            },
+            shadow_base,
+        )
+        .unwrap();
+        let dev = Device::new(
+            engine.device_addrs(),
+            cfg.shadow_size,
+            cfg.event_idx,
+            shadow_base,
+        );
+        Sim {
+            m,
+            cfg,
+            engine: Some(engine),
+            drv,
+            dev,
+            log: SharedLog::new(Some(first.clone())),
+            logs: vec![first],
+            guest_kick: false,
+            dev_kick: false,
+            dev_call: false,
+            guest_irq: false,
+            expected_pages: BTreeSet::new(),
+            expected_len: HashMap::new(),
+            posted: HashMap::new(),
+            posted_count: 0,
+            completed_count: 0,
+            area_flip: false,
+            rng: seed | 1,
+        }
+    }
+
+    fn rand(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    pub fn shadow_mode(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    fn engine(&mut self) -> &mut ShadowVirtqueue<IdentityTranslation> {
+        self.engine.as_mut().unwrap()
+    }
+
+    /// The driver posts chains (as many as fit), then publishes once.
+    pub fn post(&mut self, shapes: &[Shape]) {
+        for sh in shapes {
+            if sh.bufs.is_empty() {
+                continue;
+            }
+            if sh.indirect && !self.cfg.indirect {
+                continue;
+            }
+            let need = if sh.indirect { 1 } else { sh.bufs.len() };
+            if self.drv.free_descs() < need {
+                break;
+            }
+            // The head is the next free descriptor: place buffers in its data slot.
+            let head_guess = self.drv.peek_head();
+            let mut off = 0u64;
+            let bufs: Vec<Buf> = sh
+                .bufs
+                .iter()
+                .map(|&(len, gap, write)| {
+                    off += u64::from(gap);
+                    let b = Buf {
+                        addr: buf_addr(head_guess, off),
+                        len,
+                        write,
+                    };
+                    off += u64::from(len);
+                    b
+                })
+                .collect();
+            assert!(off <= DATA_SLOT);
+            let head = self.drv.post(&self.m.guest, &bufs, sh.indirect).unwrap();
+            assert_eq!(head, head_guess);
+            self.posted.insert(bufs[0].addr, bufs);
+            self.posted_count += 1;
+        }
+        if self.drv.publish(&self.m.guest) {
+            self.guest_kick = true;
+        }
+    }
+
+    fn avail_event(&self) -> u16 {
+        let a = USED + 4 + 8 * u64::from(self.cfg.guest_size);
+        self.m
+            .guest
+            .load(GuestAddress(a), Ordering::Relaxed)
+            .unwrap()
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.m
+            .guest
+            .load(GuestAddress(USED + 2), Ordering::Relaxed)
+            .unwrap()
+    }
+
+    /// Engine forward_avail, checking the model: avail_event logged iff it changed, in-flight
+    /// bounded by the shadow ring.
+    pub fn forward_avail(&mut self) {
+        let ev_before = self.avail_event();
+        let b = self
+            .engine
+            .as_mut()
+            .unwrap()
+            .forward_avail(&self.m.guest, &self.log)
+            .unwrap();
+        if self.cfg.event_idx && self.avail_event() != ev_before {
+            self.expected_pages
+                .extend(pages(USED + 4 + 8 * u64::from(self.cfg.guest_size), 2));
+        }
+        if b.kick_device {
+            self.dev_kick = true;
+        }
+        let inflight = self.engine().in_flight();
+        assert!(inflight <= usize::from(self.cfg.shadow_size));
+    }
+
+    pub fn deliver_guest_kick(&mut self) {
+        if std::mem::take(&mut self.guest_kick) {
+            if self.shadow_mode() {
+                self.forward_avail();
+            } else {
+                self.dev_kick = true;
+                self.deliver_dev_kick();
+            }
+        }
+    }
+
+    pub fn deliver_dev_kick(&mut self) {
+        if !std::mem::take(&mut self.dev_kick) {
+            return;
+        }
+        let mem = if self.shadow_mode() {
+            &self.m.device
+        } else {
+            &self.m.guest
+        };
+        let before = self.dev.popped.len();
+        self.dev.pop_all(mem);
+        for (_, bufs) in &self.dev.popped[before..] {
+            let posted = self
+                .posted
+                .get(&bufs[0].addr)
+                .expect("device got a chain never posted");
+            assert_eq!(
+                posted, bufs,
+                "device sees exactly the guest's (flattened) chain"
+            );
+        }
+        let descs: usize = self.dev.popped.iter().map(|(_, b)| b.len()).sum();
+        if self.shadow_mode() {
+            assert!(
+                descs <= usize::from(self.cfg.shadow_size),
+                "shadow over-committed"
+            );
+        }
+    }
+
+    /// The device completes up to `count` popped chains in random order with random lengths.
+    pub fn device_complete(&mut self, count: usize) {
+        for _ in 0..count {
+            if self.dev.popped.is_empty() {
+                break;
+            }
+            let k = (self.rand() % self.dev.popped.len() as u64) as usize;
+            let writable: u64 = self.dev.popped[k]
+                .1
+                .iter()
+                .filter(|b| b.write)
+                .map(|b| u64::from(b.len))
+                .sum();
+            // Sometimes more than the chain holds (clipped for logging, passed on unchanged).
+            let len = (self.rand() % (writable + 64)) as u32;
+            let shadow = self.shadow_mode();
+            let mem = if shadow {
+                &self.m.device
+            } else {
+                &self.m.guest
+            };
+            let (_, bufs) = self.dev.complete(mem, k, len);
+            if shadow {
+                let mut rem = u64::from(len);
+                for b in bufs.iter().filter(|b| b.write) {
+                    let n = rem.min(u64::from(b.len));
+                    self.expected_pages.extend(pages(b.addr, n));
+                    rem -= n;
+                }
+            }
+            assert!(self.expected_len.insert(bufs[0].addr, len).is_none());
+        }
+        let mem = if self.shadow_mode() {
+            &self.m.device
+        } else {
+            &self.m.guest
+        };
+        if self.dev.publish(mem) {
+            if self.shadow_mode() {
+                self.dev_call = true;
+            } else {
+                self.guest_irq = true;
+            }
+        }
+    }
+
+    pub fn forward_used(&mut self) {
+        let before = self.used_idx();
+        let b = self
+            .engine
+            .as_mut()
+            .unwrap()
+            .forward_used(&self.m.guest, &self.log)
+            .unwrap();
+        let after = self.used_idx();
+        assert_eq!(after.wrapping_sub(before), b.completed as u16);
+        if b.completed > 0 {
+            let mut i = before;
+            while i != after {
+                let slot = USED + 4 + 8 * u64::from(i & (self.cfg.guest_size - 1));
+                self.expected_pages.extend(pages(slot, 8));
+                i = i.wrapping_add(1);
+            }
+            self.expected_pages.extend(pages(USED + 2, 2));
+        }
+        if b.notify_guest {
+            self.guest_irq = true;
+        }
+        if b.retry_avail {
+            self.forward_avail();
+        }
+    }
+
+    pub fn deliver_dev_call(&mut self) {
+        if std::mem::take(&mut self.dev_call) && self.shadow_mode() {
+            self.forward_used();
+        }
+    }
+
+    pub fn deliver_irq(&mut self) {
+        if std::mem::take(&mut self.guest_irq) {
+            for (_head, len, bufs) in self.drv.reap(&self.m.guest) {
+                let want = self
+                    .expected_len
+                    .remove(&bufs[0].addr)
+                    .expect("guest got a completion the device never made (duplicate?)");
+                assert_eq!(len, want, "used length changed on the way");
+                assert!(self.posted.remove(&bufs[0].addr).is_some());
+                self.completed_count += 1;
+            }
+        }
+    }
+
+    pub fn replace_log(&mut self) {
+        let new = Arc::new(DirtyLog::new_owned(log_bytes()));
+        self.log.replace(Some(new.clone()));
+        self.logs.push(new);
+    }
+
+    /// Switch shadow -> passthrough or passthrough -> shadow (drain first, as a transport must).
+    pub fn switch(&mut self, shadow_base: u16, shadow_size: u16) {
+        let mut rounds = 0;
+        if self.shadow_mode() {
+            self.engine().set_forwarding(false);
+            while self.engine().in_flight() > 0 {
+                rounds += 1;
+                assert!(rounds < 1000, "drain stuck: a kick or call was lost");
+                self.deliver_dev_kick();
+                let n = self.dev.popped.len();
+                self.device_complete(n);
+                self.deliver_dev_call();
+            }
+            assert!(self.dev.popped.is_empty());
+            let st = self.engine().export_state();
+            assert!(st.in_flight.is_empty());
+            self.engine = None;
+            self.dev_call = false;
+            self.dev = Device::with_used(
+                (DESC, AVAIL, USED),
+                self.cfg.guest_size,
+                self.cfg.event_idx,
+                st.last_avail_idx,
+                st.used_idx,
+            );
+            self.dev.allow_indirect = true;
+            // Guest kicks swallowed while forwarding was off: kick the device once.
+            self.dev_kick = true;
+            self.deliver_dev_kick();
+        } else {
+            // Passthrough device drains: complete everything it popped.
+            let n = self.dev.popped.len();
+            self.device_complete(n);
+            let base = self.dev.last_avail; // GET_VRING_BASE
+            let st = QueueState::from_vring_base(&self.m.guest, &self.cfg, base).unwrap();
+            assert_eq!(st.used_idx, self.dev.used_idx);
+            self.cfg.shadow_size = shadow_size;
+            self.area_flip = !self.area_flip;
+            let off = if self.area_flip { 0x8_0000 } else { 0 };
+            let e = ShadowVirtqueue::new_with_base(
+                self.cfg,
+                shadow_area(&self.m, off, shadow_size),
+                IdentityTranslation,
+                st,
+                shadow_base,
+            )
+            .unwrap();
+            assert_eq!(e.shadow_base(), shadow_base);
+            self.dev = Device::new(
+                e.device_addrs(),
+                shadow_size,
+                self.cfg.event_idx,
+                shadow_base,
+            );
+            self.engine = Some(e);
+            self.dev_kick = false;
+            // Chains posted while switching: forward once.
+            self.forward_avail();
+        }
+    }
+
+    /// Deliver everything until quiet; every posted chain must then be complete.
+    pub fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let busy = self.guest_kick
+                || self.dev_kick
+                || self.dev_call
+                || self.guest_irq
+                || !self.dev.popped.is_empty();
+            if !busy {
+                break;
+            }
+            self.deliver_guest_kick();
+            self.deliver_dev_kick();
+            let n = self.dev.popped.len();
+            self.device_complete(n);
+            self.deliver_dev_call();
+            self.deliver_irq();
+        }
+        assert!(
+            self.drv.outstanding.is_empty(),
+            "{} chains never completed: a notification was lost",
+            self.drv.outstanding.len()
+        );
+        assert!(self.expected_len.is_empty());
+        assert_eq!(self.posted_count, self.completed_count);
+    }
+
+    /// The union of every log installed during the run holds exactly the expected pages.
+    pub fn check_log(&self) {
+        let mut got = BTreeSet::new();
+        for l in &self.logs {
+            got.extend(l.dirty_pages());
+            assert_eq!(l.out_of_range_pages(), 0);
+        }
+        let missing: Vec<_> = self.expected_pages.difference(&got).collect();
+        let extra: Vec<_> = got.difference(&self.expected_pages).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "log missing {missing:?}, extra {extra:?}"
+        );
+    }
+}
