@@ -46,6 +46,10 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Shadow ring size; 0 = the guest's queue size.
     pub shadow_size: u16,
+    /// Add shadow rings with ADD_MEM_REG when the backend has CONFIGURE_MEM_SLOTS. Off: always
+    /// re-send the whole table with SET_MEM_TABLE (what a backend without the feature gets;
+    /// tests use this to cover both paths with one backend).
+    pub backend_mem_slots: bool,
 }
 
 impl ProxyConfig {
@@ -59,6 +63,7 @@ impl ProxyConfig {
             backend_connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             shadow_size: 0,
+            backend_mem_slots: true,
         }
     }
 }

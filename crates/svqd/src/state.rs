@@ -172,8 +172,14 @@ impl ProxyState {
     }
 
     /// Install a fresh backend connection for the next VMM, forgetting everything about the last.
-    pub fn attach(&mut self, backend: BackendConn) {
+    pub fn attach(&mut self, mut backend: BackendConn) {
         self.reset_session();
+        if !self.cfg.backend_mem_slots {
+            // Treat the backend as one without CONFIGURE_MEM_SLOTS, towards both sides.
+            backend
+                .protocol
+                .remove(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+        }
         self.queues = (0..backend.num_queues).map(|_| QueueSlot::new()).collect();
         self.backend = Some(backend);
     }

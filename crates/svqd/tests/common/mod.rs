@@ -1,0 +1,122 @@
+//! Shared setup of the integration tests: reference block backend ← svqd ← simulated VMM.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use svq_testkit::backend::blk::{serve_blk, BlkDisk, BlkHandle, BlkOptions, CompletionDelay};
+use svq_testkit::guest::ram::GuestRam;
+use svq_testkit::vmm::{LogStyle, MemTableStyle, Vmm, VmmOptions};
+use svqd::{Proxy, ProxyConfig, ProxyThread, ShadowPolicy};
+
+/// A backend and svqd in front of it, on temporary sockets.
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub backend: BlkHandle,
+    pub proxy: ProxyThread,
+    pub socket: PathBuf,
+}
+
+/// Options of a [`Rig`].
+#[derive(Clone)]
+pub struct RigOptions {
+    pub queues: u16,
+    pub event_idx: bool,
+    pub delay: Option<(u64, u64)>,
+    pub policy: ShadowPolicy,
+    pub log_enabled: bool,
+    pub disk_mib: u64,
+    pub backend_mem_slots: bool,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        RigOptions {
+            queues: 1,
+            event_idx: true,
+            delay: None,
+            policy: ShadowPolicy::Auto,
+            log_enabled: true,
+            disk_mib: 8,
+            backend_mem_slots: true,
+        }
+    }
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+impl Rig {
+    pub fn new(o: RigOptions) -> Rig {
+        init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        let bsock = dir.path().join("blk.sock");
+        let disk = BlkDisk::open(&dir.path().join("disk.img"), Some(o.disk_mib << 20)).unwrap();
+        let backend = serve_blk(
+            &bsock,
+            disk,
+            BlkOptions {
+                num_queues: o.queues,
+                event_idx: o.event_idx,
+                delay: o.delay.map(|(min, max)| CompletionDelay {
+                    min: Duration::from_micros(min),
+                    max: Duration::from_micros(max),
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let socket = dir.path().join("svqd.sock");
+        let mut cfg = ProxyConfig::new(&socket, &bsock);
+        cfg.shadow = o.policy;
+        cfg.log_enabled = o.log_enabled;
+        cfg.backend_mem_slots = o.backend_mem_slots;
+        cfg.drain_timeout = Duration::from_secs(5);
+        let proxy = Proxy::new(cfg).unwrap().spawn().unwrap();
+        Rig {
+            dir,
+            backend,
+            proxy,
+            socket,
+        }
+    }
+
+    pub fn vmm(
+        &self,
+        ram: Arc<GuestRam>,
+        mem_style: MemTableStyle,
+        log_style: LogStyle,
+        event_idx: bool,
+    ) -> Vmm {
+        Vmm::connect(
+            &self.socket,
+            ram,
+            VmmOptions {
+                mem_style,
+                log_style,
+                event_idx,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    pub fn modes(&self) -> Vec<String> {
+        let st = self.proxy.control().query_status();
+        st["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["mode"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
