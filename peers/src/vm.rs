@@ -53,6 +53,24 @@ impl VmSpec {
         self
     }
 
+    /// Adds raw QEMU arguments (devices).
+    pub fn raw(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Adds a vhost-user-net device (virtio-net-pci, no option ROM) on `sock`.
+    pub fn vhost_user_net(self, sock: &Path) -> Self {
+        self.raw(&[
+            "-chardev",
+            &format!("socket,id=vun0,path={}", sock.display()),
+            "-netdev",
+            "vhost-user,id=n0,chardev=vun0",
+            "-device",
+            "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile=",
+        ])
+    }
+
     /// Makes this a paused migration destination listening on `uri`.
     pub fn incoming(mut self, uri: &str) -> Self {
         self.incoming = Some(uri.into());
@@ -451,4 +469,55 @@ impl Svqd {
         }
         Ok(so)
     }
+}
+
+/// DPDK testpmd as a vhost-user-net backend: one `net_vhost` port per socket (testpmd is the
+/// server), `macswap` forwarding with each port looped to itself, no hugepages, lcores pinned
+/// (unpinned testpmd on 2 cores collapses to a few kpps).
+pub fn start_testpmd(fx: &Fixtures, dir: &Path, socks: &[PathBuf]) -> Result<Proc, String> {
+    let bin = fx
+        .testpmd
+        .as_ref()
+        .ok_or("dpdk-testpmd missing: re-run scripts/peers/fixtures.sh (package dpdk-dev)")?;
+    let mut c = Command::new(bin);
+    c.args(["--lcores", "0@0,1@1", "--no-pci", "--no-huge", "-m", "256"])
+        .arg(format!("--file-prefix=svqpeers{}", std::process::id()));
+    for (i, s) in socks.iter().enumerate() {
+        let _ = fs::remove_file(s);
+        c.args([
+            "--vdev",
+            &format!("net_vhost{i},iface={},queues=1", s.display()),
+        ]);
+    }
+    c.args([
+        "--",
+        "--total-num-mbufs=8192",
+        "--nb-cores=1",
+        "--port-topology=loop",
+        "--forward-mode=macswap",
+        "--stats-period",
+        "5",
+    ]);
+    let mut p = Proc::spawn("testpmd", c, &dir.join("testpmd.log"));
+    for s in socks {
+        p.wait_socket(s, Duration::from_secs(30))?;
+    }
+    Ok(p)
+}
+
+/// The last `SVQ-NET tx=.. rx=..` counters a net guest printed.
+pub fn net_counters(console: &str) -> Option<(u64, u64)> {
+    console.lines().rev().find_map(|l| {
+        let l = &l[l.find("SVQ-NET ")? + 8..];
+        let mut tx = None;
+        let mut rx = None;
+        for kv in l.split_whitespace() {
+            if let Some(v) = kv.strip_prefix("tx=") {
+                tx = v.parse().ok();
+            } else if let Some(v) = kv.strip_prefix("rx=") {
+                rx = v.parse().ok();
+            }
+        }
+        Some((tx?, rx?))
+    })
 }

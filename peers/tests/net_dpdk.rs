@@ -1,0 +1,129 @@
+//! vhost-user-net through svqd: a QEMU guest's virtio-net → svqd → DPDK testpmd (`net_vhost`,
+//! macswap: every frame comes back). Traffic must flow in passthrough, in shadow mode (switched
+//! on with svqctl), and across a live migration to a second QEMU on a second testpmd port, with
+//! the RAM oracle (the device writes received frames into guest RAM).
+
+use std::time::Duration;
+
+use svq_peers::guest;
+use svq_peers::vm::{compare_ram, net_counters, start_testpmd, Svqd, SvqdOpts, Vm, VmSpec};
+use svq_peers::TestDir;
+
+const MEM_MIB: u64 = 256;
+
+fn rx(vm: &Vm) -> u64 {
+    net_counters(&vm.console_text()).map(|c| c.1).unwrap_or(0)
+}
+
+/// Waits until the guest has received at least `more` frames beyond `base`.
+fn wait_rx(vm: &mut Vm, base: u64, more: u64, what: &str) -> u64 {
+    let t = vm
+        .wait_console(what, Duration::from_secs(60), |t| {
+            net_counters(t).is_some_and(|c| c.1 >= base + more)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    net_counters(&t).unwrap().1
+}
+
+/// Without svqd: proves the harness (and gives the baseline timings).
+#[test]
+fn net_dpdk_direct_migration() {
+    run("net_dpdk_direct_migration", false);
+}
+
+#[test]
+fn net_dpdk_svqd_passthrough_shadow_and_migration() {
+    run("net_dpdk_svqd_passthrough_shadow_and_migration", true);
+}
+
+/// Starts svqd on `port` if `via` (returning it and the socket QEMU uses), else uses the port.
+fn front(
+    dir: &TestDir,
+    name: &str,
+    port: &std::path::Path,
+    via: bool,
+) -> (Option<Svqd>, std::path::PathBuf) {
+    if !via {
+        return (None, port.to_path_buf());
+    }
+    let d =
+        Svqd::start(dir.path(), name, port, &SvqdOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+    let sock = d.socket.clone();
+    (Some(d), sock)
+}
+
+fn logs(d: &Option<Svqd>) -> String {
+    d.as_ref()
+        .map(|d| format!("\n--- {}:\n{}", d.proc.name, d.proc.log_tail(30)))
+        .unwrap_or_default()
+}
+
+fn run(name: &str, via: bool) {
+    let Some(s) = svq_peers::setup(name) else {
+        return;
+    };
+    let dir = TestDir::new(name);
+    let ports = [dir.join("vhost0.sock"), dir.join("vhost1.sock")];
+    let _pmd = start_testpmd(&s.fx, dir.path(), &ports).unwrap_or_else(|e| panic!("{e}"));
+    let append = guest::append("net", "none");
+    let (d0, sock0) = front(&dir, "svqd0", &ports[0], via);
+    let mut vm0 = Vm::start(
+        &s.fx,
+        dir.path(),
+        VmSpec::new("vm0", MEM_MIB, &append).vhost_user_net(&sock0),
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", logs(&d0)));
+    let boot = vm0
+        .wait_boot(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = wait_rx(&mut vm0, 0, 8, "rx in passthrough");
+    eprintln!("net: boot {boot:?}; passthrough rx={r}");
+
+    if let Some(d) = &d0 {
+        d.ctl(&["set-shadow", "on"])
+            .unwrap_or_else(|e| panic!("{e}{}", logs(&d0)));
+        let st = d.ctl(&["query-status"]).unwrap_or_default();
+        let base = rx(&vm0);
+        let r = wait_rx(&mut vm0, base, 8, "rx in shadow mode");
+        eprintln!("net: shadow rx={r}; status: {st}");
+        d.ctl(&["set-shadow", "off"])
+            .unwrap_or_else(|e| panic!("{e}{}", logs(&d0)));
+        let base = rx(&vm0);
+        let r = wait_rx(&mut vm0, base, 8, "rx back in passthrough");
+        eprintln!("net: passthrough again rx={r}");
+    }
+
+    // Live migration to a second QEMU on the second testpmd port, through its own svqd.
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (d1, sock1) = front(&dir, "svqd1", &ports[1], via);
+    let mut vm1 = Vm::start(
+        &s.fx,
+        dir.path(),
+        VmSpec::new("vm1", MEM_MIB, &append)
+            .vhost_user_net(&sock1)
+            .incoming(&uri),
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", logs(&d1)));
+    let stats = vm0
+        .migrate_to(&mut vm1, &uri, Some(64 << 20))
+        .unwrap_or_else(|e| panic!("{e}{}{}", logs(&d0), logs(&d1)));
+    let diff = compare_ram(&mut vm0, &mut vm1, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let at_stop = rx(&vm0);
+    eprintln!(
+        "net migration (svqd: {via}): total {} ms, downtime {} ms, {} pages differ",
+        stats.total_ms,
+        stats.downtime_ms,
+        diff.len()
+    );
+    assert!(
+        diff.is_empty(),
+        "{} pages differ after a vhost-user-net migration: {:?}",
+        diff.len(),
+        &diff[..diff.len().min(10)]
+    );
+    vm1.cont().unwrap_or_else(|e| panic!("{e}"));
+    vm0.quit();
+    let r = wait_rx(&mut vm1, at_stop, 8, "rx on the destination");
+    eprintln!("net: destination rx={r} (source stopped at {at_stop})");
+    vm1.quit();
+}
