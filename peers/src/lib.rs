@@ -149,7 +149,8 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// Path of a workspace binary (`svqd`, `svqctl`), checked to exist and to be newer than every
-/// source file of `crates/svqd`, so a stale build cannot pass for the current code.
+/// source file of svqd and the engine, so a stale build cannot pass for the current code (unless
+/// `SVQ_BIN_DIR` names the binaries explicitly).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     let meta = fs::metadata(&p).unwrap_or_else(|e| {
@@ -160,14 +161,34 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         )
     });
     let built = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/svqd");
-    if let Some((newest, path)) = newest_file(&src) {
-        assert!(
-            newest <= built,
-            "{} is older than {}: rebuild with `cargo build -p svqd --bins`",
-            p.display(),
-            path.display()
-        );
+    if std::env::var_os("SVQ_BIN_DIR").is_some() {
+        // An explicitly chosen binary (e.g. a snapshot while svqd's sources are being edited).
+        return p;
+    }
+    // What the binaries are built from: svqd's and the engine's sources (not their tests).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for src in [
+        "crates/svqd/src",
+        "crates/svqd/Cargo.toml",
+        "crates/svq/src",
+    ] {
+        let src = root.join(src);
+        let newest = if src.is_dir() {
+            newest_file(&src)
+        } else {
+            fs::metadata(&src)
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .map(|t| (t, src.clone()))
+        };
+        if let Some((newest, path)) = newest {
+            assert!(
+                newest <= built,
+                "{} is older than {}: rebuild with `cargo build -p svqd --bins`",
+                p.display(),
+                path.display()
+            );
+        }
     }
     p
 }

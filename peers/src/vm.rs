@@ -438,6 +438,7 @@ impl Svqd {
             let _ = fs::remove_file(ctl);
             c.arg("--control").arg(ctl);
         }
+        c.env("NO_COLOR", "1");
         if std::env::var_os("RUST_LOG").is_none() {
             c.env("RUST_LOG", "info");
         }

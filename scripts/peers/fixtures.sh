@@ -8,7 +8,14 @@
 #     env         shell fragment with the paths (sourced by scripts, read by the Rust harness)
 # Idempotent: each step is skipped when its output is already there. Safe to re-run.
 # Options (env): SVQ_PEERS_NO_CARGO=1 skips the cargo-installed backends.
+# With --print-env, all progress goes to stderr and stdout carries only `export VAR=value` lines
+# for the test suite (eval "$(scripts/peers/fixtures.sh --print-env)").
 set -euo pipefail
+PRINT_ENV=0
+if [ "${1:-}" = "--print-env" ]; then
+	PRINT_ENV=1
+	exec 3>&1 1>&2
+fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 FIX="${SVQ_FIXTURES:-$HOME/.cache/svq-fixtures}"
@@ -20,6 +27,9 @@ SUDO=""
 CODENAME="${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}"
 BPO="$CODENAME-backports"
 T0=$(date +%s)
+# The tests hold this lock while they run: never rebuild fixtures under a running test.
+exec 9>"$FIX/.peers.lock"
+flock 9
 log() { echo "fixtures[$(($(date +%s) - T0))s]: $*"; }
 die() { echo "fixtures: ERROR: $*" >&2; exit 1; }
 
@@ -100,12 +110,14 @@ KVER="$(basename "$(ls -d "$KROOT"/lib/modules/* | head -1)")"
 GUEST="$FIX/guest"
 INIT_SRC="$HERE/guest/init.sh"
 VSOCK_SRC="$HERE/guest/vsock-echo.c"
-STAMP="$(cat "$INIT_SRC" "$VSOCK_SRC" "$HERE/fixtures.sh" | md5sum | cut -c1-16)-$KVER"
+MODS=(virtio_pci virtio_blk virtio_net virtio_rng vmw_vsock_virtio_transport virtio_console)
+STAMP="$( (cat "$INIT_SRC" "$VSOCK_SRC"; echo "${MODS[*]}") | md5sum | cut -c1-16)-$KVER"
 if [ "$(cat "$GUEST/stamp" 2>/dev/null)" != "$STAMP" ]; then
 	log "building the initramfs"
-	rm -rf "$GUEST"
-	mkdir -p "$GUEST/root"/{bin,sbin,dev,proc,sys,tmp,mnt,modules}
-	R="$GUEST/root"
+	NEW="$GUEST.new"
+	rm -rf "$NEW"
+	mkdir -p "$NEW/root"/{bin,sbin,dev,proc,sys,tmp,mnt,modules}
+	R="$NEW/root"
 	cp /bin/busybox "$R/bin/busybox"
 	for a in $(/bin/busybox --list); do
 		# `busybox --list` includes busybox itself: a self-symlink would loop (error -40).
@@ -113,7 +125,6 @@ if [ "$(cat "$GUEST/stamp" 2>/dev/null)" != "$STAMP" ]; then
 		ln -sf busybox "$R/bin/$a"
 	done
 	depmod -b "$KROOT" "$KVER"
-	MODS=(virtio_pci virtio_blk virtio_net virtio_rng vmw_vsock_virtio_transport virtio_console)
 	: >"$R/modules/order"
 	for m in "${MODS[@]}"; do
 		modprobe -d "$KROOT" -S "$KVER" --show-depends "$m" | awk '$1=="insmod"{print $2}'
@@ -130,9 +141,11 @@ if [ "$(cat "$GUEST/stamp" 2>/dev/null)" != "$STAMP" ]; then
 	gcc -static -O2 -o "$R/bin/vsock-echo" "$VSOCK_SRC"
 	cp "$INIT_SRC" "$R/init"
 	chmod +x "$R/init"
-	(cd "$R" && find . | cpio -o -H newc --quiet | gzip -1 >"$GUEST/initramfs.gz")
-	cp "$KROOT/boot/vmlinuz-$KVER" "$GUEST/vmlinuz"
-	echo "$STAMP" >"$GUEST/stamp"
+	(cd "$R" && find . | cpio -o -H newc --quiet | gzip -1 >"$NEW/initramfs.gz")
+	cp "$KROOT/boot/vmlinuz-$KVER" "$NEW/vmlinuz"
+	echo "$STAMP" >"$NEW/stamp"
+	rm -rf "$GUEST"
+	mv "$NEW" "$GUEST"
 fi
 
 # ---------------------------------------------------------------- vhost-device-* backends
@@ -161,3 +174,6 @@ SVQ_VHOST_RNG=$([ -x "$CROOT/bin/vhost-device-rng" ] && echo "$CROOT/bin/vhost-d
 SVQ_VHOST_VSOCK=$([ -x "$CROOT/bin/vhost-device-vsock" ] && echo "$CROOT/bin/vhost-device-vsock")
 EOF
 log "ready in $FIX"
+if [ "$PRINT_ENV" = 1 ]; then
+	echo "export SVQ_FIXTURES=$(printf %q "$FIX")" >&3
+fi
