@@ -9,4 +9,7 @@
 
 pub mod backend;
 pub mod guest;
+pub mod migration;
+pub mod oracle;
+pub mod scenario;
 pub mod vmm;

@@ -137,15 +137,23 @@ impl<W: GuestWorkload + 'static> GuestRunner<W> {
         f(&mut lock(&self.workload))
     }
 
-    /// Stops posting and waits (running) until nothing is outstanding or `timeout` passes;
-    /// returns the number still outstanding.
+    /// Stops posting and waits (running) until nothing is outstanding, `timeout` passes, or no
+    /// request completed for a second (the rest is lost); returns the number still outstanding.
     pub fn drain(&self, timeout: Duration) -> u64 {
         self.with(|w| w.set_posting(false));
         let deadline = Instant::now() + timeout;
+        let mut last = self.with(|w| w.ledger().completed);
+        let mut last_change = Instant::now();
         loop {
-            let left = self.with(|w| w.ledger().outstanding);
-            if left == 0 || Instant::now() >= deadline {
-                return left;
+            let l = self.with(|w| w.ledger());
+            let now = Instant::now();
+            if l.completed != last {
+                last = l.completed;
+                last_change = now;
+            }
+            if l.outstanding == 0 || now >= deadline || now - last_change >= Duration::from_secs(1)
+            {
+                return l.outstanding;
             }
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -1,0 +1,711 @@
+//! Whole scenarios: reference backend(s), an optional proxy between VMM and backend (injected, so
+//! this crate never depends on svqd), the simulated guest, a live migration or a series of mode
+//! switches, and the oracle's verdict.
+
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::backend::blk::{serve_blk, BlkDisk, BlkHandle, BlkOptions, CompletionDelay};
+use crate::backend::net::{serve_net, NetHandle, NetOptions};
+use crate::backend::BackendError;
+use crate::guest::blk::{BlkGuest, BlkGuestOptions, BLOCK};
+use crate::guest::net::{NetGuest, NetGuestOptions};
+use crate::guest::ram::GuestRam;
+use crate::guest::runner::GuestRunner;
+use crate::guest::vring::{Anomaly, DriverQueue};
+use crate::guest::{GuestWorkload, Ledger, Progress};
+use crate::migration::{migrate, MigrationError, MigrationOptions, MigrationReport};
+use crate::oracle::OracleReport;
+use crate::vmm::{Vmm, VmmError, VmmOptions};
+
+/// A running proxy between a VMM socket and a backend socket (svqd, injected by the caller).
+pub trait Proxy: Send {
+    /// Switches every started queue to shadow mode (`true`) or back to passthrough, through the
+    /// proxy's control plane; returns once the switch is done.
+    fn set_shadow(&self, enable: bool) -> Result<(), String>;
+    /// Stops the proxy and waits for it.
+    fn stop(self: Box<Self>);
+}
+
+/// Starts a proxy listening on the first path (for the VMM) and connecting to the backend at
+/// the second path. The listening socket must exist when it returns (or appear shortly: the VMM
+/// retries for a few seconds).
+pub type ProxyLauncher<'a> = dyn FnMut(&Path, &Path) -> Result<Box<dyn Proxy>, String> + 'a;
+
+/// Which device the scenario uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk on a file.
+    Blk,
+    /// virtio-net echo.
+    Net,
+}
+
+/// Scenario options.
+#[derive(Debug, Clone)]
+pub struct ScenarioOptions {
+    /// Device type.
+    pub device: DeviceKind,
+    /// Request queues (blk) or queue pairs (net).
+    pub queues: u16,
+    /// Negotiate EVENT_IDX.
+    pub event_idx: bool,
+    /// Negotiate INDIRECT_DESC.
+    pub indirect: bool,
+    /// Block backend completion delay (asynchronous, out of order).
+    pub blk_delay: Option<CompletionDelay>,
+    /// Guest RAM size.
+    pub ram_size: u64,
+    /// Disk size (blk).
+    pub disk_size: u64,
+    /// Requests in flight per queue.
+    pub depth: u16,
+    /// VMM behaviour (memory table style, log style).
+    pub vmm: VmmOptions,
+    /// Pre-copy parameters.
+    pub migration: MigrationOptions,
+    /// I/O before the migration starts.
+    pub warmup: Duration,
+    /// I/O on the destination after the migration.
+    pub after: Duration,
+    /// Drain and stop the guest's I/O before migrating (a migration with an idle device).
+    pub idle_during_migration: bool,
+    /// Print a live progress line on stderr.
+    pub live_progress: bool,
+    /// Seed for workloads and delays.
+    pub seed: u64,
+}
+
+impl Default for ScenarioOptions {
+    fn default() -> Self {
+        ScenarioOptions {
+            device: DeviceKind::Blk,
+            queues: 1,
+            event_idx: true,
+            indirect: true,
+            blk_delay: Some(CompletionDelay {
+                min: Duration::from_micros(20),
+                max: Duration::from_micros(1500),
+            }),
+            ram_size: 64 << 20,
+            disk_size: 16 << 20,
+            depth: 16,
+            vmm: VmmOptions::default(),
+            migration: MigrationOptions::default(),
+            warmup: Duration::from_millis(200),
+            after: Duration::from_millis(200),
+            idle_during_migration: false,
+            live_progress: false,
+            seed: 1,
+        }
+    }
+}
+
+/// Scenario failures (setup problems; a wrong migration is a failed [`OracleReport`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// Backend setup.
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    /// VMM step.
+    #[error("vmm: {0}")]
+    Vmm(#[from] VmmError),
+    /// Migration step.
+    #[error("migration: {0}")]
+    Migration(#[from] MigrationError),
+    /// Proxy start or control.
+    #[error("proxy: {0}")]
+    Proxy(String),
+    /// Local I/O.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Throughput of one phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phase {
+    /// Wall time.
+    pub duration: Duration,
+    /// Requests completed.
+    pub ops: u64,
+    /// Bytes moved (both directions).
+    pub bytes: u64,
+}
+
+impl Phase {
+    fn between(a: (Instant, (u64, u64, u64)), b: (Instant, (u64, u64, u64))) -> Self {
+        Phase {
+            duration: b.0 - a.0,
+            ops: b.1 .0 - a.1 .0,
+            bytes: (b.1 .1 + b.1 .2) - (a.1 .1 + a.1 .2),
+        }
+    }
+
+    /// Requests per second.
+    pub fn iops(&self) -> f64 {
+        self.ops as f64 / self.duration.as_secs_f64().max(1e-9)
+    }
+
+    /// MiB per second.
+    pub fn mib_s(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64 / self.duration.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Result of a migration scenario.
+#[derive(Debug, Clone)]
+pub struct MigrationScenarioReport {
+    /// The migration's own measurements.
+    pub migration: MigrationReport,
+    /// The oracle's verdict.
+    pub oracle: OracleReport,
+    /// Throughput before, during and after the migration.
+    pub phases: [Phase; 3],
+    /// Net: echoes that never came back (frames inside the device at the stop; not an error).
+    pub echoes_lost: u64,
+    /// Blk: blocks checked on the disk image against the guest's model.
+    pub blocks_verified: u64,
+}
+
+/// Result of a switching scenario.
+#[derive(Debug, Clone)]
+pub struct SwitchReport {
+    /// Switches done (each on→off pair counts 2).
+    pub switches: u64,
+    /// Mean time of one switch as seen by the caller.
+    pub mean_switch: Duration,
+    /// Longest switch.
+    pub max_switch: Duration,
+    /// The guest's ledger after a drain.
+    pub ledger: Ledger,
+    /// Anomalies (data, stray completions).
+    pub anomalies: Vec<String>,
+    /// Blk: blocks verified on disk.
+    pub blocks_verified: u64,
+    /// I/O during the switching.
+    pub phase: Phase,
+}
+
+impl SwitchReport {
+    /// Every way it went wrong (empty: correct).
+    pub fn failures(&self) -> Vec<String> {
+        let mut f: Vec<String> = self.anomalies.iter().take(8).cloned().collect();
+        if self.ledger.duplicates > 0 {
+            f.push(format!("{} duplicated completions", self.ledger.duplicates));
+        }
+        if self.ledger.outstanding > 0 {
+            f.push(format!("{} requests lost", self.ledger.outstanding));
+        }
+        if self.ledger.completed + self.ledger.outstanding != self.ledger.issued {
+            f.push("ledger does not add up".into());
+        }
+        f
+    }
+}
+
+/// Either workload, so one runner type serves both devices.
+pub enum AnyGuest {
+    /// Block workload.
+    Blk(BlkGuest),
+    /// Net workload.
+    Net(NetGuest),
+}
+
+macro_rules! both {
+    ($s:expr, $g:ident => $e:expr) => {
+        match $s {
+            AnyGuest::Blk($g) => $e,
+            AnyGuest::Net($g) => $e,
+        }
+    };
+}
+
+impl GuestWorkload for AnyGuest {
+    fn step(&mut self) {
+        both!(self, g => g.step())
+    }
+    fn reap(&mut self) {
+        both!(self, g => g.reap())
+    }
+    fn call_fds(&self) -> Vec<RawFd> {
+        both!(self, g => g.call_fds())
+    }
+    fn set_posting(&mut self, on: bool) {
+        both!(self, g => g.set_posting(on))
+    }
+    fn anomalies(&self) -> Vec<Anomaly> {
+        both!(self, g => g.anomalies())
+    }
+    fn ledger(&self) -> Ledger {
+        both!(self, g => g.ledger())
+    }
+    fn queues(&self) -> &[DriverQueue] {
+        both!(self, g => g.queues())
+    }
+    fn queues_mut(&mut self) -> &mut [DriverQueue] {
+        both!(self, g => g.queues_mut())
+    }
+    fn ram(&self) -> &Arc<GuestRam> {
+        both!(self, g => g.ram())
+    }
+    fn attach(&mut self, ram: Arc<GuestRam>) -> std::io::Result<()> {
+        both!(self, g => g.attach(ram))
+    }
+    fn progress(&self) -> Arc<Progress> {
+        both!(self, g => g.progress())
+    }
+}
+
+enum AnyBackend {
+    Blk(BlkHandle),
+    Net(NetHandle),
+}
+
+impl AnyBackend {
+    fn stop(self) {
+        match self {
+            AnyBackend::Blk(b) => b.stop(),
+            AnyBackend::Net(n) => n.stop(),
+        }
+    }
+}
+
+/// Everything of one side (source or destination) but the guest.
+struct Side {
+    backend: AnyBackend,
+    proxy: Option<Box<dyn Proxy>>,
+    vmm_socket: PathBuf,
+}
+
+impl Side {
+    fn stop(mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.stop();
+        }
+        self.backend.stop();
+    }
+}
+
+fn start_side(
+    dir: &Path,
+    name: &str,
+    opts: &ScenarioOptions,
+    launcher: &mut Option<&mut ProxyLauncher<'_>>,
+) -> Result<Side, ScenarioError> {
+    let be_sock = dir.join(format!("{name}-backend.sock"));
+    let backend = match opts.device {
+        DeviceKind::Blk => {
+            // Source and destination share the image, as with shared storage.
+            let disk = BlkDisk::open(&dir.join("disk.img"), Some(opts.disk_size))?;
+            AnyBackend::Blk(serve_blk(
+                &be_sock,
+                disk,
+                BlkOptions {
+                    num_queues: opts.queues,
+                    event_idx: opts.event_idx,
+                    delay: opts.blk_delay,
+                    seed: opts.seed ^ name.len() as u64,
+                    ..Default::default()
+                },
+            )?)
+        }
+        DeviceKind::Net => AnyBackend::Net(serve_net(
+            &be_sock,
+            NetOptions {
+                queue_pairs: opts.queues,
+                event_idx: opts.event_idx,
+                ..Default::default()
+            },
+        )?),
+    };
+    let (proxy, vmm_socket) = match launcher {
+        Some(l) => {
+            let vs = dir.join(format!("{name}-vmm.sock"));
+            match l(&vs, &be_sock) {
+                Ok(p) => (Some(p), vs),
+                Err(e) => {
+                    backend.stop();
+                    return Err(ScenarioError::Proxy(e));
+                }
+            }
+        }
+        None => (None, be_sock),
+    };
+    Ok(Side {
+        backend,
+        proxy,
+        vmm_socket,
+    })
+}
+
+fn make_guest(ram: Arc<GuestRam>, vmm: &Vmm, opts: &ScenarioOptions) -> std::io::Result<AnyGuest> {
+    Ok(match opts.device {
+        DeviceKind::Blk => AnyGuest::Blk(BlkGuest::new(
+            ram,
+            BlkGuestOptions {
+                queues: opts.queues,
+                depth: opts.depth,
+                blocks: opts.disk_size / BLOCK,
+                event_idx: vmm.event_idx(),
+                indirect: vmm.indirect(),
+                seed: opts.seed,
+                ..Default::default()
+            },
+        )?),
+        DeviceKind::Net => AnyGuest::Net(NetGuest::new(
+            ram,
+            NetGuestOptions {
+                pairs: opts.queues,
+                depth: opts.depth,
+                event_idx: vmm.event_idx(),
+                indirect: vmm.indirect(),
+                seed: opts.seed,
+                ..Default::default()
+            },
+        )?),
+    })
+}
+
+fn start_rings(vmm: &mut Vmm, guest: &AnyGuest) -> Result<(), VmmError> {
+    for q in guest.queues() {
+        vmm.start_queue(
+            q.index(),
+            q.layout(),
+            q.next_avail(),
+            q.kick_fd(),
+            q.call_fd(),
+        )?;
+    }
+    Ok(())
+}
+
+/// A progress ticker on stderr: "\r<phase>: <iops> req/s, <MiB/s>".
+struct Ticker {
+    phase: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(enabled: bool, progress: Arc<Progress>) -> Self {
+        let phase = Arc::new(Mutex::new(String::from("starting")));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = enabled.then(|| {
+            let (p, s) = (phase.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut last = (Instant::now(), progress.get());
+                while !s.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(250));
+                    let now = (Instant::now(), progress.get());
+                    let ph = Phase::between(last, now);
+                    last = now;
+                    let name = p.lock().map(|g| g.clone()).unwrap_or_default();
+                    let mut e = std::io::stderr().lock();
+                    let _ = write!(
+                        e,
+                        "\r\x1b[2K  [{name}] {:>8.0} req/s {:>7.1} MiB/s, {} requests done",
+                        ph.iops(),
+                        ph.mib_s(),
+                        now.1 .0
+                    );
+                    let _ = e.flush();
+                }
+                let _ = write!(std::io::stderr(), "\r\x1b[2K");
+            })
+        });
+        Ticker {
+            phase,
+            stop,
+            thread,
+        }
+    }
+
+    fn set(&self, phase: &str) {
+        if let Ok(mut g) = self.phase.lock() {
+            *g = phase.to_owned();
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn verify_disk(guest: &AnyGuest, side: &Side, anomalies: &mut Vec<String>) -> u64 {
+    let (AnyGuest::Blk(g), AnyBackend::Blk(b)) = (guest, &side.backend) else {
+        return 0;
+    };
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut n = 0;
+    for (blk, _) in g.model().iter().enumerate() {
+        if b.disk().read_at(&mut buf, blk as u64 * BLOCK).is_err()
+            || buf != g.expected_block(blk as u64)
+        {
+            anomalies.push(format!(
+                "disk block {blk} does not hold what the guest wrote"
+            ));
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Runs I/O, live-migrates to a destination, runs I/O there, and judges the result.
+///
+/// With `launcher`, each side gets a proxy between its VMM and its backend; without, the VMM
+/// talks to the backend directly (which cannot log: set `migration.require_logging = false` to
+/// see what is lost). `progress` receives one line per step.
+pub fn run_migration(
+    opts: &ScenarioOptions,
+    mut launcher: Option<&mut ProxyLauncher<'_>>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MigrationScenarioReport, ScenarioError> {
+    let dir = tempfile::Builder::new().prefix("svq-scenario").tempdir()?;
+    let src = start_side(dir.path(), "src", opts, &mut launcher)?;
+    let dst = match start_side(dir.path(), "dst", opts, &mut launcher) {
+        Ok(d) => d,
+        Err(e) => {
+            src.stop();
+            return Err(e);
+        }
+    };
+    let result = migration_body(opts, &src, &dst, progress);
+    // The source device path is shut down before the source RAM counts as final: a device (or
+    // proxy) that still writes the source after the stop must show up as differing pages.
+    src.stop();
+    let r = result.and_then(|b| {
+        let mut oracle = OracleReport::compare(&b.src_ram, &b.snapshot, &b.dst_ram)?;
+        oracle.ledger = b.guest.ledger();
+        oracle.anomalies = b.guest.anomalies().iter().map(|a| a.to_string()).collect();
+        let mut rep = b.report;
+        rep.oracle = oracle;
+        rep.blocks_verified = verify_disk(&b.guest, &dst, &mut rep.oracle.anomalies);
+        Ok(rep)
+    });
+    dst.stop();
+    r
+}
+
+struct MigrationOutcome {
+    report: MigrationScenarioReport,
+    guest: AnyGuest,
+    src_ram: Arc<GuestRam>,
+    dst_ram: Arc<GuestRam>,
+    snapshot: crate::oracle::RamSnapshot,
+}
+
+fn snapshot_progress(p: &Progress) -> (Instant, (u64, u64, u64)) {
+    (Instant::now(), p.get())
+}
+
+fn migration_body(
+    opts: &ScenarioOptions,
+    src: &Side,
+    dst: &Side,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MigrationOutcome, ScenarioError> {
+    let src_ram = GuestRam::new("svq-guest-src", opts.ram_size)?;
+    let dst_ram = GuestRam::new("svq-guest-dst", opts.ram_size)?;
+    let mut src_vmm = Vmm::connect(&src.vmm_socket, src_ram.clone(), opts.vmm)?;
+    let guest = make_guest(src_ram.clone(), &src_vmm, opts)?;
+    start_rings(&mut src_vmm, &guest)?;
+    let prog = guest.progress();
+    let ticker = Ticker::start(opts.live_progress, prog.clone());
+    let runner = GuestRunner::spawn(guest)?;
+    ticker.set("source, before migration");
+    progress(&format!(
+        "guest running on the source ({} queue(s), event_idx {}, indirect {})",
+        opts.queues,
+        src_vmm.event_idx(),
+        src_vmm.indirect()
+    ));
+    let a = snapshot_progress(&prog);
+    std::thread::sleep(opts.warmup);
+    let b = snapshot_progress(&prog);
+    if opts.idle_during_migration {
+        let left = runner.drain(Duration::from_secs(5));
+        progress(&format!("guest I/O drained before migrating ({left} left)"));
+    }
+    ticker.set("migrating");
+    let dst_vmm_opts = opts.vmm;
+    let dst_sock = dst.vmm_socket.clone();
+    let (dst_vmm, snapshot, mig) = migrate(
+        &runner,
+        &mut src_vmm,
+        dst_ram.clone(),
+        |ram| Vmm::connect(&dst_sock, ram, dst_vmm_opts),
+        &opts.migration,
+        &mut *progress,
+    )?;
+    let c = snapshot_progress(&prog);
+    ticker.set("destination, after migration");
+    progress(&format!(
+        "guest running on the destination (downtime {:.1} ms)",
+        mig.downtime.as_secs_f64() * 1e3
+    ));
+    // The source VMM goes away (as QEMU's source process would): its device path is shut down
+    // by the caller right after; the source RAM keeps its final contents.
+    drop(src_vmm);
+    if !opts.idle_during_migration {
+        std::thread::sleep(opts.after);
+    } else {
+        runner.with(|w| w.set_posting(true));
+        std::thread::sleep(opts.after);
+    }
+    let d = snapshot_progress(&prog);
+    let left = runner.drain(Duration::from_secs(10));
+    let mut echoes_lost = 0;
+    let is_net = runner.with(|w| matches!(w, AnyGuest::Net(_)));
+    if is_net {
+        // Give echoes in flight a moment; the ones still missing were inside the source device.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            let missing = runner.with(|w| match w {
+                AnyGuest::Net(n) => n.echoes_missing(),
+                _ => 0,
+            });
+            if missing == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        echoes_lost = runner.with(|w| match w {
+            AnyGuest::Net(n) => n.echoes_missing() as u64,
+            _ => 0,
+        });
+    }
+    drop(ticker);
+    let workload = runner.stop();
+    drop(dst_vmm);
+    let guest = match Arc::try_unwrap(workload) {
+        Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+        Err(_) => {
+            return Err(ScenarioError::Io(std::io::Error::other(
+                "workload still shared",
+            )))
+        }
+    };
+    progress(&format!("destination drained ({left} requests left)"));
+    Ok(MigrationOutcome {
+        report: MigrationScenarioReport {
+            migration: mig,
+            oracle: OracleReport::default(),
+            phases: [
+                Phase::between(a, b),
+                Phase::between(b, c),
+                Phase::between(c, d),
+            ],
+            echoes_lost,
+            blocks_verified: 0,
+        },
+        guest,
+        src_ram,
+        dst_ram,
+        snapshot,
+    })
+}
+
+/// Runs I/O through a proxy and switches it between passthrough and shadow `switches` times
+/// (on, off, on, ...), then drains and checks every request completed exactly once with correct
+/// data.
+pub fn run_switching(
+    opts: &ScenarioOptions,
+    launcher: &mut ProxyLauncher<'_>,
+    switches: u64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<SwitchReport, ScenarioError> {
+    let dir = tempfile::Builder::new().prefix("svq-switch").tempdir()?;
+    let mut l = Some(launcher);
+    let side = start_side(dir.path(), "src", opts, &mut l)?;
+    let r = switching_body(opts, &side, switches, progress);
+    let r = r.map(|(mut rep, guest)| {
+        let mut extra = Vec::new();
+        rep.blocks_verified = verify_disk(&guest, &side, &mut extra);
+        rep.anomalies.extend(extra);
+        rep
+    });
+    side.stop();
+    r
+}
+
+fn switching_body(
+    opts: &ScenarioOptions,
+    side: &Side,
+    switches: u64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(SwitchReport, AnyGuest), ScenarioError> {
+    let ram = GuestRam::new("svq-guest", opts.ram_size)?;
+    let mut vmm = Vmm::connect(&side.vmm_socket, ram.clone(), opts.vmm)?;
+    let guest = make_guest(ram, &vmm, opts)?;
+    start_rings(&mut vmm, &guest)?;
+    let prog = guest.progress();
+    let ticker = Ticker::start(opts.live_progress, prog.clone());
+    ticker.set("switching");
+    let runner = GuestRunner::spawn(guest)?;
+    std::thread::sleep(opts.warmup);
+    let proxy = side
+        .proxy
+        .as_ref()
+        .ok_or_else(|| ScenarioError::Proxy("switching needs a proxy".into()))?;
+    let a = snapshot_progress(&prog);
+    let mut total = Duration::ZERO;
+    let mut max = Duration::ZERO;
+    let mut last_ops = a.1 .0;
+    for i in 0..switches {
+        let t = Instant::now();
+        proxy
+            .set_shadow(i % 2 == 0)
+            .map_err(|e| ScenarioError::Proxy(format!("switch {i}: {e}")))?;
+        let d = t.elapsed();
+        total += d;
+        max = max.max(d);
+        if (i + 1) % 100 == 0 {
+            let ops = prog.get().0;
+            progress(&format!(
+                "{} switches, {} requests completed since the last report",
+                i + 1,
+                ops - last_ops
+            ));
+            last_ops = ops;
+        }
+    }
+    // End in passthrough.
+    if switches % 2 == 1 {
+        proxy.set_shadow(false).map_err(ScenarioError::Proxy)?;
+    }
+    let b = snapshot_progress(&prog);
+    let left = runner.drain(Duration::from_secs(10));
+    drop(ticker);
+    let workload = runner.stop();
+    drop(vmm);
+    let guest = match Arc::try_unwrap(workload) {
+        Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+        Err(_) => {
+            return Err(ScenarioError::Io(std::io::Error::other(
+                "workload still shared",
+            )))
+        }
+    };
+    progress(&format!("drained ({left} left)"));
+    Ok((
+        SwitchReport {
+            switches,
+            mean_switch: total / switches.max(1) as u32,
+            max_switch: max,
+            ledger: guest.ledger(),
+            anomalies: guest.anomalies().iter().map(|a| a.to_string()).collect(),
+            blocks_verified: 0,
+            phase: Phase::between(a, b),
+        },
+        guest,
+    ))
+}
