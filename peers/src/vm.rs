@@ -451,6 +451,44 @@ impl Svqd {
         })
     }
 
+    /// Checks (`svqctl query-status`) that every started queue is in `mode` ("shadow" or
+    /// "passthrough") and, for shadow, that descriptors went through the shadow rings
+    /// (`query-stats`). Returns the stats for printing.
+    pub fn expect_mode(&self, mode: &str) -> Result<Value, String> {
+        let parse = |out: String| -> Result<Value, String> {
+            serde_json::from_str(&out)
+                .map_err(|e| format!("svqctl output is not JSON ({e}): {out}"))
+        };
+        let status = parse(self.ctl(&["query-status"])?)?;
+        let stats = parse(self.ctl(&["query-stats"])?)?;
+        let started: Vec<&Value> = status["queues"]
+            .as_array()
+            .ok_or_else(|| format!("query-status has no queues array: {status}"))?
+            .iter()
+            .filter(|q| q["started"].as_bool() == Some(true))
+            .collect();
+        if started.is_empty() {
+            return Err(format!("svqd reports no started queue: {status}"));
+        }
+        for q in &started {
+            if q["mode"].as_str() != Some(mode) {
+                return Err(format!("started queue not in {mode} mode: {q}"));
+            }
+        }
+        if mode == "shadow" {
+            let descs: u64 = stats["queues"]
+                .as_array()
+                .map(|qs| qs.iter().filter_map(|q| q["descriptors"].as_u64()).sum())
+                .unwrap_or(0);
+            if descs == 0 {
+                return Err(format!(
+                    "no descriptor went through the shadow rings: {stats}"
+                ));
+            }
+        }
+        Ok(stats)
+    }
+
     /// Runs `svqctl --control <ctl> <args>` and returns its stdout (error with output on failure).
     pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
         let ctl = self.control.as_ref().ok_or("svqd has no control socket")?;

@@ -22,6 +22,15 @@ fn opts(shadow: &str) -> SvqdOpts {
     }
 }
 
+/// The queue mode svqd must report for a `--shadow` policy (no migration here).
+fn mode_of(shadow: &str) -> &'static str {
+    if shadow == "always" {
+        "shadow"
+    } else {
+        "passthrough"
+    }
+}
+
 fn fail(what: String, d: &Svqd, backend: &Proc) -> ! {
     panic!(
         "{what}\n--- svqd:\n{}\n--- {}:\n{}",
@@ -68,12 +77,10 @@ fn rng(s: &Setup, name: &str, shadow: &str) {
         t.contains("current=virtio_rng"),
         "guest hwrng is not virtio: {t}"
     );
-    let status = d
-        .ctl(&["query-status"])
+    let stats = d
+        .expect_mode(mode_of(shadow))
         .unwrap_or_else(|e| fail(e, &d, &be));
-    eprintln!(
-        "{name}: 5 x 1024 bytes from virtio-rng through svqd --shadow {shadow}; status: {status}"
-    );
+    eprintln!("{name}: 5 x 1024 bytes from virtio-rng through svqd --shadow {shadow}; {stats}");
     vm.quit();
 }
 
@@ -113,9 +120,10 @@ fn vsock(s: &Setup, name: &str, shadow: &str) {
             Err(e) => fail(format!("vsock round {round}: {e}"), &d, &be),
         }
     }
-    eprintln!(
-        "{name}: {total} bytes echoed by the guest over vsock through svqd --shadow {shadow}"
-    );
+    let stats = d
+        .expect_mode(mode_of(shadow))
+        .unwrap_or_else(|e| fail(e, &d, &be));
+    eprintln!("{name}: {total} bytes echoed over vsock through svqd --shadow {shadow}; {stats}");
     vm.quit();
 }
 

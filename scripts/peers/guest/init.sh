@@ -6,7 +6,7 @@
 #                   "SVQ-ITER n ok" line per iteration, "SVQ-FAIL ..." on any mismatch
 #   mode=verify     check the known data region once, print SVQ-VERIFY ok|FAIL, power off
 #   mode=net        bring eth0 up and send ARP requests; print "SVQ-NET tx=.. rx=.." each second
-#   mode=rng        read /dev/hwrng; "SVQ-RNG ok bytes=N" lines, then SVQ-DONE and power off
+#   mode=rng        read /dev/hwrng; "SVQ-RNG ok bytes=N" lines, then SVQ-DONE (stays up)
 #   mode=vsock      run a vsock echo server on port 1234, print SVQ-VSOCK-READY
 # Parameters: dmib=<MiB of known data at offset 0>, dmd5=<its md5>, smib=<scratch MiB after it>.
 export PATH=/bin:/sbin
@@ -91,7 +91,8 @@ rng)
 		echo "SVQ-RNG ok bytes=$b"
 	done
 	echo "SVQ-DONE"
-	off
+	# Stay up so the host can query svqd while the device is live; the host ends QEMU.
+	while :; do sleep 1000; done
 	;;
 vsock)
 	vsock-echo 1234 &
