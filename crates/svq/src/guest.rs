@@ -22,8 +22,9 @@ use crate::ring::{
     vring_need_event, SplitLayout, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
 };
 use std::cell::Cell;
-use std::sync::atomic::{fence, Ordering};
-use vm_memory::bitmap::MS;
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use vm_memory::bitmap::{Bitmap, BitmapSlice, MS};
+use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice,
 };
@@ -124,27 +125,92 @@ impl GuestQueue {
         &self,
         mem: &'m M,
     ) -> Result<GuestRings<'m, M>, QueueError> {
-        let slice = |addr: u64, len: usize| {
-            mem.get_slice(GuestAddress(addr), len)
-                .map_err(|_| QueueError::BadGuestAddress {
-                    addr,
-                    len: len as u64,
-                })
+        let part = |what: &'static str, addr: u64, len: usize, align: usize| {
+            let slice = mem
+                .get_slice(GuestAddress(addr), len)
+                .map_err(|_| bad(addr, len as u64))?;
+            Part::new(slice, what, addr, align)
         };
         Ok(GuestRings {
             q: *self,
             mem,
-            desc: slice(self.desc_table, SplitLayout::desc_bytes(self.size))?,
-            avail: slice(
+            desc: part(
+                "descriptor table",
+                self.desc_table,
+                SplitLayout::desc_bytes(self.size),
+                16,
+            )?,
+            avail: part(
+                "avail ring",
                 self.avail_ring,
                 SplitLayout::avail_bytes(self.size, self.event_idx),
+                2,
             )?,
-            used: slice(
+            used: part(
+                "used ring",
                 self.used_ring,
                 SplitLayout::used_bytes(self.size, self.event_idx),
+                4,
             )?,
             region: Cell::new((1, 0)),
         })
+    }
+}
+
+/// One ring part: its slice (kept for the bitmap and the pointer guard) and a raw pointer to
+/// it, so that per-field accesses need no bounds checks: every offset used below is derived
+/// from the queue size the part was sized for.
+struct Part<'m, B> {
+    slice: VolatileSlice<'m, B>,
+    _guard: PtrGuardMut,
+    ptr: *mut u8,
+}
+
+impl<'m, B: BitmapSlice> Part<'m, B> {
+    fn new(
+        slice: VolatileSlice<'m, B>,
+        what: &'static str,
+        addr: u64,
+        align: usize,
+    ) -> Result<Self, QueueError> {
+        let guard = slice.ptr_guard_mut();
+        let ptr = guard.as_ptr();
+        // The guest-physical alignment was checked; the host mapping could still be skewed
+        // (a region starting at an odd guest address). Atomic accesses need host alignment.
+        if !(ptr as usize).is_multiple_of(align) {
+            return Err(QueueError::MisalignedRing {
+                what,
+                addr,
+                align: align as u64,
+            });
+        }
+        Ok(Part {
+            slice,
+            _guard: guard,
+            ptr,
+        })
+    }
+
+    #[inline(always)]
+    fn at<T>(&self, off: usize) -> &T {
+        debug_assert!(off + std::mem::size_of::<T>() <= self.slice.len());
+        debug_assert!((self.ptr as usize + off).is_multiple_of(std::mem::align_of::<T>()));
+        // SAFETY: callers pass offsets inside the part (derived from the queue size the slice
+        // was sized for) and aligned for T (part alignment checked in `new`, field offsets are
+        // multiples of the field size). The memory stays mapped for 'm (the slice's lifetime),
+        // and is shared with the guest, so it is only accessed through atomics.
+        unsafe { &*(self.ptr.add(off) as *const T) }
+    }
+
+    #[inline(always)]
+    fn load16(&self, off: usize, o: Ordering) -> u16 {
+        u16::from_le(self.at::<AtomicU16>(off).load(o))
+    }
+
+    #[inline(always)]
+    fn store16(&self, off: usize, v: u16, o: Ordering) {
+        self.at::<AtomicU16>(off).store(v.to_le(), o);
+        self.slice.bitmap().mark_dirty(off, 2);
     }
 }
 
@@ -152,9 +218,9 @@ impl GuestQueue {
 pub struct GuestRings<'m, M: GuestMemoryBackend> {
     q: GuestQueue,
     mem: &'m M,
-    desc: VolatileSlice<'m, MS<'m, M>>,
-    avail: VolatileSlice<'m, MS<'m, M>>,
-    used: VolatileSlice<'m, MS<'m, M>>,
+    desc: Part<'m, MS<'m, M>>,
+    avail: Part<'m, MS<'m, M>>,
+    used: Part<'m, MS<'m, M>>,
     /// Last guest region a buffer fell into, `[start, end)`: most buffers of a batch hit the
     /// same region, so this saves a region lookup per descriptor.
     region: Cell<(u64, u64)>,
@@ -173,47 +239,52 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
     /// The guest's avail index (acquire: ring entries and descriptors it covers are visible).
     #[inline]
     pub fn avail_idx(&self) -> Result<u16, QueueError> {
-        self.avail
-            .load::<u16>(2, Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(|_| bad(self.q.avail_ring, 4))
+        Ok(self.avail.load16(2, Ordering::Acquire))
     }
 
     /// The guest's avail flags.
     pub fn avail_flags(&self) -> Result<u16, QueueError> {
-        self.avail
-            .load::<u16>(0, Ordering::Relaxed)
-            .map(u16::from_le)
-            .map_err(|_| bad(self.q.avail_ring, 2))
+        Ok(self.avail.load16(0, Ordering::Relaxed))
     }
 
     /// The guest's `used_event` (only meaningful with EVENT_IDX).
     pub fn used_event(&self) -> Result<u16, QueueError> {
-        let off = 4 + 2 * self.q.size as usize;
-        self.avail
-            .load::<u16>(off, Ordering::Relaxed)
-            .map(u16::from_le)
-            .map_err(|_| bad(self.q.avail_ring + off as u64, 2))
+        if !self.q.event_idx {
+            return Err(QueueError::InvalidConfig("used_event without EVENT_IDX"));
+        }
+        Ok(self
+            .avail
+            .load16(4 + 2 * self.q.size as usize, Ordering::Relaxed))
     }
 
     /// The head the guest put into avail slot `idx` (mod size); not yet validated.
     #[inline]
     pub fn avail_head(&self, idx: u16) -> Result<u16, QueueError> {
         let off = 4 + 2 * (idx & (self.q.size - 1)) as usize;
-        self.avail
-            .load::<u16>(off, Ordering::Relaxed)
-            .map(u16::from_le)
-            .map_err(|_| bad(self.q.avail_ring + off as u64, 2))
+        Ok(self.avail.load16(off, Ordering::Relaxed))
     }
 
     /// The used index currently in guest memory.
     pub fn used_idx(&self) -> Result<u16, QueueError> {
-        self.used
-            .load::<u16>(2, Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(|_| bad(self.q.used_ring, 4))
+        Ok(self.used.load16(2, Ordering::Acquire))
     }
 
+    /// Descriptor `i < size` of the guest's descriptor table.
+    #[inline(always)]
+    fn table_desc(&self, i: u16) -> Desc {
+        let off = 16 * i as usize;
+        // Two 8-byte loads; the table is 16-byte aligned (checked in `map`).
+        let a = u64::from_le(self.desc.at::<AtomicU64>(off).load(Ordering::Relaxed));
+        let b = u64::from_le(self.desc.at::<AtomicU64>(off + 8).load(Ordering::Relaxed));
+        Desc {
+            addr: a,
+            len: b as u32,
+            flags: (b >> 32) as u16,
+            next: (b >> 48) as u16,
+        }
+    }
+
+    /// Descriptor `i` of an indirect table (any alignment).
     #[inline(always)]
     fn read_desc(table: &VolatileSlice<'m, MS<'m, M>>, i: u16) -> Option<Desc> {
         let off = 16 * i as usize;
@@ -277,58 +348,83 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
         max_descs: u16,
     ) -> Result<(), QueueError> {
         out.clear();
+        self.read_chain_with(head, max_descs, |b| {
+            out.push(b);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// As [`GuestRings::read_chain`], handing each validated buffer to `sink` in chain order
+    /// (the engine translates and writes shadow descriptors in the same pass). An error from
+    /// `sink` stops the walk and is returned. Returns the number of buffers.
+    #[inline]
+    pub fn read_chain_with<F>(
+        &self,
+        head: u16,
+        max_descs: u16,
+        mut sink: F,
+    ) -> Result<u16, QueueError>
+    where
+        F: FnMut(GuestBuffer) -> Result<(), QueueError>,
+    {
         let size = self.q.size;
         if head >= size {
             return Err(QueueError::DescIndexOutOfRange { index: head, size });
         }
+        let mut n: u16 = 0;
         let mut idx = head;
-        let mut count: u32 = 0;
-        loop {
-            count += 1;
-            if count > u32::from(size) {
-                return Err(QueueError::ChainTooLong {
-                    max: u32::from(size),
-                });
-            }
-            let d = Self::read_desc(&self.desc, idx)
-                .ok_or_else(|| bad(self.q.desc_table + 16 * u64::from(idx), 16))?;
+        // At most `size` descriptors: a longer walk has visited one twice (a loop).
+        for _ in 0..size {
+            let d = self.table_desc(idx);
             if d.flags & DESC_F_INDIRECT != 0 {
-                return self.read_indirect(d, out, max_descs);
+                self.read_indirect(d, max_descs, &mut n, &mut sink)?;
+                return Ok(n);
             }
-            self.push(out, d, max_descs)?;
+            self.push(d, max_descs, &mut n, &mut sink)?;
             if d.flags & DESC_F_NEXT == 0 {
-                return Ok(());
+                return Ok(n);
             }
             idx = d.next;
             if idx >= size {
                 return Err(QueueError::DescIndexOutOfRange { index: idx, size });
             }
         }
+        Err(QueueError::ChainTooLong {
+            max: u32::from(size),
+        })
     }
 
     #[inline(always)]
-    fn push(&self, out: &mut Vec<GuestBuffer>, d: Desc, max: u16) -> Result<(), QueueError> {
+    fn push<F>(&self, d: Desc, max: u16, n: &mut u16, sink: &mut F) -> Result<(), QueueError>
+    where
+        F: FnMut(GuestBuffer) -> Result<(), QueueError>,
+    {
         self.check_buffer(d.addr, d.len)?;
-        if out.len() >= max as usize {
+        if *n >= max {
             return Err(QueueError::ChainExceedsShadow {
-                len: out.len() as u32 + 1,
+                len: u32::from(*n) + 1,
                 size: max,
             });
         }
-        out.push(GuestBuffer {
+        *n += 1;
+        sink(GuestBuffer {
             addr: d.addr,
             len: d.len,
             write: d.flags & DESC_F_WRITE != 0,
-        });
-        Ok(())
+        })
     }
 
-    fn read_indirect(
+    fn read_indirect<F>(
         &self,
         d: Desc,
-        out: &mut Vec<GuestBuffer>,
         max_descs: u16,
-    ) -> Result<(), QueueError> {
+        n_out: &mut u16,
+        sink: &mut F,
+    ) -> Result<(), QueueError>
+    where
+        F: FnMut(GuestBuffer) -> Result<(), QueueError>,
+    {
         if !self.q.indirect {
             return Err(QueueError::BadIndirect(
                 "indirect descriptor but VIRTIO_RING_F_INDIRECT_DESC not negotiated",
@@ -352,18 +448,13 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
             .get_slice(GuestAddress(d.addr), d.len as usize)
             .map_err(|_| bad(d.addr, u64::from(d.len)))?;
         let mut j: u16 = 0;
-        let mut count: u32 = 0;
-        loop {
-            count += 1;
-            if count > u32::from(n) {
-                return Err(QueueError::ChainTooLong { max: u32::from(n) });
-            }
+        for _ in 0..n {
             let td =
                 Self::read_desc(&table, j).ok_or_else(|| bad(d.addr + 16 * u64::from(j), 16))?;
             if td.flags & DESC_F_INDIRECT != 0 {
                 return Err(QueueError::BadIndirect("nested indirect descriptor"));
             }
-            self.push(out, td, max_descs)?;
+            self.push(td, max_descs, n_out, sink)?;
             if td.flags & DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -372,6 +463,7 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
                 return Err(QueueError::DescIndexOutOfRange { index: j, size: n });
             }
         }
+        Err(QueueError::ChainTooLong { max: u32::from(n) })
     }
 
     /// Write used element `idx` (mod size): chain `id`, `len` bytes written. Not visible to the
@@ -379,38 +471,42 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
     #[inline]
     pub fn write_used(&self, idx: u16, id: u16, len: u32) -> Result<(), QueueError> {
         let off = self.q.used_elem_offset(idx) as usize;
+        // Relaxed: published by the release store of used.idx.
         self.used
-            .store::<u32>(u32::from(id).to_le(), off, Ordering::Relaxed)
-            .and_then(|_| {
-                self.used
-                    .store::<u32>(len.to_le(), off + 4, Ordering::Relaxed)
-            })
-            .map_err(|_| bad(self.q.used_ring + off as u64, 8))
+            .at::<AtomicU32>(off)
+            .store(u32::from(id).to_le(), Ordering::Relaxed);
+        self.used
+            .at::<AtomicU32>(off + 4)
+            .store(len.to_le(), Ordering::Relaxed);
+        self.used.slice.bitmap().mark_dirty(off, 8);
+        Ok(())
     }
 
     /// Publish the used index (release: the elements written before are visible first).
     #[inline]
     pub fn publish_used(&self, idx: u16) -> Result<(), QueueError> {
-        self.used
-            .store::<u16>(idx.to_le(), 2, Ordering::Release)
-            .map_err(|_| bad(self.q.used_ring, 4))
+        self.used.store16(2, idx, Ordering::Release);
+        Ok(())
     }
 
     /// The `avail_event` value currently in guest memory (EVENT_IDX).
     pub fn avail_event(&self) -> Result<u16, QueueError> {
-        let off = self.q.avail_event_offset() as usize;
-        self.used
-            .load::<u16>(off, Ordering::Relaxed)
-            .map(u16::from_le)
-            .map_err(|_| bad(self.q.used_ring + off as u64, 2))
+        if !self.q.event_idx {
+            return Err(QueueError::InvalidConfig("avail_event without EVENT_IDX"));
+        }
+        Ok(self
+            .used
+            .load16(self.q.avail_event_offset() as usize, Ordering::Relaxed))
     }
 
     /// Write `avail_event` (EVENT_IDX): the guest kicks once its avail index passes `idx`.
     pub fn set_avail_event(&self, idx: u16) -> Result<(), QueueError> {
-        let off = self.q.avail_event_offset() as usize;
+        if !self.q.event_idx {
+            return Err(QueueError::InvalidConfig("avail_event without EVENT_IDX"));
+        }
         self.used
-            .store::<u16>(idx.to_le(), off, Ordering::Relaxed)
-            .map_err(|_| bad(self.q.used_ring + off as u64, 2))
+            .store16(self.q.avail_event_offset() as usize, idx, Ordering::Relaxed);
+        Ok(())
     }
 
     /// After publishing used index `new` (previous decision at `old`): must the guest be

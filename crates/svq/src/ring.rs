@@ -277,9 +277,34 @@ pub trait ShadowRing: Send {
     fn num_free(&self) -> u16;
     /// Chains added and not yet returned by the device.
     fn in_flight(&self) -> u16;
-    /// Write a chain (1..=num_free descriptors); invisible to the device until
+    /// Start building a chain in place (no intermediate buffer on the data path). Returns the
+    /// id the chain will have if committed. Requires `num_free() > 0`. Nothing is visible and
+    /// no descriptor is taken until [`ShadowRing::commit_chain`].
+    fn begin_chain(&mut self) -> u16;
+    /// Append a descriptor to the chain being built; false (nothing written) if the ring has
+    /// no free descriptor left for it: the caller must then [`ShadowRing::abort_chain`].
+    fn push_desc(&mut self, d: ShadowDesc) -> bool;
+    /// Finish the chain being built (at least one descriptor): it becomes part of the next
+    /// [`ShadowRing::publish`]. Returns its id.
+    fn commit_chain(&mut self) -> u16;
+    /// Drop the chain being built; the ring is as before `begin_chain`.
+    fn abort_chain(&mut self);
+    /// Write a whole chain (1..=num_free descriptors); invisible to the device until
     /// [`ShadowRing::publish`]. Returns the chain id the device will return.
-    fn add_chain(&mut self, descs: &[ShadowDesc]) -> Result<u16, QueueError>;
+    fn add_chain(&mut self, descs: &[ShadowDesc]) -> Result<u16, QueueError> {
+        if descs.is_empty() || descs.len() > usize::from(self.num_free()) {
+            return Err(QueueError::ChainExceedsShadow {
+                len: descs.len() as u32,
+                size: self.num_free(),
+            });
+        }
+        self.begin_chain();
+        for d in descs {
+            let ok = self.push_desc(*d);
+            debug_assert!(ok, "room was checked");
+        }
+        Ok(self.commit_chain())
+    }
     /// Make every added chain visible to the device (one index publish). Returns whether the
     /// device asked to be kicked (NO_NOTIFY / avail_event honoured).
     fn publish(&mut self) -> bool;
@@ -331,6 +356,10 @@ pub struct SplitShadowRing {
     last_used: u16,
     /// Device used index as last loaded (avoid a load per element).
     seen_used: u16,
+    /// Chain under construction: descriptors pushed, the last one, its WRITE flag.
+    b_n: u16,
+    b_cur: u16,
+    b_write: bool,
 }
 
 impl std::fmt::Debug for SplitShadowRing {
@@ -380,6 +409,9 @@ impl SplitShadowRing {
             avail_idx: base,
             last_used: base,
             seen_used: base,
+            b_n: 0,
+            b_cur: 0,
+            b_write: false,
         };
         r.avail_idx_ref().store(base, Ordering::Relaxed);
         r.used_idx_ref().store(base, Ordering::Relaxed);
@@ -453,43 +485,63 @@ impl ShadowRing for SplitShadowRing {
     }
 
     #[inline]
-    fn add_chain(&mut self, descs: &[ShadowDesc]) -> Result<u16, QueueError> {
-        let n = descs.len();
-        if n == 0 || n > self.num_free as usize {
-            return Err(QueueError::ChainExceedsShadow {
-                len: n as u32,
-                size: self.num_free,
-            });
+    fn begin_chain(&mut self) -> u16 {
+        debug_assert!(self.num_free > 0);
+        self.b_n = 0;
+        self.b_cur = self.free_head;
+        self.free_head
+    }
+
+    #[inline(always)]
+    fn push_desc(&mut self, d: ShadowDesc) -> bool {
+        if self.b_n == self.num_free {
+            return false;
         }
+        if self.b_n > 0 {
+            self.b_cur = self.next[usize::from(self.b_cur)];
+        }
+        let i = self.b_cur;
+        // Written with NEXT pointing at the following free descriptor; the last one is fixed
+        // up in `commit_chain`. Free descriptors are never read by the device, so a chain
+        // that is aborted leaves nothing visible.
+        self.write_desc(
+            i,
+            RawDesc {
+                addr: d.addr.to_le(),
+                len: d.len.to_le(),
+                flags: (if d.write { DESC_F_WRITE } else { 0 } | DESC_F_NEXT).to_le(),
+                next: self.next[usize::from(i)].to_le(),
+            },
+        );
+        self.b_write = d.write;
+        self.b_n += 1;
+        true
+    }
+
+    #[inline]
+    fn commit_chain(&mut self) -> u16 {
+        debug_assert!(self.b_n > 0);
         let head = self.free_head;
-        let mut i = head;
-        for (k, d) in descs.iter().enumerate() {
-            let nx = self.next[i as usize];
-            let last = k + 1 == n;
-            let flags = if d.write { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-            self.write_desc(
-                i,
-                RawDesc {
-                    addr: d.addr.to_le(),
-                    len: d.len.to_le(),
-                    flags: flags.to_le(),
-                    next: if last { 0 } else { nx.to_le() },
-                },
-            );
-            if last {
-                self.free_head = nx;
-            } else {
-                i = nx;
-            }
-        }
-        self.num_free -= n as u16;
-        self.chain_len[head as usize] = n as u16;
+        let last = self.b_cur;
+        // Clear NEXT on the last descriptor (flags and next: one 4-byte store).
+        let tail = u32::from(if self.b_write { DESC_F_WRITE } else { 0 });
+        // SAFETY: last < size: offset 12 of a descriptor inside the table, 4-byte aligned.
+        unsafe { (self.at(16 * usize::from(last) + 12) as *mut u32).write_volatile(tail.to_le()) };
+        self.free_head = self.next[usize::from(last)];
+        self.num_free -= self.b_n;
+        self.chain_len[usize::from(head)] = self.b_n;
         self.in_flight += 1;
-        let slot = self.layout.avail + 4 + 2 * (self.next_avail & (self.size - 1)) as usize;
+        let slot = self.layout.avail + 4 + 2 * usize::from(self.next_avail & (self.size - 1));
         // Relaxed: published by the release store of avail.idx in `publish`.
         self.u16_at(slot).store(head.to_le(), Ordering::Relaxed);
         self.next_avail = self.next_avail.wrapping_add(1);
-        Ok(head)
+        self.b_n = 0;
+        head
+    }
+
+    #[inline]
+    fn abort_chain(&mut self) {
+        self.b_n = 0;
     }
 
     fn publish(&mut self) -> bool {

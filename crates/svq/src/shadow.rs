@@ -27,7 +27,7 @@
 //! (`tracing::warn!`) and returned by every later call, which does no work.
 
 use crate::error::QueueError;
-use crate::guest::{GuestBuffer, GuestQueue, GuestRings};
+use crate::guest::{GuestQueue, GuestRings};
 use crate::log::{LogBatch, SharedLog};
 use crate::ring::{RingArea, ShadowDesc, ShadowRing, SplitShadowRing};
 use crate::translate::Translate;
@@ -162,9 +162,6 @@ pub struct ShadowVirtqueue<T: Translate, R: ShadowRing = SplitShadowRing> {
     slots: Vec<Slot>,
     /// Imported in-flight guest heads to forward before new avail chains.
     resubmit: VecDeque<u16>,
-    /// Scratch buffers reused by every chain (no allocation on the data path).
-    chain: Vec<GuestBuffer>,
-    descs: Vec<ShadowDesc>,
     forwarding: bool,
     shadow_was_full: bool,
     broken: Option<QueueError>,
@@ -263,8 +260,6 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             avail_event_written: false,
             slots,
             resubmit: start.in_flight.iter().map(|c| c.head).collect(),
-            chain: Vec::with_capacity(usize::from(cfg.shadow_size)),
-            descs: Vec::with_capacity(usize::from(cfg.shadow_size)),
             forwarding: true,
             shadow_was_full: false,
             broken: None,
@@ -433,43 +428,64 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
 
     /// Read, validate and forward one guest chain. Returns false (nothing consumed) when the
     /// shadow ring has no room for it.
-    #[inline]
+    #[inline(always)]
     fn forward_chain<M: GuestMemoryBackend>(
         &mut self,
         g: &GuestRings<'_, M>,
         head: u16,
         batch: &mut AvailBatch,
     ) -> Result<bool, QueueError> {
-        g.read_chain(head, &mut self.chain, self.cfg.shadow_size)?;
-        if self.chain.len() > usize::from(self.ring.num_free()) {
+        if self.ring.num_free() == 0 {
             batch.shadow_full = true;
             self.shadow_was_full = true;
             return Ok(false);
         }
-        self.descs.clear();
-        let mut bytes = 0u64;
-        for b in &self.chain {
-            let addr = self.xlate.to_device(b.addr, b.len)?;
-            bytes += u64::from(b.len);
-            self.descs.push(ShadowDesc {
-                addr,
-                len: b.len,
-                write: b.write,
-            });
-        }
-        let id = self.ring.add_chain(&self.descs)?;
+        // One pass over the guest chain: validate, translate, write the shadow descriptors in
+        // place and record the device-writable guest ranges in the slot of the future id.
+        let id = self.ring.begin_chain();
         let slot = &mut self.slots[usize::from(id)];
+        slot.writable.clear();
+        let (ring, xlate, writable) = (&mut self.ring, &self.xlate, &mut slot.writable);
+        let mut bytes = 0u64;
+        let mut room = true;
+        let res = g.read_chain_with(head, self.cfg.shadow_size, |b| {
+            let addr = xlate.to_device(b.addr, b.len)?;
+            // Out of room: keep walking (the whole chain is validated either way).
+            if room
+                && ring.push_desc(ShadowDesc {
+                    addr,
+                    len: b.len,
+                    write: b.write,
+                })
+            {
+                if b.write && b.len > 0 {
+                    writable.push((b.addr, b.len));
+                }
+                bytes += u64::from(b.len);
+            } else {
+                room = false;
+            }
+            Ok(())
+        });
+        let n = match res {
+            Ok(n) if room => n,
+            Ok(_) => {
+                // Not consumed: read again once the device returned descriptors.
+                self.ring.abort_chain();
+                batch.shadow_full = true;
+                self.shadow_was_full = true;
+                return Ok(false);
+            }
+            Err(e) => {
+                self.ring.abort_chain();
+                return Err(e);
+            }
+        };
+        self.ring.commit_chain();
         slot.live = true;
         slot.guest_head = head;
-        slot.writable.clear();
-        slot.writable.extend(
-            self.chain
-                .iter()
-                .filter(|b| b.write && b.len > 0)
-                .map(|b| (b.addr, b.len)),
-        );
         batch.chains += 1;
-        batch.descriptors += self.chain.len() as u32;
+        batch.descriptors += u32::from(n);
         batch.bytes += bytes;
         Ok(true)
     }
