@@ -74,6 +74,36 @@ impl ShadowRegion {
             .map_err(|e| ProxyError::Engine(e.to_string()))
     }
 
+    /// The shadow ring's indices as they are in memory (for diagnostics): avail flags/idx, used
+    /// flags/idx, and the event fields.
+    pub fn ring_indices(&self, size: u16) -> Value {
+        let Ok(layout) = SplitLayout::new(size) else {
+            return Value::Null;
+        };
+        let rd = |off: usize| -> u16 {
+            if off + 2 > self.mapping.size() {
+                return 0;
+            }
+            // SAFETY: in bounds of the live mapping; a 2-byte aligned u16 the device may write
+            // concurrently, read atomically.
+            unsafe {
+                let p = self.mapping.as_ptr().add(off) as *const std::sync::atomic::AtomicU16;
+                u16::from_le((*p).load(std::sync::atomic::Ordering::Acquire))
+            }
+        };
+        let s = usize::from(size);
+        let a = layout.avail_offset();
+        let u = layout.used_offset();
+        json!({
+            "avail_flags": rd(a),
+            "avail_idx": rd(a + 2),
+            "used_event": rd(a + 4 + 2 * s),
+            "used_flags": rd(u),
+            "used_idx": rd(u + 2),
+            "avail_event": rd(u + 4 + 8 * s),
+        })
+    }
+
     /// The region for ADD_MEM_REG / REM_MEM_REG / SET_MEM_TABLE (borrowing our fd).
     pub fn info(&self) -> VhostUserMemoryRegionInfo {
         VhostUserMemoryRegionInfo {
@@ -123,6 +153,7 @@ impl ShadowQueue {
             "gpa": format!("{:#x}", self.region.gpa),
             "uva": format!("{:#x}", self.region.uva),
             "bytes": self.region.size,
+            "ring": self.region.ring_indices(self.shadow_size),
             "seconds": self.started.elapsed().as_secs_f64(),
         })
     }

@@ -513,15 +513,19 @@ impl ProxyState {
                     .set_vring_enable(q, false)
                     .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
             }
+            // Kick once, *before* handing the fd over: a vhost-user-backend epoll thread may still
+            // hold an event of the old kick fd and consume the new one for it; an empty eventfd
+            // makes that read fail with EAGAIN and ends the backend's event loop for good.
+            let _ = drain_kick.write(1);
             be.fe
                 .set_vring_kick(q, &drain_kick)
                 .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
         }
-        let _ = drain_kick.write(1);
 
         // Quiesce.
         let quiet = Duration::from_millis(5);
         let deadline = Instant::now() + drain_timeout.min(Duration::from_secs(2));
+        let quiesce_start = Instant::now();
         let mut last_used = self.guest_used_idx(q);
         let mut last_change = Instant::now();
         let mut stable_hits = 0;
@@ -542,12 +546,22 @@ impl ProxyState {
                 } else {
                     stable_hits = 0;
                 }
-                // Two observations 100 µs apart with nothing completing in between.
-                stable_hits >= 2 && last_change.elapsed() >= Duration::from_micros(100)
+                // avail_event is exact in libvhost-user (written on every pop) but only refreshed
+                // when a virtio-queue backend re-enables notifications, i.e. it can be stale while
+                // that backend is inside its pop loop: ask for the equality to hold for 1 ms with
+                // nothing completing. The check after GET_VRING_BASE catches what slips through.
+                stable_hits >= 10 && last_change.elapsed() >= Duration::from_millis(1)
             } else {
                 last_change.elapsed() >= quiet
             };
             if settled || Instant::now() >= deadline {
+                tracing::debug!(
+                    queue = q,
+                    settled,
+                    used = ?used,
+                    micros = quiesce_start.elapsed().as_micros() as u64,
+                    "passthrough ring quiesced"
+                );
                 break;
             }
             std::thread::sleep(Duration::from_micros(100));
@@ -571,6 +585,13 @@ impl ProxyState {
         }
         if in_flight > 0 {
             QueueStats::add(&self.queues[q].stats.late_completions, in_flight.into());
+            // GET_VRING_BASE closed the backend's call fd; give it one again so the late
+            // completions can signal instead of hitting a closed fd (which makes
+            // qemu-storage-daemon drop the connection). Narrows the window, cannot close it.
+            let be = self.be()?;
+            be.fe
+                .set_vring_call(q, &drain_call)
+                .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
             tracing::debug!(
                 queue = q,
                 in_flight,
@@ -621,22 +642,23 @@ impl ProxyState {
         be.fe
             .set_vring_addr(q, &guest_vring_config(num, &addr))
             .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
+        // Call before kick: the ring starts at the kick, and its first completion must find a
+        // call fd (qemu-storage-daemon drops the connection otherwise).
+        be.fe
+            .set_vring_call(q, &call)
+            .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
         if let Some(kick) = &kick {
+            // Readable before it is handed over (see `drain_passthrough`); it also covers guest
+            // kicks svqd consumed or that arrived while the ring was stopped.
+            let _ = kick.write(1);
             be.fe
                 .set_vring_kick(q, kick)
                 .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
         }
-        be.fe
-            .set_vring_call(q, &call)
-            .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
         if be.has_enable() {
             be.fe
                 .set_vring_enable(q, enabled)
                 .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
-        }
-        if let Some(kick) = &kick {
-            // Guest kicks svqd consumed or that arrived while the ring was stopped.
-            let _ = kick.write(1);
         }
         Ok(())
     }
@@ -708,12 +730,15 @@ impl ProxyState {
             be.fe
                 .set_vring_addr(q, &cfg)
                 .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
-            be.fe
-                .set_vring_kick(q, &backend_kick)
-                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
+            // Call before kick, as on the way back.
             be.fe
                 .set_vring_call(q, &backend_call)
                 .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
+            // Readable before it is handed over (see `drain_passthrough`).
+            let _ = backend_kick.write(1);
+            be.fe
+                .set_vring_kick(q, &backend_kick)
+                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
             if be.has_enable() {
                 be.fe
                     .set_vring_enable(q, true)
@@ -821,6 +846,12 @@ impl ProxyState {
         self.queues[q].vmm.call = exit.guest_call.clone();
         if !exit.drained {
             let n = exit.engine.in_flight();
+            tracing::warn!(
+                queue = q,
+                in_flight = n,
+                ring = %sq.region.ring_indices(sq.shadow_size),
+                "shadow ring did not drain"
+            );
             // Keep shadowing: handing back a ring with requests in flight would lose them.
             let mut engine = exit.engine;
             engine.set_forwarding(self.queues[q].vmm.enabled);
@@ -1070,13 +1101,18 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
             avail_gpa,
         };
         // Re-sending the same ring with only the log flag changed (migration start/stop) is no
-        // reconfiguration: in shadow mode the engine logs the used ring already.
-        let same_ring = self.queues[q]
-            .vmm
-            .addr
-            .is_some_and(|a| a.desc == descriptor && a.used == used && a.avail == available);
-        let shadowed = matches!(self.queues[q].mode, Mode::Shadow(_));
-        if shadowed && same_ring {
+        // reconfiguration: svqd strips the flag, so the backend would get the message it already
+        // has, and in shadow mode the engine logs the used ring anyway. Not forwarding it matters:
+        // vhost-user-backend re-reads used.idx from memory on SET_VRING_ADDR, and doing that on a
+        // running ring races with a completion in progress and loses it.
+        let log_flag = VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits();
+        let same_ring = self.queues[q].vmm.addr.is_some_and(|a| {
+            a.desc == descriptor
+                && a.used == used
+                && a.avail == available
+                && (a.flags & !log_flag) == (flags.bits() & !log_flag)
+        });
+        if same_ring && self.queues[q].vmm.running() {
             self.queues[q].vmm.addr = Some(addr);
             return Ok(());
         }

@@ -13,10 +13,11 @@ use svqd::{Proxy, ProxyConfig, ProxyThread, ShadowPolicy};
 
 /// A backend and svqd in front of it, on temporary sockets.
 pub struct Rig {
-    pub dir: tempfile::TempDir,
-    pub backend: BlkHandle,
+    // Dropped in this order: svqd, then the backend, then the directory.
     pub proxy: ProxyThread,
+    pub backend: BlkHandle,
     pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
 }
 
 /// Options of a [`Rig`].
@@ -29,6 +30,8 @@ pub struct RigOptions {
     pub log_enabled: bool,
     pub disk_mib: u64,
     pub backend_mem_slots: bool,
+    /// Drop the connection when a completion must signal a closed call fd (qemu-storage-daemon).
+    pub qsd_like: bool,
 }
 
 impl Default for RigOptions {
@@ -41,6 +44,7 @@ impl Default for RigOptions {
             log_enabled: true,
             disk_mib: 8,
             backend_mem_slots: true,
+            qsd_like: false,
         }
     }
 }
@@ -71,6 +75,7 @@ impl Rig {
                     min: Duration::from_micros(min),
                     max: Duration::from_micros(max),
                 }),
+                disconnect_on_closed_call: o.qsd_like,
                 ..Default::default()
             },
         )
