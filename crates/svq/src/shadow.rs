@@ -276,6 +276,17 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         &self.ring
     }
 
+    /// The translation in use.
+    pub fn translation(&self) -> &T {
+        &self.xlate
+    }
+
+    /// The shadow ring, mutably (tests and ring wrappers; do not add or consume chains behind
+    /// the engine's back).
+    pub fn ring_mut(&mut self) -> &mut R {
+        &mut self.ring
+    }
+
     /// The shadow ring's start index: what SET_VRING_BASE must tell the device (its avail.idx
     /// and used.idx were set to it in ring memory by the constructor).
     pub fn shadow_base(&self) -> u16 {
@@ -585,9 +596,11 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             batch.pages_logged += lb.mark(base + 4, 8 * u64::from(n - run1));
         }
         batch.pages_logged += lb.mark(base + 2, 2);
-        // Before the first decision we cannot know what the guest last saw: interrupt.
         let wanted = g.needs_interrupt(self.signalled_used.unwrap_or(old), new)?;
-        batch.notify_guest = wanted || self.signalled_used.is_none();
+        // With EVENT_IDX, before our first decision we cannot know which used_event the guest
+        // armed against the previous device: interrupt once (spurious interrupts are harmless,
+        // a missing one hangs the guest). Without it, the flag alone is authoritative.
+        batch.notify_guest = wanted || (self.cfg.event_idx && self.signalled_used.is_none());
         self.signalled_used = Some(new);
         Ok(())
     }

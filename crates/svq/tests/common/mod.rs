@@ -240,6 +240,10 @@ impl Driver {
     /// Reap used elements (as on an interrupt), re-arming used_event and re-checking.
     pub fn reap(&mut self, mem: &Mem) -> Vec<(u16, u32, Vec<Buf>)> {
         let mut out = Vec::new();
+        if !self.event_idx {
+            // As Linux's virtqueue_disable_cb: no interrupts while reaping.
+            st16(mem, AVAIL, 1);
+        }
         loop {
             let idx = ld16(mem, USED + 2);
             while self.last_used != idx {
@@ -257,10 +261,15 @@ impl Driver {
             }
             if self.event_idx {
                 st16(mem, AVAIL + 4 + 2 * u64::from(self.size), self.last_used);
+            } else {
+                st16(mem, AVAIL, 0);
             }
             fence(Ordering::SeqCst);
             if ld16(mem, USED + 2) == self.last_used {
                 return out;
+            }
+            if !self.event_idx {
+                st16(mem, AVAIL, 1);
             }
         }
     }
@@ -318,6 +327,10 @@ impl Device {
     /// Pop every available chain (as on a kick), re-arming avail_event with EVENT_IDX.
     pub fn pop_all(&mut self, mem: &Mem) -> usize {
         let mut n = 0;
+        if !self.event_idx {
+            // As vhost does: no kicks while we are popping; re-enable and re-check below.
+            st16(mem, self.used, 1);
+        }
         loop {
             let idx = ld16(mem, self.avail + 2);
             assert!(
@@ -379,10 +392,15 @@ impl Device {
                     self.used + 4 + 8 * u64::from(self.size),
                     self.last_avail,
                 );
+            } else {
+                st16(mem, self.used, 0);
             }
             fence(Ordering::SeqCst);
             if ld16(mem, self.avail + 2) == self.last_avail {
                 return n;
+            }
+            if !self.event_idx {
+                st16(mem, self.used, 1);
             }
         }
     }
