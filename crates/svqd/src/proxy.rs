@@ -220,21 +220,29 @@ impl Proxy {
                             break Outcome::BackendGone;
                         }
                     }
-                    Ready::First => match handler.handle_request() {
-                        Ok(()) => {}
-                        Err(vhost::vhost_user::Error::Disconnected)
-                        | Err(vhost::vhost_user::Error::PartialMessage) => break Outcome::VmmGone,
-                        Err(e) => {
-                            if lock(&self.state)
-                                .backend
-                                .as_ref()
-                                .is_none_or(|b| b.hung_up())
-                            {
-                                break Outcome::BackendGone;
+                    Ready::First => {
+                        lock(&self.state).refusable = false;
+                        match handler.handle_request() {
+                            Ok(()) => {}
+                            Err(vhost::vhost_user::Error::Disconnected)
+                            | Err(vhost::vhost_user::Error::PartialMessage) => {
+                                break Outcome::VmmGone
                             }
-                            break Outcome::VmmError(e);
+                            Err(e) => {
+                                let st = lock(&self.state);
+                                if st.backend.as_ref().is_none_or(|b| b.hung_up()) {
+                                    break Outcome::BackendGone;
+                                }
+                                if !st.refusable {
+                                    // Malformed or unknown message, or a request whose reply
+                                    // could not be produced: the VMM may be waiting for an
+                                    // answer that will never come.
+                                    break Outcome::VmmError(e);
+                                }
+                                // Refused and nacked (already logged): carry on.
+                            }
                         }
-                    },
+                    }
                 }
             };
             drop(handler);

@@ -148,6 +148,9 @@ pub struct ProxyState {
     pub forced: bool,
     /// Shadow ring address allocators (while any shadow ring exists).
     pub space: Option<ShadowSpace>,
+    /// The request being handled is answered (acked, or with an empty reply) even when refused,
+    /// so the connection stays usable after an error. Reset before each request.
+    pub refusable: bool,
     /// An eventfd handed to the backend when the VMM wants no interrupts on a ring.
     pub dummy_call: Option<Arc<EventFd>>,
 }
@@ -167,6 +170,7 @@ impl ProxyState {
             queues: Vec::new(),
             forced: false,
             space: None,
+            refusable: false,
             dummy_call: None,
         }
     }
@@ -956,6 +960,7 @@ macro_rules! try_req {
 
 impl VhostUserBackendReqHandlerMut for ProxyState {
     fn set_owner(&mut self) -> VhostResult<()> {
+        self.refusable = true;
         let be = try_req!(self.be());
         be.fe
             .set_owner()
@@ -963,6 +968,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn reset_owner(&mut self) -> VhostResult<()> {
+        self.refusable = true;
         self.reset_rings();
         let be = try_req!(self.be());
         be.fe
@@ -971,6 +977,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn reset_device(&mut self) -> VhostResult<()> {
+        self.refusable = true;
         self.reset_rings();
         let be = try_req!(self.be());
         be.fe
@@ -984,6 +991,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        self.refusable = true;
         let policy = self.cfg.shadow;
         let be = try_req!(self.be());
         let offered = features::vmm_virtio_features(be.features);
@@ -1033,6 +1041,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        self.refusable = true;
         try_req!(self.mem.set(ctx, files));
         let table = self.backend_table(None);
         if table.len() > MAX_TABLE_REGIONS && !try_req!(self.be()).mem_slots() {
@@ -1050,6 +1059,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        self.refusable = true;
         let q = try_req!(self.check_queue(index));
         if num == 0 || num > 32768 || !num.is_power_of_two() {
             return fail(ProxyError::BadRequest(format!("queue {q} size {num}")));
@@ -1073,6 +1083,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
         available: u64,
         log: u64,
     ) -> VhostResult<()> {
+        self.refusable = true;
         let q = try_req!(self.check_queue(index));
         let num = u64::from(self.queues[q].vmm.num.max(1));
         let check = |uva: u64, len: u64, align: u64, what: &str| -> Result<u64, ProxyError> {
@@ -1128,6 +1139,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        self.refusable = true;
         let q = try_req!(self.check_queue(index));
         if base > u32::from(u16::MAX) {
             return fail(ProxyError::BadRequest(format!("queue {q} base {base}")));
@@ -1167,6 +1179,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.refusable = true;
         let q = try_req!(self.check_queue(index.into()));
         let Some(fd) = fd else {
             return fail(ProxyError::BadRequest(format!(
@@ -1197,6 +1210,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.refusable = true;
         let q = try_req!(self.check_queue(index.into()));
         let call = fd.map(|f| Arc::new(Self::eventfd(f)));
         if let Mode::Shadow(sq) = &self.queues[q].mode {
@@ -1220,6 +1234,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.refusable = true;
         let q = try_req!(self.check_queue(index.into()));
         // The error fd is the backend's alone in both modes.
         if let Some(fd) = fd {
@@ -1239,6 +1254,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_protocol_features(&mut self, bits: u64) -> VhostResult<()> {
+        self.refusable = true;
         let be = try_req!(self.be());
         let offered =
             features::vmm_protocol_features(be.protocol) | VhostUserProtocolFeatures::REPLY_ACK;
@@ -1269,6 +1285,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        self.refusable = true;
         let q = try_req!(self.check_queue(index));
         if let Mode::Shadow(sq) = &self.queues[q].mode {
             // The backend keeps its shadow ring enabled; the engine holds the guest's buffers.
@@ -1290,6 +1307,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
         size: u32,
         flags: VhostUserConfigFlags,
     ) -> VhostResult<Vec<u8>> {
+        self.refusable = true;
         let be = try_req!(self.be());
         let buf = vec![0u8; size as usize];
         let (_, payload) = try_req!(be
@@ -1305,6 +1323,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
         buf: &[u8],
         flags: VhostUserConfigFlags,
     ) -> VhostResult<()> {
+        self.refusable = true;
         let be = try_req!(self.be());
         be.fe
             .set_config(offset, flags, buf)
@@ -1317,12 +1336,14 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VhostResult<()> {
+        self.refusable = true;
         fail(ProxyError::NotAllowed(
             "GPU_SET_SOCKET is not supported".into(),
         ))
     }
 
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
+        self.refusable = true;
         fail(ProxyError::NotAllowed(
             "GET_SHARED_OBJECT is not supported".into(),
         ))
@@ -1339,6 +1360,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
+        self.refusable = true;
         use std::os::fd::AsRawFd;
         let be = try_req!(self.be());
         be.fe
@@ -1359,6 +1381,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
         fd: File,
         _postcopy: Option<bool>,
     ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        self.refusable = true;
         let limit = {
             let reserved = self.reserved_slots();
             let be = try_req!(self.be());
@@ -1400,6 +1423,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        self.refusable = true;
         let r = try_req!(self.mem.remove(region));
         let mem_slots = try_req!(self.be()).mem_slots();
         if mem_slots {
@@ -1426,6 +1450,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
         phase: VhostTransferStatePhase,
         fd: File,
     ) -> VhostResult<Option<File>> {
+        self.refusable = true;
         let be = try_req!(self.be());
         be.fe
             .set_device_state_fd(direction, phase, fd.into())
@@ -1433,6 +1458,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn check_device_state(&mut self) -> VhostResult<()> {
+        self.refusable = true;
         let be = try_req!(self.be());
         be.fe
             .check_device_state()
@@ -1446,6 +1472,19 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
+        // A region past the end of the file would map, and the first write there would kill
+        // svqd with SIGBUS: check it against the file.
+        let file_len = try_req!(file
+            .metadata()
+            .map_err(|e| ProxyError::Io("fstat log region", e)))
+        .len();
+        let end = log.mmap_offset.checked_add(log.mmap_size);
+        if log.mmap_size == 0 || end.is_none_or(|e| e > file_len) {
+            return fail(ProxyError::BadRequest(format!(
+                "log region of {:#x} bytes at offset {:#x} does not fit its file of {file_len:#x} bytes",
+                log.mmap_size, log.mmap_offset
+            )));
+        }
         let dl = try_req!(
             DirtyLog::from_fd(file.as_fd(), log.mmap_offset, log.mmap_size).map_err(|e| {
                 ProxyError::BadRequest(format!(
