@@ -585,7 +585,9 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         // The used elements old..new (at most two runs when they wrap) and the idx field.
         let base = self.guest.used_ring();
         let size = self.cfg.guest_size;
-        let n = new.wrapping_sub(old);
+        // `n` can exceed the ring size only if the guest posted a head twice: then every
+        // element was written.
+        let n = new.wrapping_sub(old).min(size);
         let first = old & (size - 1);
         let run1 = n.min(size - first);
         batch.pages_logged += lb.mark(

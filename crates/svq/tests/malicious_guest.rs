@@ -438,3 +438,39 @@ fn other_queues_keep_running() {
     let b = good.forward_avail(&m.guest, &bad.log).unwrap();
     assert_eq!((b.chains, b.kick_device), (1, true));
 }
+
+#[test]
+fn duplicate_heads_beyond_the_queue_size_are_harmless() {
+    // A guest that posts the same head again and again (more chains than its queue size in
+    // flight). The engine forwards them (the guest only hurts itself), nothing panics, and the
+    // used-ring logging stays inside the used ring.
+    let mut q = setup(config(4, 16, false, false));
+    put_desc(&q.m.guest, DESC, 0, buf_addr(0, 0), 64, DESC_F_WRITE, 0);
+    for round in 0..2u16 {
+        for i in 0..4u16 {
+            let idx = round * 4 + i;
+            q.m.guest
+                .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(idx & 3)))
+                .unwrap();
+        }
+        q.m.guest
+            .write_obj((round + 1) * 4, GuestAddress(AVAIL + 2))
+            .unwrap();
+        assert_eq!(q.e.forward_avail(&q.m.guest, &q.log).unwrap().chains, 4);
+    }
+    assert_eq!(q.e.in_flight(), 8);
+    q.dev.pop_all(&q.m.device);
+    for _ in 0..8 {
+        q.dev.complete(&q.m.device, 0, 64);
+    }
+    q.dev.publish(&q.m.device);
+    let u = q.e.forward_used(&q.m.guest, &q.log).unwrap();
+    assert_eq!(u.completed, 8);
+    let log = q.log.current().unwrap();
+    let mut want: Vec<u64> = pages(USED + 2, 2 + 8 * 4)
+        .chain(pages(buf_addr(0, 0), 64))
+        .collect();
+    want.sort_unstable();
+    want.dedup();
+    assert_eq!(log.dirty_pages(), want);
+}
