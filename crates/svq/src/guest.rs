@@ -40,6 +40,19 @@ pub struct GuestBuffer {
     pub write: bool,
 }
 
+/// Receives the validated buffers of a chain in order (see [`GuestRings::read_chain_with`]).
+pub trait BufferSink {
+    /// Take one buffer; an error stops the walk and is returned by `read_chain_with`.
+    fn buffer(&mut self, b: GuestBuffer) -> Result<(), QueueError>;
+}
+
+impl<F: FnMut(GuestBuffer) -> Result<(), QueueError>> BufferSink for F {
+    #[inline(always)]
+    fn buffer(&mut self, b: GuestBuffer) -> Result<(), QueueError> {
+        self(b)
+    }
+}
+
 /// A split descriptor as laid out in memory (`le64 addr, le32 len, le16 flags, le16 next`).
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
@@ -348,7 +361,7 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
         max_descs: u16,
     ) -> Result<(), QueueError> {
         out.clear();
-        self.read_chain_with(head, max_descs, |b| {
+        self.read_chain_with(head, max_descs, &mut |b| {
             out.push(b);
             Ok(())
         })
@@ -358,16 +371,13 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
     /// As [`GuestRings::read_chain`], handing each validated buffer to `sink` in chain order
     /// (the engine translates and writes shadow descriptors in the same pass). An error from
     /// `sink` stops the walk and is returned. Returns the number of buffers.
-    #[inline]
-    pub fn read_chain_with<F>(
+    #[inline(always)]
+    pub fn read_chain_with<F: BufferSink>(
         &self,
         head: u16,
         max_descs: u16,
-        mut sink: F,
-    ) -> Result<u16, QueueError>
-    where
-        F: FnMut(GuestBuffer) -> Result<(), QueueError>,
-    {
+        sink: &mut F,
+    ) -> Result<u16, QueueError> {
         let size = self.q.size;
         if head >= size {
             return Err(QueueError::DescIndexOutOfRange { index: head, size });
@@ -378,10 +388,10 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
         for _ in 0..size {
             let d = self.table_desc(idx);
             if d.flags & DESC_F_INDIRECT != 0 {
-                self.read_indirect(d, max_descs, &mut n, &mut sink)?;
+                self.read_indirect(d, max_descs, &mut n, sink)?;
                 return Ok(n);
             }
-            self.push(d, max_descs, &mut n, &mut sink)?;
+            self.push(d, max_descs, &mut n, sink)?;
             if d.flags & DESC_F_NEXT == 0 {
                 return Ok(n);
             }
@@ -396,10 +406,13 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
     }
 
     #[inline(always)]
-    fn push<F>(&self, d: Desc, max: u16, n: &mut u16, sink: &mut F) -> Result<(), QueueError>
-    where
-        F: FnMut(GuestBuffer) -> Result<(), QueueError>,
-    {
+    fn push<F: BufferSink>(
+        &self,
+        d: Desc,
+        max: u16,
+        n: &mut u16,
+        sink: &mut F,
+    ) -> Result<(), QueueError> {
         self.check_buffer(d.addr, d.len)?;
         if *n >= max {
             return Err(QueueError::ChainExceedsShadow {
@@ -408,23 +421,20 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
             });
         }
         *n += 1;
-        sink(GuestBuffer {
+        sink.buffer(GuestBuffer {
             addr: d.addr,
             len: d.len,
             write: d.flags & DESC_F_WRITE != 0,
         })
     }
 
-    fn read_indirect<F>(
+    fn read_indirect<F: BufferSink>(
         &self,
         d: Desc,
         max_descs: u16,
         n_out: &mut u16,
         sink: &mut F,
-    ) -> Result<(), QueueError>
-    where
-        F: FnMut(GuestBuffer) -> Result<(), QueueError>,
-    {
+    ) -> Result<(), QueueError> {
         if !self.q.indirect {
             return Err(QueueError::BadIndirect(
                 "indirect descriptor but VIRTIO_RING_F_INDIRECT_DESC not negotiated",

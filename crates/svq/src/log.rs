@@ -289,6 +289,12 @@ impl LogBatch<'_> {
         self.guard.is_some()
     }
 
+    /// The log marks go to (`None`: logging is off).
+    #[inline]
+    pub fn log(&self) -> Option<&DirtyLog> {
+        self.guard.as_deref()
+    }
+
     /// Mark `[gpa, gpa + len)`; returns the pages covered (0 when logging is off).
     #[inline]
     pub fn mark(&self, gpa: u64, len: u64) -> u64 {

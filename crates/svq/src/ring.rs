@@ -464,10 +464,17 @@ impl SplitShadowRing {
 
     #[inline(always)]
     fn write_desc(&self, i: u16, d: RawDesc) {
-        let p = self.at(16 * i as usize) as *mut RawDesc;
+        let p = self.at(16 * i as usize) as *mut u64;
+        // Two 8-byte stores (little-endian layout: addr, then len | flags << 32 | next << 48).
+        let hi = u64::from(u32::from_le(d.len))
+            | u64::from(u16::from_le(d.flags)) << 32
+            | u64::from(u16::from_le(d.next)) << 48;
         // SAFETY: i < size, so the 16 bytes are inside the descriptor table, 16-byte aligned.
         // The device does not read a descriptor before it is published.
-        unsafe { p.write_volatile(d) };
+        unsafe {
+            p.write_volatile(d.addr);
+            p.add(1).write_volatile(hi.to_le());
+        }
     }
 }
 

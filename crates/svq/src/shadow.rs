@@ -27,7 +27,7 @@
 //! (`tracing::warn!`) and returned by every later call, which does no work.
 
 use crate::error::QueueError;
-use crate::guest::{GuestQueue, GuestRings};
+use crate::guest::{BufferSink, GuestBuffer, GuestQueue, GuestRings};
 use crate::log::{LogBatch, SharedLog};
 use crate::ring::{RingArea, ShadowDesc, ShadowRing, SplitShadowRing};
 use crate::translate::Translate;
@@ -129,6 +129,40 @@ pub struct UsedBatch {
     /// A previous `forward_avail` stopped on a full shadow ring and descriptors were freed:
     /// call `forward_avail` now (the guest will not kick again for those chains).
     pub retry_avail: bool,
+}
+
+/// Writes each validated guest buffer of a chain straight into the shadow ring (translated)
+/// and records the device-writable ranges.
+struct ChainWriter<'a, T, R> {
+    ring: &'a mut R,
+    xlate: &'a T,
+    writable: &'a mut Vec<(u64, u32)>,
+    bytes: u64,
+    /// False once the shadow ring ran out of descriptors (the chain is then not consumed).
+    room: bool,
+}
+
+impl<T: Translate, R: ShadowRing> BufferSink for ChainWriter<'_, T, R> {
+    #[inline(always)]
+    fn buffer(&mut self, b: GuestBuffer) -> Result<(), QueueError> {
+        let addr = self.xlate.to_device(b.addr, b.len)?;
+        // Out of room: keep walking (the whole chain is validated either way).
+        if self.room
+            && self.ring.push_desc(ShadowDesc {
+                addr,
+                len: b.len,
+                write: b.write,
+            })
+        {
+            if b.write && b.len > 0 {
+                self.writable.push((b.addr, b.len));
+            }
+            self.bytes += u64::from(b.len);
+        } else {
+            self.room = false;
+        }
+        Ok(())
+    }
 }
 
 /// Per shadow head: which guest chain it carries and where the device may write.
@@ -456,28 +490,15 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         let id = self.ring.begin_chain();
         let slot = &mut self.slots[usize::from(id)];
         slot.writable.clear();
-        let (ring, xlate, writable) = (&mut self.ring, &self.xlate, &mut slot.writable);
-        let mut bytes = 0u64;
-        let mut room = true;
-        let res = g.read_chain_with(head, self.cfg.shadow_size, |b| {
-            let addr = xlate.to_device(b.addr, b.len)?;
-            // Out of room: keep walking (the whole chain is validated either way).
-            if room
-                && ring.push_desc(ShadowDesc {
-                    addr,
-                    len: b.len,
-                    write: b.write,
-                })
-            {
-                if b.write && b.len > 0 {
-                    writable.push((b.addr, b.len));
-                }
-                bytes += u64::from(b.len);
-            } else {
-                room = false;
-            }
-            Ok(())
-        });
+        let mut sink = ChainWriter {
+            ring: &mut self.ring,
+            xlate: &self.xlate,
+            writable: &mut slot.writable,
+            bytes: 0,
+            room: true,
+        };
+        let res = g.read_chain_with(head, self.cfg.shadow_size, &mut sink);
+        let (room, bytes) = (sink.room, sink.bytes);
         let n = match res {
             Ok(n) if room => n,
             Ok(_) => {
@@ -544,13 +565,28 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         lb: &LogBatch<'_>,
         batch: &mut UsedBatch,
     ) -> Result<(), QueueError> {
-        loop {
-            while let Some(e) = self.ring.next_used()? {
+        let log = lb.log();
+        let (mut completed, mut pages, mut bytes) = (0u32, 0u64, 0u64);
+        let mut used_idx = self.used_idx;
+        let mut res = Ok(());
+        'batch: loop {
+            loop {
+                let e = match self.ring.next_used() {
+                    Ok(Some(e)) => e,
+                    Ok(None) => break,
+                    Err(err) => {
+                        res = Err(err);
+                        break 'batch;
+                    }
+                };
                 let slot = &mut self.slots[usize::from(e.id)];
                 slot.live = false;
-                g.write_used(self.used_idx, slot.guest_head, e.len)?;
-                self.used_idx = self.used_idx.wrapping_add(1);
-                batch.completed += 1;
+                if let Err(err) = g.write_used(used_idx, slot.guest_head, e.len) {
+                    res = Err(err);
+                    break 'batch;
+                }
+                used_idx = used_idx.wrapping_add(1);
+                completed += 1;
                 // Log exactly the bytes the device reports having written: the first `len`
                 // bytes of the writable ranges, in chain order.
                 let mut rem = e.len;
@@ -559,17 +595,24 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
                         break;
                     }
                     let n = rem.min(len);
-                    batch.pages_logged += lb.mark(addr, u64::from(n));
-                    batch.bytes_written += u64::from(n);
+                    if let Some(log) = log {
+                        pages += log.mark(addr, u64::from(n));
+                    }
+                    bytes += u64::from(n);
                     rem -= n;
                 }
             }
             // Re-arm the device's call (used_event) and re-check, else a completion landing
             // between our last read and the re-arm would never be signalled.
             if !self.ring.enable_used_notify() {
-                return Ok(());
+                break;
             }
         }
+        self.used_idx = used_idx;
+        batch.completed += completed;
+        batch.pages_logged += pages;
+        batch.bytes_written += bytes;
+        res
     }
 
     /// Publish the guest used index, log the used-ring writes, decide the interrupt.
