@@ -266,6 +266,13 @@ enum AnyBackend {
 }
 
 impl AnyBackend {
+    fn describe(&self) -> String {
+        match self {
+            AnyBackend::Blk(b) => format!("{:?}", b.stats()),
+            AnyBackend::Net(n) => format!("{:?}", n.stats()),
+        }
+    }
+
     fn stop(self) {
         match self {
             AnyBackend::Blk(b) => b.stop(),
@@ -662,9 +669,29 @@ fn switching_body(
     let mut last_ops = a.1 .0;
     for i in 0..switches {
         let t = Instant::now();
-        proxy
-            .set_shadow(i % 2 == 0)
-            .map_err(|e| ScenarioError::Proxy(format!("switch {i}: {e}")))?;
+        proxy.set_shadow(i % 2 == 0).map_err(|e| {
+            let ring = runner.with(|w| {
+                w.queues()
+                    .iter()
+                    .map(|q| {
+                        format!(
+                            "q{} next_avail {} last_used {} device_used {} in_flight {}",
+                            q.index(),
+                            q.next_avail(),
+                            q.last_used(),
+                            q.device_used_idx(w.ram().memory()),
+                            q.in_flight()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            });
+            ScenarioError::Proxy(format!(
+                "switch {i} (to {}): {e}; backend {}; guest {ring}",
+                if i % 2 == 0 { "shadow" } else { "passthrough" },
+                side.backend.describe()
+            ))
+        })?;
         let d = t.elapsed();
         total += d;
         max = max.max(d);

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -37,9 +37,13 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use super::ring_error;
 use super::segments::{read_stream, write_stream, ChainSegments};
 use super::XorShift;
-use super::{exit_pair, serve, BackendError, BackendHandle, BackendMemory, ConnectionBackend};
+use super::{
+    exit_pair, serve, BackendError, BackendHandle, BackendMemory, ConnectionBackend, GatedVring,
+    Rekick,
+};
 
 /// Sector size of the virtio-blk protocol (always 512, whatever blk_size says).
 pub const SECTOR_SIZE: u64 = 512;
@@ -311,7 +315,7 @@ struct Pending {
     due: Instant,
     seq: u64,
     queue: u16,
-    vring: VringRwLock<BackendMemory>,
+    vring: GatedVring,
     req: BlkRequest,
 }
 
@@ -362,6 +366,7 @@ struct BlkInner {
     thread: Mutex<Option<JoinHandle<()>>>,
     shutdown: Mutex<Option<ShutdownHandle>>,
     closed_call_reported: AtomicBool,
+    rekick: Rekick<BlkBackend>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -390,6 +395,7 @@ impl BlkBackend {
             thread: Mutex::new(None),
             shutdown: Mutex::new(None),
             closed_call_reported: AtomicBool::new(false),
+            rekick: Rekick::default(),
         });
         if inner.opts.delay.is_some() {
             let weak = Arc::downgrade(&inner);
@@ -412,15 +418,23 @@ impl BlkBackend {
     }
 
     /// Pops and dispatches every available request of `vring` (queue `queue`).
-    fn process_queue(&self, queue: u16, vring: &VringRwLock<BackendMemory>) -> io::Result<()> {
+    fn process_queue(&self, queue: u16, vring: &GatedVring) -> io::Result<()> {
         let Some(atomic) = lock(&self.0.mem).clone() else {
             return Ok(());
         };
         let mut completed_inline = false;
         loop {
+            // A stopped ring (after GET_VRING_BASE) may still get a late event: popping from it
+            // fails, and enable_notification would report the unpopped entries forever.
+            if !vring.get_ref().get_queue().ready() {
+                break;
+            }
             // With EVENT_IDX this leaves avail_event alone; without, it sets VRING_USED_F_NO_NOTIFY
             // so a proxy's shadow ring sees the device suppress kicks while it drains the ring.
-            vring.disable_notification().map_err(io::Error::other)?;
+            if let Err(e) = vring.disable_notification() {
+                ring_error(&e);
+                break;
+            }
             loop {
                 let mem = atomic.memory();
                 let chain = vring
@@ -450,23 +464,25 @@ impl BlkBackend {
             }
             // Re-enables kicks (writes avail_event = next_avail with EVENT_IDX) and re-checks the
             // avail index to close the race with a driver that added a chain meanwhile.
-            if !vring.enable_notification().map_err(io::Error::other)? {
+            if !vring.enable_notification().unwrap_or_else(|e| {
+                ring_error(&e);
+                false
+            }) {
                 break;
             }
         }
+        tracing::debug!(
+            queue,
+            next_avail = vring.queue_next_avail(),
+            "backend: queue processed"
+        );
         if completed_inline {
             self.notify(vring);
         }
         Ok(())
     }
 
-    fn submit_delayed(
-        &self,
-        queue: u16,
-        vring: &VringRwLock<BackendMemory>,
-        req: BlkRequest,
-        d: CompletionDelay,
-    ) {
+    fn submit_delayed(&self, queue: u16, vring: &GatedVring, req: BlkRequest, d: CompletionDelay) {
         let delay_ns = lock(&self.0.rng).range(d.min.as_nanos() as u64, d.max.as_nanos() as u64);
         let c = &self.0.completer;
         let mut st = lock(&c.state);
@@ -487,7 +503,7 @@ impl BlkBackend {
     }
 
     /// Signals the used queue if the driver wants it; emulates qsd on a closed call fd.
-    fn notify(&self, vring: &VringRwLock<BackendMemory>) {
+    fn notify(&self, vring: &GatedVring) {
         match vring.needs_notification() {
             Ok(true) => {}
             Ok(false) => return,
@@ -518,7 +534,7 @@ impl BlkBackend {
         let Some(atomic) = lock(&self.0.mem).clone() else {
             return;
         };
-        let mut touched: Vec<VringRwLock<BackendMemory>> = Vec::new();
+        let mut touched: Vec<GatedVring> = Vec::new();
         let mut touched_q: Vec<u16> = Vec::new();
         for p in batch {
             let mem = atomic.memory();
@@ -601,7 +617,7 @@ fn completion_loop(weak: std::sync::Weak<BlkInner>) {
 
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
-    type Vring = VringRwLock<BackendMemory>;
+    type Vring = GatedVring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.0.opts.num_queues)
@@ -687,6 +703,16 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Ok(());
         }
+        let nq = usize::from(self.0.opts.num_queues);
+        self.0.rekick.install(nq, vrings);
+        tracing::debug!(device_event, "backend: event");
+        if let Some(q) = Rekick::<BlkBackend>::queue_of(nq, device_event) {
+            // A kick on a fd that replaced the original one while the ring ran.
+            return match vrings.get(q) {
+                Some(v) if Rekick::<BlkBackend>::consume(v) => self.process_queue(q as u16, v),
+                _ => Ok(()),
+            };
+        }
         match vrings.get(usize::from(device_event)) {
             Some(vring) => self.process_queue(device_event, vring),
             None => Ok(()),
@@ -701,6 +727,10 @@ impl ConnectionBackend for BlkBackend {
         if let Some(t) = lock(&self.0.thread).take() {
             let _ = t.join();
         }
+    }
+
+    fn set_epoll_handlers(&self, handlers: Vec<Arc<VringEpollHandler<Self>>>) {
+        self.0.rekick.set(handlers);
     }
 
     fn set_shutdown_handle(&self, handle: ShutdownHandle) {

@@ -15,6 +15,7 @@
 pub mod blk;
 pub mod net;
 mod segments;
+mod vring;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -25,10 +26,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vhost_user_backend::{
+    ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringT,
+};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 pub use segments::Segment;
+pub use vring::GatedVring;
 
 /// Guest memory as the reference backends see it (no dirty bitmap: they never log).
 pub type BackendMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -63,11 +68,14 @@ pub enum BackendError {
 /// A per-connection device instance: the accept loop creates a fresh one for every frontend
 /// connection (like qemu-storage-daemon, which serves one VMM after another on the same export).
 pub trait ConnectionBackend:
-    VhostUserBackend<Bitmap = (), Vring = VringRwLock<BackendMemory>> + Clone + 'static
+    VhostUserBackend<Bitmap = (), Vring = GatedVring> + Clone + 'static
 {
     /// Called once the connection has ended and the vring worker threads were told to exit;
     /// stops any helper threads (completion threads) of this instance.
     fn connection_closed(&self);
+
+    /// Hands the instance its vring workers (to watch kick fds replaced on running rings).
+    fn set_epoll_handlers(&self, handlers: Vec<Arc<VringEpollHandler<Self>>>);
 
     /// Hands the instance a way to drop its own connection (used to emulate qemu-storage-daemon,
     /// which disconnects when it must signal a closed call fd).
@@ -165,6 +173,7 @@ where
                         break;
                     }
                 };
+                backend.set_epoll_handlers(daemon.get_epoll_handlers());
                 if let Err(e) = daemon.start(&mut listener) {
                     tracing::error!("{name2}: accept failed: {e}");
                     continue;
@@ -210,6 +219,12 @@ fn wait_readable(listener: &Listener, timeout: Duration) -> bool {
     r > 0 && (pfd.revents & libc::POLLIN) != 0
 }
 
+/// Logs a ring access failure (a ring re-pointed or unmapped under a running worker, or a bogus
+/// address from the driver) and lets the worker live on: only this queue stops until restarted.
+pub(crate) fn ring_error(e: &virtio_queue::Error) {
+    tracing::warn!("backend: ring access failed, queue processing stopped: {e}");
+}
+
 /// A new (consumer, notifier) pair for a vring worker's exit event.
 pub(crate) fn exit_pair() -> Option<(
     vmm_sys_util::event::EventConsumer,
@@ -251,5 +266,76 @@ impl XorShift {
         } else {
             lo + self.next_u64() % (hi - lo + 1)
         }
+    }
+}
+
+/// Per-connection glue for [`GatedVring`]'s running-ring kick fix: the worker that watches the
+/// rings, and the listener id of each queue's replacement kick fd.
+pub(crate) struct Rekick<B: VhostUserBackend> {
+    handler: Mutex<Option<std::sync::Weak<VringEpollHandler<B>>>>,
+}
+
+impl<B: VhostUserBackend> Default for Rekick<B> {
+    fn default() -> Self {
+        Rekick {
+            handler: Mutex::new(None),
+        }
+    }
+}
+
+impl<B: ConnectionBackend> Rekick<B> {
+    /// Remembers the (single) vring worker.
+    pub(crate) fn set(&self, handlers: Vec<Arc<VringEpollHandler<B>>>) {
+        if let Some(h) = handlers.first() {
+            *self.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(h));
+        }
+    }
+
+    /// Listener id of queue `q`'s replacement kick (ids up to num_queues are the library's).
+    pub(crate) fn listener_id(num_queues: usize, q: usize) -> u16 {
+        (num_queues + 1 + q) as u16
+    }
+
+    /// The queue a listener id belongs to, if it is one of ours.
+    pub(crate) fn queue_of(num_queues: usize, device_event: u16) -> Option<usize> {
+        (usize::from(device_event))
+            .checked_sub(num_queues + 1)
+            .filter(|q| *q < num_queues)
+    }
+
+    /// Makes sure every ring has its hook (cheap after the first call).
+    pub(crate) fn install(&self, num_queues: usize, vrings: &[GatedVring]) {
+        let weak = self
+            .handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(weak) = weak else { return };
+        for (q, v) in vrings.iter().enumerate() {
+            let w = weak.clone();
+            v.install_rekick(|| {
+                Arc::new(move |fd, register| {
+                    if let Some(h) = w.upgrade() {
+                        let id = u64::from(Self::listener_id(num_queues, q));
+                        let r = if register {
+                            h.register_listener(fd, EventSet::IN, id)
+                        } else {
+                            // EPOLL_CTL_DEL ignores the id; ENOENT (not registered) is fine.
+                            h.unregister_listener(fd, EventSet::IN, id)
+                        };
+                        if let Err(e) = r {
+                            if register || e.raw_os_error() != Some(libc::ENOENT) {
+                                tracing::warn!("kick fd of queue {q} (register {register}): {e}");
+                            }
+                        }
+                    }
+                })
+            });
+        }
+    }
+
+    /// Handles a kick on a replacement fd: consume it; true if the ring is enabled.
+    pub(crate) fn consume(vring: &GatedVring) -> bool {
+        vring.read_kick().unwrap_or(false)
     }
 }

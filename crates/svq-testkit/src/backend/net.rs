@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_STATUS};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -22,8 +22,12 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use super::ring_error;
 use super::segments::{read_stream, write_stream, ChainSegments};
-use super::{exit_pair, serve, BackendError, BackendHandle, BackendMemory, ConnectionBackend};
+use super::{
+    exit_pair, serve, BackendError, BackendHandle, BackendMemory, ConnectionBackend, GatedVring,
+    Rekick,
+};
 
 /// Size of `struct virtio_net_hdr_v1` (VERSION_1 always has num_buffers).
 pub const NET_HDR_LEN: usize = 12;
@@ -102,6 +106,7 @@ struct NetInner {
     mem: Mutex<Option<BackendMemory>>,
     event_idx: AtomicBool,
     backlog: Vec<Mutex<VecDeque<Vec<u8>>>>,
+    rekick: Rekick<NetBackend>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -120,10 +125,11 @@ impl NetBackend {
             mem: Mutex::new(None),
             event_idx: AtomicBool::new(false),
             backlog,
+            rekick: Rekick::default(),
         }))
     }
 
-    fn notify(vring: &VringRwLock<BackendMemory>) {
+    fn notify(vring: &GatedVring) {
         match vring.needs_notification() {
             Ok(true) => {
                 if let Err(e) = vring.signal_used_queue() {
@@ -136,13 +142,20 @@ impl NetBackend {
     }
 
     /// Moves every transmitted frame of `tx` into the pair's backlog.
-    fn process_tx(&self, pair: usize, tx: &VringRwLock<BackendMemory>) -> io::Result<()> {
+    fn process_tx(&self, pair: usize, tx: &GatedVring) -> io::Result<()> {
         let Some(atomic) = lock(&self.0.mem).clone() else {
             return Ok(());
         };
         let mut done = false;
         loop {
-            tx.disable_notification().map_err(io::Error::other)?;
+            // Never spin on a stopped ring (see the block backend).
+            if !tx.get_ref().get_queue().ready() {
+                break;
+            }
+            if let Err(e) = tx.disable_notification() {
+                ring_error(&e);
+                break;
+            }
             loop {
                 let mem = atomic.memory();
                 let chain = tx
@@ -173,7 +186,10 @@ impl NetBackend {
                 }
                 done = true;
             }
-            if !tx.enable_notification().map_err(io::Error::other)? {
+            if !tx.enable_notification().unwrap_or_else(|e| {
+                ring_error(&e);
+                false
+            }) {
                 break;
             }
         }
@@ -184,14 +200,17 @@ impl NetBackend {
     }
 
     /// Writes backlog frames into posted receive buffers.
-    fn process_rx(&self, pair: usize, rx: &VringRwLock<BackendMemory>) -> io::Result<()> {
+    fn process_rx(&self, pair: usize, rx: &GatedVring) -> io::Result<()> {
         let Some(atomic) = lock(&self.0.mem).clone() else {
             return Ok(());
         };
         let mut done = false;
         let mut q = lock(&self.0.backlog[pair]);
-        while !q.is_empty() {
-            rx.disable_notification().map_err(io::Error::other)?;
+        while !q.is_empty() && rx.get_ref().get_queue().ready() {
+            if let Err(e) = rx.disable_notification() {
+                ring_error(&e);
+                break;
+            }
             let mem = atomic.memory();
             let chain = rx
                 .get_mut()
@@ -199,7 +218,10 @@ impl NetBackend {
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else {
                 // No buffer: ask for a kick and re-check (a buffer may have raced in).
-                if rx.enable_notification().map_err(io::Error::other)? {
+                if rx.enable_notification().unwrap_or_else(|e| {
+                    ring_error(&e);
+                    false
+                }) {
                     continue;
                 }
                 break;
@@ -241,7 +263,7 @@ impl NetBackend {
 
 impl VhostUserBackend for NetBackend {
     type Bitmap = ();
-    type Vring = VringRwLock<BackendMemory>;
+    type Vring = GatedVring;
 
     fn num_queues(&self) -> usize {
         2 * usize::from(self.0.opts.queue_pairs)
@@ -312,7 +334,16 @@ impl VhostUserBackend for NetBackend {
         if evset != EventSet::IN {
             return Ok(());
         }
-        let q = usize::from(device_event);
+        let nq = 2 * usize::from(self.0.opts.queue_pairs);
+        self.0.rekick.install(nq, vrings);
+        let q = match Rekick::<NetBackend>::queue_of(nq, device_event) {
+            Some(q) => match vrings.get(q) {
+                // A kick on a fd that replaced the original one while the ring ran.
+                Some(v) if Rekick::<NetBackend>::consume(v) => q,
+                _ => return Ok(()),
+            },
+            None => usize::from(device_event),
+        };
         let pair = q / 2;
         let (Some(rx), Some(tx)) = (vrings.get(2 * pair), vrings.get(2 * pair + 1)) else {
             return Ok(());
@@ -330,6 +361,10 @@ impl VhostUserBackend for NetBackend {
 
 impl ConnectionBackend for NetBackend {
     fn connection_closed(&self) {}
+
+    fn set_epoll_handlers(&self, handlers: Vec<Arc<VringEpollHandler<Self>>>) {
+        self.0.rekick.set(handlers);
+    }
 }
 
 /// A running reference net backend.

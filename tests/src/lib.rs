@@ -1,0 +1,83 @@
+//! Glue between the testkit's scenarios and svqd: a [`ProxyLauncher`] that starts an in-process
+//! svqd between each VMM socket and backend socket.
+//!
+//! [`ProxyLauncher`]: svq_testkit::scenario::ProxyLauncher
+
+use std::path::Path;
+use std::sync::Arc;
+
+use svq_testkit::scenario::Proxy as TestProxy;
+use svqd::{ControlTarget, Proxy, ProxyConfig, ProxyThread, ShadowPolicy};
+
+/// An in-process svqd seen through the testkit's proxy interface.
+pub struct SvqdProxy {
+    thread: ProxyThread,
+    control: Arc<dyn ControlTarget>,
+}
+
+impl SvqdProxy {
+    /// Per-queue statistics as svqd reports them.
+    pub fn stats(&self) -> String {
+        self.control.query_stats().to_string()
+    }
+}
+
+impl TestProxy for SvqdProxy {
+    fn set_shadow(&self, enable: bool) -> Result<(), String> {
+        self.control.set_shadow(enable)
+    }
+
+    fn stop(self: Box<Self>) {
+        if let Err(e) = self.thread.stop() {
+            eprintln!("svqd stopped with an error: {e}");
+        }
+    }
+}
+
+/// How to configure each svqd the launcher starts.
+#[derive(Debug, Clone, Copy)]
+pub struct SvqdSettings {
+    /// Shadow policy.
+    pub shadow: ShadowPolicy,
+    /// Write the VMM's dirty log (false only for the negative control).
+    pub log_enabled: bool,
+    /// Use ADD_MEM_REG towards the backend for shadow rings.
+    pub backend_mem_slots: bool,
+}
+
+impl Default for SvqdSettings {
+    fn default() -> Self {
+        SvqdSettings {
+            shadow: ShadowPolicy::Auto,
+            log_enabled: true,
+            backend_mem_slots: true,
+        }
+    }
+}
+
+/// A launcher for [`svq_testkit::scenario`]: every call starts a fresh svqd.
+pub fn svqd_launcher(
+    settings: SvqdSettings,
+) -> impl FnMut(&Path, &Path) -> Result<Box<dyn TestProxy>, String> {
+    move |socket: &Path, backend: &Path| {
+        let mut cfg = ProxyConfig::new(socket, backend);
+        cfg.shadow = settings.shadow;
+        cfg.log_enabled = settings.log_enabled;
+        cfg.backend_mem_slots = settings.backend_mem_slots;
+        let proxy = Proxy::new(cfg).map_err(|e| e.to_string())?;
+        let control = proxy.control();
+        let thread = proxy.spawn().map_err(|e| e.to_string())?;
+        Ok(Box::new(SvqdProxy { thread, control }) as Box<dyn TestProxy>)
+    }
+}
+
+/// Installs a tracing subscriber for tests (RUST_LOG controls it; quiet by default).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,148 @@
+//! The migration oracle through svqd: blk and net, event-idx on and off, 1 and 4 queues, under
+//! load, with both VMM logging styles and both memory-table styles.
+
+use std::time::Duration;
+
+use svq_e2e::{init_tracing, svqd_launcher, SvqdSettings};
+use svq_testkit::scenario::{run_migration, DeviceKind, ScenarioOptions};
+use svq_testkit::vmm::{LogStyle, MemTableStyle, VmmOptions};
+
+fn migrate(device: DeviceKind, queues: u16, event_idx: bool, log: LogStyle, mem: MemTableStyle) {
+    init_tracing();
+    let opts = ScenarioOptions {
+        device,
+        queues,
+        event_idx,
+        ram_size: 32 << 20,
+        disk_size: 8 << 20,
+        warmup: Duration::from_millis(150),
+        after: Duration::from_millis(150),
+        vmm: VmmOptions {
+            log_style: log,
+            mem_style: mem,
+            ..Default::default()
+        },
+        seed: u64::from(queues) * 31 + u64::from(event_idx),
+        ..Default::default()
+    };
+    let mut launcher = svqd_launcher(SvqdSettings::default());
+    let mut lines = Vec::new();
+    let r = run_migration(&opts, Some(&mut launcher), &mut |l| {
+        lines.push(l.to_owned())
+    })
+    .unwrap_or_else(|e| panic!("scenario failed: {e}\n{}", lines.join("\n")));
+    let tag = format!("{device:?} queues={queues} event_idx={event_idx} {log:?} {mem:?}");
+    assert!(r.migration.device_logging, "{tag}: svqd must offer logging");
+    assert!(
+        r.oracle.passed(),
+        "{tag}: oracle failed:\n{}\n{:?}\n{}",
+        r.oracle,
+        r.oracle.failures(),
+        lines.join("\n")
+    );
+    assert!(r.phases[0].ops > 20, "{tag}: no load before migration");
+    assert!(r.phases[1].ops > 0, "{tag}: no load during migration");
+    assert!(
+        r.phases[2].ops > 20,
+        "{tag}: guest did not run on the destination"
+    );
+    let device_pages: u64 = r
+        .migration
+        .rounds
+        .iter()
+        .map(|s| s.device_pages)
+        .sum::<u64>()
+        + r.migration.final_round.device_pages;
+    assert!(
+        device_pages > 0,
+        "{tag}: svqd logged no device page under load"
+    );
+}
+
+#[test]
+fn blk_1q_event_idx() {
+    migrate(
+        DeviceKind::Blk,
+        1,
+        true,
+        LogStyle::Qemu,
+        MemTableStyle::AddMemReg,
+    );
+}
+
+#[test]
+fn blk_1q_no_event_idx() {
+    migrate(
+        DeviceKind::Blk,
+        1,
+        false,
+        LogStyle::CloudHypervisor,
+        MemTableStyle::SetMemTable,
+    );
+}
+
+#[test]
+fn blk_4q_event_idx() {
+    migrate(
+        DeviceKind::Blk,
+        4,
+        true,
+        LogStyle::CloudHypervisor,
+        MemTableStyle::AddMemReg,
+    );
+}
+
+#[test]
+fn blk_4q_no_event_idx() {
+    migrate(
+        DeviceKind::Blk,
+        4,
+        false,
+        LogStyle::Qemu,
+        MemTableStyle::SetMemTable,
+    );
+}
+
+#[test]
+fn net_1q_event_idx() {
+    migrate(
+        DeviceKind::Net,
+        1,
+        true,
+        LogStyle::Qemu,
+        MemTableStyle::AddMemReg,
+    );
+}
+
+#[test]
+fn net_1q_no_event_idx() {
+    migrate(
+        DeviceKind::Net,
+        1,
+        false,
+        LogStyle::CloudHypervisor,
+        MemTableStyle::AddMemReg,
+    );
+}
+
+#[test]
+fn net_4q_event_idx() {
+    migrate(
+        DeviceKind::Net,
+        4,
+        true,
+        LogStyle::Qemu,
+        MemTableStyle::SetMemTable,
+    );
+}
+
+#[test]
+fn net_4q_no_event_idx() {
+    migrate(
+        DeviceKind::Net,
+        4,
+        false,
+        LogStyle::CloudHypervisor,
+        MemTableStyle::SetMemTable,
+    );
+}

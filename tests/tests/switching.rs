@@ -1,0 +1,65 @@
+//! 1000 passthrough ↔ shadow switches under load through svqd's control interface, with a block
+//! backend that completes asynchronously, out of order and late (qemu-storage-daemon's
+//! GET_VRING_BASE behaviour), and with the net echo device: no request lost, none completed twice,
+//! every byte read back as written.
+
+use std::time::Duration;
+
+use svq_e2e::{init_tracing, svqd_launcher, SvqdSettings};
+use svq_testkit::backend::blk::CompletionDelay;
+use svq_testkit::scenario::{run_switching, DeviceKind, ScenarioOptions};
+
+fn switch(device: DeviceKind, queues: u16, event_idx: bool, switches: u64) {
+    init_tracing();
+    let opts = ScenarioOptions {
+        device,
+        queues,
+        event_idx,
+        ram_size: 32 << 20,
+        disk_size: 8 << 20,
+        blk_delay: Some(CompletionDelay {
+            min: Duration::from_micros(5),
+            max: Duration::from_micros(400),
+        }),
+        warmup: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let mut launcher = svqd_launcher(SvqdSettings::default());
+    let mut lines = Vec::new();
+    let r = run_switching(&opts, &mut launcher, switches, &mut |l| {
+        lines.push(l.to_owned())
+    })
+    .unwrap_or_else(|e| panic!("switching failed: {e}\n{}", lines.join("\n")));
+    let tag = format!("{device:?} queues={queues} event_idx={event_idx}");
+    assert!(
+        r.failures().is_empty(),
+        "{tag}: {:?}\n{}",
+        r.failures(),
+        lines.join("\n")
+    );
+    assert!(
+        r.phase.ops > switches / 4,
+        "{tag}: too little I/O during the switches: {:?}",
+        r.phase
+    );
+    assert_eq!(r.ledger.issued, r.ledger.completed, "{tag}");
+}
+
+#[test]
+fn blk_1000_switches_event_idx() {
+    switch(DeviceKind::Blk, 1, true, 1000);
+}
+
+#[test]
+fn blk_4q_200_switches_no_event_idx() {
+    switch(DeviceKind::Blk, 4, false, 200);
+}
+
+// svqd's shadow→passthrough drain waits for every buffer forwarded to the shadow ring to be
+// used; a net RX buffer the device has not popped is never used while forwarding (and so TX
+// traffic) is stopped, so the switch times out. Run with --ignored to check a fix.
+#[test]
+#[ignore = "svqd drain deadlocks on idle RX buffers (reported to the svqd owner)"]
+fn net_200_switches() {
+    switch(DeviceKind::Net, 2, true, 200);
+}
