@@ -187,6 +187,18 @@ impl IovaTree {
                     let end = self.free_by_addr[&start];
                     found = Self::fit(start, end, size, align).map(|s| (start, end, s));
                 }
+                // Near exhaustion only: a hole shorter than size + align - 1 may still fit if
+                // it happens to be aligned. Scan those before reporting exhaustion.
+                if found.is_none() {
+                    found = self
+                        .free_by_size
+                        .range((size - 1, 0)..(need, 0))
+                        .skip(8)
+                        .find_map(|&(_, start)| {
+                            let end = self.free_by_addr[&start];
+                            Self::fit(start, end, size, align).map(|s| (start, end, s))
+                        });
+                }
             }
         }
         let (fs, fe, iova) = found.ok_or(IovaError::Exhausted { size, align })?;
@@ -352,6 +364,30 @@ mod tests {
         t.remove(a).unwrap(); // a 0x100 hole at 0, and a big hole after b
         let c = t.alloc(0x80, 1, 0x300_0000).unwrap();
         assert_eq!(c, 0, "small request goes into the small hole");
+    }
+
+    #[test]
+    fn an_aligned_hole_behind_many_unaligned_ones_is_found() {
+        // Holes of 0x10 bytes: twenty unaligned ones, one 0x100-aligned one at 0x8000.
+        let mut holes: Vec<u64> = (0..20).map(|k| 0x108 + k * 0x200).collect();
+        holes.push(0x8000);
+        let mut t = IovaTree::new(0, 0xffff).unwrap();
+        let mut cur = 0;
+        for (i, &h) in holes.iter().enumerate() {
+            t.map_fixed(cur, h - cur, 0x100_0000 * (i as u64 + 1))
+                .unwrap();
+            cur = h + 0x10;
+        }
+        t.map_fixed(cur, 0x1_0000 - cur, 0x1_0000_0000).unwrap();
+        assert_eq!(t.free_bytes(), 21 * 0x10);
+        assert_eq!(t.alloc(0x10, 0x100, 0x7777_0000), Ok(0x8000));
+        assert_eq!(
+            t.alloc(0x10, 0x100, 0x7778_0000),
+            Err(IovaError::Exhausted {
+                size: 0x10,
+                align: 0x100
+            })
+        );
     }
 
     #[test]

@@ -81,3 +81,83 @@ proptest! {
         run(cfg, guest_start, shadow_base, seed, &ops);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Marking ranges sets exactly the pages they overlap (model: a set of page numbers).
+    #[test]
+    fn dirty_log_marks_exactly_the_overlapped_pages(
+        ranges in prop::collection::vec((0u64..(1 << 22), 0u64..(1 << 16)), 0..40),
+    ) {
+        let log = svq::DirtyLog::new_owned(1 << 7); // 1024 pages = 4 MiB
+        let mut want = std::collections::BTreeSet::new();
+        for &(gpa, len) in &ranges {
+            let n = log.mark(gpa, len);
+            let covered: Vec<u64> = common::pages(gpa, len).collect();
+            prop_assert_eq!(n, covered.len() as u64);
+            want.extend(covered.into_iter().filter(|&p| p < 1024));
+        }
+        prop_assert_eq!(log.dirty_pages(), want.into_iter().collect::<Vec<_>>());
+    }
+
+    /// Random alloc/map_fixed/remove sequences against a brute-force model of the IOVA space.
+    #[test]
+    fn iova_tree_matches_a_brute_force_model(
+        ops in prop::collection::vec((0u8..3, 1u64..0x3000, 0u32..6, any::<u16>()), 1..80),
+    ) {
+        let (first, last) = (0x1000u64, 0x2_0fffu64);
+        let mut t = svq::IovaTree::new(first, last).unwrap();
+        let mut live: Vec<svq::IovaMapping> = Vec::new();
+        let mut taddr = 0x100_0000u64;
+        let free_at = |live: &[svq::IovaMapping], a: u64, size: u64| {
+            a >= first && a.checked_add(size - 1).is_some_and(|e| e <= last)
+                && live.iter().all(|m| a + size - 1 < m.iova || a > m.iova + m.size - 1)
+        };
+        for (kind, size, align_pow, pick) in ops {
+            match kind {
+                0 => {
+                    let align = 1u64 << (align_pow * 2);
+                    // Does any aligned fit exist? (brute force over candidate starts)
+                    let mut exists = false;
+                    let mut a = first.next_multiple_of(align);
+                    while a <= last {
+                        if free_at(&live, a, size) { exists = true; break; }
+                        a += align;
+                    }
+                    match t.alloc(size, align, taddr) {
+                        Ok(iova) => {
+                            prop_assert!(exists);
+                            prop_assert_eq!(iova % align, 0);
+                            prop_assert!(free_at(&live, iova, size));
+                            live.push(svq::IovaMapping { iova, taddr, size });
+                        }
+                        Err(svq::IovaError::Exhausted { .. }) => prop_assert!(!exists),
+                        Err(e) => prop_assert!(false, "unexpected {e}"),
+                    }
+                    taddr += size + 0x10;
+                }
+                1 => {
+                    let iova = first + u64::from(pick) * 4;
+                    let ok = free_at(&live, iova, size);
+                    prop_assert_eq!(t.map_fixed(iova, size, taddr).is_ok(), ok);
+                    if ok {
+                        live.push(svq::IovaMapping { iova, taddr, size });
+                    }
+                    taddr += size + 0x10;
+                }
+                _ if !live.is_empty() => {
+                    let m = live.swap_remove(usize::from(pick) % live.len());
+                    prop_assert_eq!(t.remove(m.iova).unwrap(), m);
+                }
+                _ => {}
+            }
+            for m in &live {
+                prop_assert_eq!(t.find_by_iova(m.iova + m.size / 2), Some(*m));
+                prop_assert_eq!(t.find_by_taddr(m.taddr + m.size - 1), Some(*m));
+            }
+            let used: u64 = live.iter().map(|m| m.size).sum();
+            prop_assert_eq!(t.free_bytes() + used, last - first + 1);
+        }
+    }
+}
