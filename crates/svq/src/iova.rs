@@ -10,7 +10,9 @@
 //!
 //! Allocation is best-fit (the smallest free interval that holds the aligned request, lowest
 //! address among equals), which keeps large holes for large requests; QEMU's `iova-tree` walks the
-//! free space linearly instead. Exhaustion is an error, never a panic.
+//! free space linearly instead. It is O(log n) except near exhaustion with an alignment larger
+//! than the request's slack, where holes of the right size class are scanned before giving up:
+//! exhaustion is reported only when no free interval can hold the request, never a panic.
 
 use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;

@@ -390,6 +390,13 @@ impl SplitShadowRing {
         if !(area.as_ptr() as usize).is_multiple_of(SplitLayout::ALIGN) {
             return Err(QueueError::InvalidConfig("ring area not 64-byte aligned"));
         }
+        if area
+            .device_addr()
+            .checked_add(layout.total_bytes() as u64)
+            .is_none()
+        {
+            return Err(QueueError::InvalidConfig("ring device address wraps"));
+        }
         // SAFETY: the area is valid for `total_bytes` (checked) and not yet given to the device.
         unsafe { std::ptr::write_bytes(area.as_ptr(), 0, layout.total_bytes()) };
         let mut next: Vec<u16> = (1..=size).collect();
