@@ -148,24 +148,34 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
-/// Path of a workspace binary (`svqd`, `svqctl`), checked to exist and to be newer than every
-/// source file of svqd and the engine, so a stale build cannot pass for the current code (unless
-/// `SVQ_BIN_DIR` names the binaries explicitly).
+/// Path of a workspace binary (`svqd`, `svqctl`). Unless `SVQ_BIN_DIR` names the binaries
+/// explicitly, a missing binary, or one older than any source file of svqd or the engine, is
+/// (re)built once per test process with `cargo build -p svqd --bins` in this test's own target
+/// directory and profile (`cargo test -p svq-peers` alone does not build other packages' bins;
+/// cargo does not hold its build lock while tests run). A stale build never passes for the
+/// current code.
 pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
     let p = bin_dir().join(name);
-    let meta = fs::metadata(&p).unwrap_or_else(|e| {
-        panic!(
-            "{} not found ({e}): build it first with `cargo build -p svqd --bins` \
-             (same profile as the tests), or set SVQ_BIN_DIR",
-            p.display()
-        )
-    });
-    let built = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
     if std::env::var_os("SVQ_BIN_DIR").is_some() {
         // An explicitly chosen binary (e.g. a snapshot while svqd's sources are being edited).
+        assert!(p.exists(), "{} not found (SVQ_BIN_DIR)", p.display());
         return p;
     }
-    // What the binaries are built from: svqd's and the engine's sources (not their tests).
+    if let Err(why) = fresh(&p) {
+        BUILD.call_once(|| build_svqd(&why));
+        if let Err(why) = fresh(&p) {
+            panic!("{why} even after `cargo build -p svqd --bins`");
+        }
+    }
+    p
+}
+
+/// Ok if `bin` exists and is newer than every source it is built from.
+fn fresh(bin: &Path) -> Result<(), String> {
+    let built = fs::metadata(bin)
+        .and_then(|m| m.modified())
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for src in [
         "crates/svqd/src",
@@ -182,15 +192,45 @@ pub fn workspace_bin(name: &str) -> PathBuf {
                 .map(|t| (t, src.clone()))
         };
         if let Some((newest, path)) = newest {
-            assert!(
-                newest <= built,
-                "{} is older than {}: rebuild with `cargo build -p svqd --bins`",
-                p.display(),
-                path.display()
-            );
+            if newest > built {
+                return Err(format!(
+                    "{} is older than {}",
+                    bin.display(),
+                    path.display()
+                ));
+            }
         }
     }
-    p
+    Ok(())
+}
+
+/// `cargo build -p svqd --bins` into the target directory and profile of this test executable.
+fn build_svqd(why: &str) {
+    let profile_dir = bin_dir();
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_string();
+    let target = profile_dir.parent().expect("target dir").to_path_buf();
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    eprintln!("{why}: running cargo build -p svqd --bins --profile {profile}");
+    let cargo_profile = if profile == "debug" { "dev" } else { &profile };
+    let st = std::process::Command::new(cargo)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .env("CARGO_TARGET_DIR", &target)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "svqd",
+            "--bins",
+            "--profile",
+            cargo_profile,
+        ])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cargo}: {e}"));
+    assert!(st.success(), "cargo build -p svqd --bins failed ({st})");
 }
 
 fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {

@@ -182,10 +182,10 @@ impl BlkRig {
         let mut side = self.start_side(s, 0, None)?;
         let boot = side
             .vm
-            .wait_boot(Duration::from_secs(60))
+            .wait_boot(Duration::from_secs(120))
             .map_err(|e| self.context(&side, e))?;
         side.vm
-            .wait_iterations(0, 1, Duration::from_secs(60))
+            .wait_iterations(0, 1, Duration::from_secs(120))
             .map_err(|e| self.context(&side, e))?;
         Ok((side, boot))
     }
@@ -214,7 +214,7 @@ impl BlkRig {
         src.shutdown()?;
         let dest_iter = if iters_after > 0 {
             dst.vm
-                .wait_iterations(src_iter, iters_after, Duration::from_secs(90))
+                .wait_iterations(src_iter, iters_after, Duration::from_secs(150))
                 .map_err(|e| self.context(&dst, e))?
         } else {
             0

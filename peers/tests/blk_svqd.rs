@@ -113,7 +113,7 @@ fn svqd_set_shadow_toggle_100_under_io() {
     let status = d.ctl(&["query-stats"]).unwrap_or_default();
     let before = iterations(&side.vm.console_text()).0;
     side.vm
-        .wait_iterations(before, 2, Duration::from_secs(60))
+        .wait_iterations(before, 2, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{}", rig.context(&side, e)));
     eprintln!(
         "200 mode switches in {toggles:?}, guest at iteration {}; stats: {status}",

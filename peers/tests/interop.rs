@@ -63,7 +63,7 @@ fn rng(s: &Setup, name: &str, shadow: &str) {
     ]);
     let mut vm = Vm::start(&s.fx, dir.path(), spec).unwrap_or_else(|e| fail(e, &d, &be));
     let t = vm
-        .wait_console("SVQ-DONE", Duration::from_secs(90), |t| {
+        .wait_console("SVQ-DONE", Duration::from_secs(150), |t| {
             t.contains("SVQ-DONE")
         })
         .unwrap_or_else(|e| fail(e, &d, &be));
@@ -109,7 +109,7 @@ fn vsock(s: &Setup, name: &str, shadow: &str) {
         "vhost-user-vsock-pci,chardev=vs0",
     ]);
     let mut vm = Vm::start(&s.fx, dir.path(), spec).unwrap_or_else(|e| fail(e, &d, &be));
-    vm.wait_console("SVQ-VSOCK-READY", Duration::from_secs(90), |t| {
+    vm.wait_console("SVQ-VSOCK-READY", Duration::from_secs(150), |t| {
         t.contains("SVQ-VSOCK-READY")
     })
     .unwrap_or_else(|e| fail(e, &d, &be));

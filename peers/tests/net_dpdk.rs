@@ -18,7 +18,7 @@ fn rx(vm: &Vm) -> u64 {
 /// Waits until the guest has received at least `more` frames beyond `base`.
 fn wait_rx(vm: &mut Vm, base: u64, more: u64, what: &str) -> u64 {
     let t = vm
-        .wait_console(what, Duration::from_secs(60), |t| {
+        .wait_console(what, Duration::from_secs(120), |t| {
             net_counters(t).is_some_and(|c| c.1 >= base + more)
         })
         .unwrap_or_else(|e| panic!("{e}"));
@@ -74,7 +74,7 @@ fn run(name: &str, via: bool) {
     )
     .unwrap_or_else(|e| panic!("{e}{}", logs(&d0)));
     let boot = vm0
-        .wait_boot(Duration::from_secs(60))
+        .wait_boot(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
     let r = wait_rx(&mut vm0, 0, 8, "rx in passthrough");
     eprintln!("net: boot {boot:?}; passthrough rx={r}");
