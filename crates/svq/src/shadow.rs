@@ -352,7 +352,8 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
 
     /// Turn forwarding of new guest chains on or off. Off: `forward_avail` does nothing (used
     /// entries still flow back), which is how a transport drains the shadow ring before
-    /// handing the guest ring back to the device.
+    /// handing the guest ring back to the device. After turning it back on, call
+    /// `forward_avail` once: guest kicks that arrived meanwhile were not acted on.
     pub fn set_forwarding(&mut self, on: bool) {
         self.forwarding = on;
     }
