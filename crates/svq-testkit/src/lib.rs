@@ -1,13 +1,21 @@
 //! svq-testkit: the pieces that let svq prove itself without a real VM.
 //!
 //! * [`backend`]: reference vhost-user backends (virtio-blk on a file, echo virtio-net) that offer
-//!   no dirty logging, with qemu-storage-daemon-like asynchronous completion.
+//!   no dirty logging, with qemu-storage-daemon-like asynchronous, out-of-order, delayed completion.
+//! * [`guest`]: a userspace virtio driver: guest RAM in a shared memfd, split rings, block and net
+//!   workloads that verify every byte a device wrote and every request's single completion.
+//! * [`vmm`]: a simulated VMM (vhost-user frontend) with QEMU's and Cloud Hypervisor's way of
+//!   driving the dirty log.
+//! * [`migration`]: pre-copy live migration, stop-and-copy and restart on a destination.
+//! * [`oracle`]: the verdict: equal memories page for page, exactly-once completion, data intact.
+//! * [`scenario`]: whole runs with a proxy injected between VMM and backend; [`demo`] on top.
 //!
 //! The crate depends only on `svq`, never on `svqd`: a proxy is injected by the caller.
 
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod demo;
 pub mod guest;
 pub mod migration;
 pub mod oracle;

@@ -31,6 +31,35 @@ pub trait Proxy: Send {
     fn stop(self: Box<Self>);
 }
 
+/// A [`Proxy`] made of two closures (for callers that do not want to define a type).
+pub struct FnProxy {
+    set_shadow: Box<dyn Fn(bool) -> Result<(), String> + Send>,
+    stop: Box<dyn FnOnce() + Send>,
+}
+
+impl FnProxy {
+    /// A boxed proxy from its shadow switch and its stop function.
+    pub fn boxed(
+        set_shadow: impl Fn(bool) -> Result<(), String> + Send + 'static,
+        stop: impl FnOnce() + Send + 'static,
+    ) -> Box<dyn Proxy> {
+        Box::new(FnProxy {
+            set_shadow: Box::new(set_shadow),
+            stop: Box::new(stop),
+        })
+    }
+}
+
+impl Proxy for FnProxy {
+    fn set_shadow(&self, enable: bool) -> Result<(), String> {
+        (self.set_shadow)(enable)
+    }
+
+    fn stop(self: Box<Self>) {
+        (self.stop)()
+    }
+}
+
 /// Starts a proxy listening on the first path (for the VMM) and connecting to the backend at
 /// the second path. The listening socket must exist when it returns (or appear shortly: the VMM
 /// retries for a few seconds).

@@ -22,6 +22,9 @@ use vm_memory::{
 /// Size of a dirty-log page (the vhost log is always 4 KiB per bit).
 pub const PAGE_SIZE: u64 = 4096;
 
+// The oracle's page is the engine's log page: a mismatch would make every comparison meaningless.
+const _: () = assert!(PAGE_SIZE == svq::LOG_PAGE_SIZE);
+
 /// The guest's memory type: dirty bitmap = simulated KVM dirty log of guest CPU writes.
 pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
 
