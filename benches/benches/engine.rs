@@ -168,6 +168,34 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = bench
+    targets = bench, bench_parts
 }
 criterion_main!(benches);
+
+/// Supporting costs: one dirty-log mark (a 1500-byte buffer) and IOVA lookups at two tree sizes
+/// (O(log n): the larger tree costs a few more comparisons, not 100x more).
+fn bench_parts(c: &mut Criterion) {
+    let mut g = c.benchmark_group("parts");
+    let log = SharedLog::new(Some(Arc::new(DirtyLog::for_memory_end(1 << 30))));
+    let mut gpa = 0u64;
+    g.bench_function("SharedLog batch + mark 1500 B", |b| {
+        b.iter(|| {
+            gpa = (gpa + 0x1_0000) & ((1 << 30) - 1);
+            log.batch().mark(std::hint::black_box(gpa), 1500)
+        })
+    });
+    for n in [1_000u64, 10_000, 100_000] {
+        let mut t = svq::IovaTree::new(0x1000, (1 << 48) - 1).unwrap();
+        for i in 0..n {
+            t.alloc(0x1000, 0x1000, i * 0x2000).unwrap();
+        }
+        let mut i = 0u64;
+        g.bench_function(format!("IovaTree translate_taddr, {n} mappings"), |b| {
+            b.iter(|| {
+                i = (i + 7919) % n;
+                t.translate_taddr(std::hint::black_box(i * 0x2000 + 0x10), 0x100)
+            })
+        });
+    }
+    g.finish();
+}

@@ -80,8 +80,8 @@ pub struct IovaTree {
     last: u64,
     /// iova start -> mapping.
     by_iova: BTreeMap<u64, IovaMapping>,
-    /// taddr start -> iova start.
-    by_taddr: BTreeMap<u64, u64>,
+    /// taddr start -> mapping (a copy: one tree walk per lookup either way).
+    by_taddr: BTreeMap<u64, IovaMapping>,
     /// free interval start -> inclusive end.
     free_by_addr: BTreeMap<u64, u64>,
     /// (size - 1, start) of every free interval.
@@ -142,8 +142,8 @@ impl IovaTree {
         let last = taddr
             .checked_add(size - 1)
             .ok_or(IovaError::Invalid("taddr range wraps"))?;
-        if let Some((_, &iova)) = self.by_taddr.range(..=last).next_back() {
-            if self.by_iova[&iova].last_taddr() >= taddr {
+        if let Some((_, m)) = self.by_taddr.range(..=last).next_back() {
+            if m.last_taddr() >= taddr {
                 return Err(IovaError::TaddrOverlap { taddr, size });
             }
         }
@@ -159,7 +159,7 @@ impl IovaTree {
             self.insert_free(m.last_iova() + 1, free_end);
         }
         self.by_iova.insert(m.iova, m);
-        self.by_taddr.insert(m.taddr, m.iova);
+        self.by_taddr.insert(m.taddr, m);
     }
 
     /// Allocate `size` bytes aligned to `align` (a power of two; 1 for none) and map them to
@@ -238,9 +238,8 @@ impl IovaTree {
 
     /// The mapping containing translated address `taddr`.
     pub fn find_by_taddr(&self, taddr: u64) -> Option<IovaMapping> {
-        let (_, iova) = self.by_taddr.range(..=taddr).next_back()?;
-        let m = self.by_iova[iova];
-        (m.last_taddr() >= taddr).then_some(m)
+        let (_, m) = self.by_taddr.range(..=taddr).next_back()?;
+        (m.last_taddr() >= taddr).then_some(*m)
     }
 
     /// IOVA of `[taddr, taddr + len)` if one mapping covers all of it (`len` 0 counts as 1).
