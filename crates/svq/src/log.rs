@@ -104,12 +104,20 @@ impl DirtyLog {
                 "empty log region",
             ));
         }
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "log offset too large"))?;
-        // mmap wants a page-aligned offset: map from the page start and skip the remainder.
-        let page = 4096i64;
-        let skew = (off % page) as usize;
-        let map_len = len + skew;
+        let invalid = |what| io::Error::new(io::ErrorKind::InvalidInput, what);
+        // mmap wants an offset aligned to the host page size: map from the page start and skip
+        // the remainder.
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|&p| p > 0)
+            .unwrap_or(4096);
+        let skew = offset % page;
+        let map_off =
+            libc::off_t::try_from(offset - skew).map_err(|_| invalid("log offset too large"))?;
+        let map_len = len
+            .checked_add(skew as usize)
+            .ok_or_else(|| invalid("log size too large"))?;
         // SAFETY: a fresh shared mapping of a caller-provided fd; we check the result and own
         // the mapping until Drop unmaps exactly this range.
         let addr = unsafe {
@@ -119,16 +127,21 @@ impl DirtyLog {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                off - skew as i64,
+                map_off,
             )
         };
         if addr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `skew < map_len`, inside the mapping just created.
-        let base = unsafe { (addr as *mut u8).add(skew) } as *mut AtomicU8;
+        let base = unsafe { (addr as *mut u8).add(skew as usize) } as *mut AtomicU8;
+        let Some(base) = NonNull::new(base) else {
+            // SAFETY: unmapping exactly what was just mapped.
+            unsafe { libc::munmap(addr, map_len) };
+            return Err(io::Error::other("mmap returned address 0"));
+        };
         Ok(DirtyLog {
-            base: NonNull::new(base).expect("mmap returned non-null"),
+            base,
             len,
             backing: Backing::Mmap { addr, len: map_len },
             out_of_range: AtomicU64::new(0),
