@@ -88,9 +88,9 @@ impl Proc {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// Waits until `path` accepts a connection... without connecting to it (a probe connection
-    /// would look like a client to a vhost-user daemon): waits for the socket file to appear.
-    /// Fails early if the process exits.
+    /// Waits for the socket file `path` to appear. It does not connect: a probe connection would
+    /// look like a client to a vhost-user daemon, which may serve only one. Fails early, with the
+    /// log tail, if the process exits first.
     pub fn wait_socket(&mut self, path: &Path, timeout: Duration) -> Result<(), String> {
         let t0 = Instant::now();
         loop {
