@@ -568,7 +568,21 @@ fn migration_body(
     std::thread::sleep(opts.warmup);
     let b = snapshot_progress(&prog);
     if opts.idle_during_migration {
-        let left = runner.drain(Duration::from_secs(5));
+        let mut left = runner.drain(Duration::from_secs(5));
+        // An echo device is idle only once every echo came back (frames in its backlog would
+        // still be written into receive buffers).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let missing = runner.with(|w| match w {
+                AnyGuest::Net(n) => n.echoes_missing() as u64,
+                AnyGuest::Blk(_) => 0,
+            });
+            if missing == 0 || Instant::now() >= deadline {
+                left += missing;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         progress(&format!("guest I/O drained before migrating ({left} left)"));
     }
     ticker.set("migrating");

@@ -363,6 +363,20 @@ impl Vmm {
         Ok(())
     }
 
+    /// Replaces the kick and call eventfds of ring `index` without stopping it (what a proxy does
+    /// to take the notifications over, and what QEMU does when it rewires irqfds).
+    pub fn replace_notifiers(
+        &mut self,
+        index: u16,
+        kick: &EventFd,
+        call: &EventFd,
+    ) -> Result<(), VmmError> {
+        let i = usize::from(index);
+        vh("SET_VRING_CALL", self.fe.set_vring_call(i, call))?;
+        vh("SET_VRING_KICK", self.fe.set_vring_kick(i, kick))?;
+        Ok(())
+    }
+
     /// VM stop for one ring: SET_VRING_ENABLE 0 (acked), then GET_VRING_BASE; returns the base.
     pub fn stop_queue(&mut self, index: u16) -> Result<u16, VmmError> {
         let i = usize::from(index);

@@ -344,6 +344,8 @@ struct CompleterState {
     stop: bool,
     /// In-flight requests per queue (for `stop_drains`).
     per_queue: Vec<u64>,
+    /// Queues whose GET_VRING_BASE is waiting for them (their completions are not late).
+    draining: Vec<bool>,
 }
 
 struct Completer {
@@ -380,6 +382,7 @@ impl BlkBackend {
         let completer = Arc::new(Completer {
             state: Mutex::new(CompleterState {
                 per_queue: vec![0; usize::from(opts.num_queues)],
+                draining: vec![false; usize::from(opts.num_queues)],
                 ..Default::default()
             }),
             cv: Condvar::new(),
@@ -546,7 +549,12 @@ impl BlkBackend {
                 &self.0.stats,
             );
             let ready = p.vring.get_ref().get_queue().ready();
-            if !ready {
+            let draining = lock(&self.0.completer.state)
+                .draining
+                .get(usize::from(p.queue))
+                .copied()
+                .unwrap_or(false);
+            if !ready && !draining {
                 self.0
                     .stats
                     .late_completions
@@ -682,6 +690,9 @@ impl VhostUserBackend for BlkBackend {
         }
         let c = &self.0.completer;
         let mut st = lock(&c.state);
+        if let Some(d) = st.draining.get_mut(queue_index as usize) {
+            *d = true;
+        }
         while st
             .per_queue
             .get(queue_index as usize)
@@ -689,6 +700,9 @@ impl VhostUserBackend for BlkBackend {
             && !st.stop
         {
             st = c.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if let Some(d) = st.draining.get_mut(queue_index as usize) {
+            *d = false;
         }
         Ok(())
     }
@@ -815,4 +829,185 @@ pub fn serve_blk(
         stats,
         disk,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use crate::backend::Segment;
+
+    fn setup() -> (tempfile::TempDir, BlkDisk, GuestMemoryMmap<()>, BlkStats) {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = BlkDisk::open(&dir.path().join("d.img"), Some(64 * 1024)).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        (dir, disk, mem, BlkStats::default())
+    }
+
+    fn req(
+        mem: &GuestMemoryMmap<()>,
+        kind: u32,
+        sector: u64,
+        r: &[Segment],
+        w: &[Segment],
+    ) -> BlkRequest {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(r[0].addr)).unwrap();
+        let segs = ChainSegments {
+            head: 0,
+            readable: r.to_vec(),
+            writable: w.to_vec(),
+            misordered: false,
+        };
+        BlkRequest::parse(mem, segs)
+    }
+
+    fn seg(addr: u64, len: u32) -> Segment {
+        Segment { addr, len }
+    }
+
+    fn status(mem: &GuestMemoryMmap<()>, addr: u64) -> u8 {
+        mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+
+    #[test]
+    fn write_then_read_round_trips_through_the_file() {
+        let (_d, disk, mem, st) = setup();
+        mem.write_slice(&[0xabu8; 1024], GuestAddress(0x2000))
+            .unwrap();
+        let w = req(
+            &mem,
+            VIRTIO_BLK_T_OUT,
+            2,
+            &[seg(0x1000, 16), seg(0x2000, 1024)],
+            &[seg(0x1100, 1)],
+        );
+        assert_eq!(execute(&mem, &disk, b"id", &w, &st), 1);
+        assert_eq!(status(&mem, 0x1100), VIRTIO_BLK_S_OK as u8);
+        let mut f = [0u8; 1024];
+        disk.read_at(&mut f, 1024).unwrap();
+        assert_eq!(f, [0xab; 1024]);
+        // Read back split over two writable buffers plus the status byte.
+        let r = req(
+            &mem,
+            VIRTIO_BLK_T_IN,
+            2,
+            &[seg(0x1000, 16)],
+            &[seg(0x3000, 1000), seg(0x4000, 25)],
+        );
+        assert_eq!(execute(&mem, &disk, b"id", &r, &st), 1025);
+        let mut g = [0u8; 1000];
+        mem.read_slice(&mut g, GuestAddress(0x3000)).unwrap();
+        assert_eq!(g, [0xab; 1000]);
+        assert_eq!(status(&mem, 0x4000 + 24), VIRTIO_BLK_S_OK as u8);
+        let s = st.snapshot();
+        assert_eq!((s.bytes_written, s.bytes_read, s.errors), (1024, 1024, 0));
+    }
+
+    #[test]
+    fn bad_requests_get_error_statuses_not_panics() {
+        let (_d, disk, mem, st) = setup();
+        // Beyond the end of the disk (128 sectors).
+        let r = req(
+            &mem,
+            VIRTIO_BLK_T_IN,
+            127,
+            &[seg(0x1000, 16)],
+            &[seg(0x3000, 1024), seg(0x4000, 1)],
+        );
+        assert_eq!(execute(&mem, &disk, b"", &r, &st), 1);
+        assert_eq!(status(&mem, 0x4000), VIRTIO_BLK_S_IOERR as u8);
+        // Not a whole number of sectors.
+        let r = req(
+            &mem,
+            VIRTIO_BLK_T_IN,
+            0,
+            &[seg(0x1000, 16)],
+            &[seg(0x3000, 100), seg(0x4000, 1)],
+        );
+        assert_eq!(execute(&mem, &disk, b"", &r, &st), 1);
+        assert_eq!(status(&mem, 0x4000), VIRTIO_BLK_S_IOERR as u8);
+        // Unknown type.
+        let r = req(&mem, 99, 0, &[seg(0x1000, 16)], &[seg(0x4000, 1)]);
+        assert_eq!(execute(&mem, &disk, b"", &r, &st), 1);
+        assert_eq!(status(&mem, 0x4000), VIRTIO_BLK_S_UNSUPP as u8);
+        // Data buffer outside guest memory.
+        let r = req(
+            &mem,
+            VIRTIO_BLK_T_IN,
+            0,
+            &[seg(0x1000, 16)],
+            &[seg(0xffe00, 4096), seg(0x4000, 1)],
+        );
+        assert_eq!(execute(&mem, &disk, b"", &r, &st), 1);
+        assert_eq!(status(&mem, 0x4000), VIRTIO_BLK_S_IOERR as u8);
+        // No status byte at all: completed with length 0.
+        let r = req(&mem, VIRTIO_BLK_T_FLUSH, 0, &[seg(0x1000, 16)], &[]);
+        assert_eq!(execute(&mem, &disk, b"", &r, &st), 0);
+        // Header too short to parse.
+        let r = BlkRequest::parse(
+            &mem,
+            ChainSegments {
+                head: 0,
+                readable: vec![seg(0x1000, 8)],
+                writable: vec![seg(0x4000, 1)],
+                misordered: false,
+            },
+        );
+        assert_eq!(execute(&mem, &disk, b"", &r, &st), 0);
+        assert_eq!(st.snapshot().errors, 6);
+    }
+
+    #[test]
+    fn get_id_and_flush() {
+        let (_d, disk, mem, st) = setup();
+        let r = req(
+            &mem,
+            VIRTIO_BLK_T_GET_ID,
+            0,
+            &[seg(0x1000, 16)],
+            &[seg(0x3000, 20), seg(0x4000, 1)],
+        );
+        assert_eq!(execute(&mem, &disk, b"serial-1", &r, &st), 21);
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(0x3000)).unwrap();
+        assert_eq!(&id[..8], b"serial-1");
+        assert!(id[8..].iter().all(|b| *b == 0));
+        let f = req(
+            &mem,
+            VIRTIO_BLK_T_FLUSH,
+            0,
+            &[seg(0x1000, 16)],
+            &[seg(0x4000, 1)],
+        );
+        assert_eq!(execute(&mem, &disk, b"", &f, &st), 1);
+        assert_eq!(status(&mem, 0x4000), VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn config_space_reports_capacity_and_queues() {
+        let (_d, disk, _mem, st) = setup();
+        let b = BlkBackend::new(
+            BlkOptions {
+                num_queues: 4,
+                ..Default::default()
+            },
+            Arc::new(disk),
+            Arc::new(st),
+        )
+        .unwrap();
+        let c = b.get_config(0, 36);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 128);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
+        // Beyond the config space: zeros, never a panic.
+        assert_eq!(b.get_config(1000, 8), vec![0u8; 8]);
+        assert_eq!(b.features() & VhostUserVirtioFeatures::LOG_ALL.bits(), 0);
+        assert!(!b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD));
+        b.connection_closed();
+    }
 }
