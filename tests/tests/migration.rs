@@ -146,3 +146,46 @@ fn net_4q_no_event_idx() {
         MemTableStyle::SetMemTable,
     );
 }
+
+/// svqd shadowing from the first request (policy always), then migrating.
+#[test]
+fn blk_2q_shadow_always() {
+    init_tracing();
+    let opts = ScenarioOptions {
+        queues: 2,
+        ram_size: 32 << 20,
+        disk_size: 8 << 20,
+        warmup: Duration::from_millis(150),
+        after: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let mut launcher = svqd_launcher(SvqdSettings {
+        shadow: svqd::ShadowPolicy::Always,
+        ..Default::default()
+    });
+    let r = run_migration(&opts, Some(&mut launcher), &mut |_| {}).expect("scenario runs");
+    assert!(r.oracle.passed(), "{}\n{:?}", r.oracle, r.oracle.failures());
+}
+
+/// svqd adding its shadow rings with SET_MEM_TABLE (a backend without CONFIGURE_MEM_SLOTS),
+/// and a backend that hangs up like qemu-storage-daemon when a late completion finds its call
+/// fd closed.
+#[test]
+fn blk_4q_backend_set_mem_table_strict_call() {
+    init_tracing();
+    let opts = ScenarioOptions {
+        queues: 4,
+        blk_strict_call: true,
+        ram_size: 32 << 20,
+        disk_size: 8 << 20,
+        warmup: Duration::from_millis(150),
+        after: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let mut launcher = svqd_launcher(SvqdSettings {
+        backend_mem_slots: false,
+        ..Default::default()
+    });
+    let r = run_migration(&opts, Some(&mut launcher), &mut |_| {}).expect("scenario runs");
+    assert!(r.oracle.passed(), "{}\n{:?}", r.oracle, r.oracle.failures());
+}

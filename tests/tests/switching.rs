@@ -10,6 +10,10 @@ use svq_testkit::backend::blk::CompletionDelay;
 use svq_testkit::scenario::{run_switching, DeviceKind, ScenarioOptions};
 
 fn switch(device: DeviceKind, queues: u16, event_idx: bool, switches: u64) {
+    switch_with(device, queues, event_idx, switches, false)
+}
+
+fn switch_with(device: DeviceKind, queues: u16, event_idx: bool, switches: u64, strict: bool) {
     init_tracing();
     let opts = ScenarioOptions {
         device,
@@ -22,6 +26,7 @@ fn switch(device: DeviceKind, queues: u16, event_idx: bool, switches: u64) {
             max: Duration::from_micros(400),
         }),
         warmup: Duration::from_millis(50),
+        blk_strict_call: strict,
         ..Default::default()
     };
     let mut launcher = svqd_launcher(SvqdSettings::default());
@@ -62,4 +67,11 @@ fn blk_4q_200_switches_no_event_idx() {
 #[ignore = "svqd drain deadlocks on idle RX buffers (reported to the svqd owner)"]
 fn net_200_switches() {
     switch(DeviceKind::Net, 2, true, 200);
+}
+
+/// qemu-storage-daemon strictness: a late completion that must signal a closed call fd drops the
+/// connection, so any request svqd leaves in flight across its own GET_VRING_BASE fails the run.
+#[test]
+fn blk_300_switches_strict_call_fd() {
+    switch_with(DeviceKind::Blk, 2, true, 300, true);
 }

@@ -110,6 +110,7 @@ impl DemoOptions {
                 min: Duration::from_micros(self.max_delay_us / 50),
                 max: Duration::from_micros(self.max_delay_us),
             }),
+            blk_strict_call: false,
             ram_size: self.ram_mib << 20,
             disk_size: 32 << 20,
             depth: 16,

@@ -87,6 +87,10 @@ pub struct ScenarioOptions {
     pub indirect: bool,
     /// Block backend completion delay (asynchronous, out of order).
     pub blk_delay: Option<CompletionDelay>,
+    /// Block backend drops the connection when a completion must signal a closed call fd
+    /// (qemu-storage-daemon's behaviour): a proxy that leaves requests in flight across a
+    /// GET_VRING_BASE fails loudly.
+    pub blk_strict_call: bool,
     /// Guest RAM size.
     pub ram_size: u64,
     /// Disk size (blk).
@@ -120,6 +124,7 @@ impl Default for ScenarioOptions {
                 min: Duration::from_micros(20),
                 max: Duration::from_micros(1500),
             }),
+            blk_strict_call: false,
             ram_size: 64 << 20,
             disk_size: 16 << 20,
             depth: 16,
@@ -344,6 +349,7 @@ fn start_side(
                     num_queues: opts.queues,
                     event_idx: opts.event_idx,
                     delay: opts.blk_delay,
+                    disconnect_on_closed_call: opts.blk_strict_call,
                     seed: opts.seed ^ name.len() as u64,
                     ..Default::default()
                 },
