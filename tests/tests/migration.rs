@@ -189,3 +189,42 @@ fn blk_4q_backend_set_mem_table_strict_call() {
     let r = run_migration(&opts, Some(&mut launcher), &mut |_| {}).expect("scenario runs");
     assert!(r.oracle.passed(), "{}\n{:?}", r.oracle, r.oracle.failures());
 }
+
+/// Ping-pong: four migrations in a row under load, each destination svqd (started in
+/// passthrough, resuming from the previous side's ring bases) becoming the next source.
+#[test]
+fn ping_pong_four_hops() {
+    init_tracing();
+    for device in [DeviceKind::Blk, DeviceKind::Net] {
+        let opts = ScenarioOptions {
+            device,
+            queues: 2,
+            hops: 4,
+            ram_size: 32 << 20,
+            disk_size: 8 << 20,
+            warmup: Duration::from_millis(100),
+            after: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let mut launcher = svqd_launcher(SvqdSettings::default());
+        let mut lines = Vec::new();
+        let r = run_migration(&opts, Some(&mut launcher), &mut |l| {
+            lines.push(l.to_owned())
+        })
+        .unwrap_or_else(|e| panic!("{device:?}: {e}\n{}", lines.join("\n")));
+        assert!(
+            r.oracle.passed(),
+            "{device:?}: {}\n{:?}\n{}",
+            r.oracle,
+            r.oracle.failures(),
+            lines.join("\n")
+        );
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.contains("guest running on the destination"))
+                .count(),
+            4
+        );
+    }
+}

@@ -135,6 +135,7 @@ impl DemoOptions {
             after: phase,
             idle_during_migration: false,
             live_progress: std::io::stderr().is_terminal(),
+            hops: 1,
             seed: 0x5151,
         })
     }

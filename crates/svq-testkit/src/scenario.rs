@@ -109,6 +109,8 @@ pub struct ScenarioOptions {
     pub idle_during_migration: bool,
     /// Print a live progress line on stderr.
     pub live_progress: bool,
+    /// Migrations in a row (each destination becomes the next source).
+    pub hops: u32,
     /// Seed for workloads and delays.
     pub seed: u64,
 }
@@ -134,6 +136,7 @@ impl Default for ScenarioOptions {
             after: Duration::from_millis(200),
             idle_during_migration: false,
             live_progress: false,
+            hops: 1,
             seed: 1,
         }
     }
@@ -193,9 +196,9 @@ impl Phase {
 /// Result of a migration scenario.
 #[derive(Debug, Clone)]
 pub struct MigrationScenarioReport {
-    /// The migration's own measurements.
+    /// The (last) migration's own measurements.
     pub migration: MigrationReport,
-    /// The oracle's verdict.
+    /// The oracle's verdict (differing pages of every hop).
     pub oracle: OracleReport,
     /// Throughput before, during and after the migration.
     pub phases: [Phase; 3],
@@ -505,168 +508,211 @@ fn verify_disk(guest: &AnyGuest, side: &Side, anomalies: &mut Vec<String>) -> u6
 ///
 /// With `launcher`, each side gets a proxy between its VMM and its backend; without, the VMM
 /// talks to the backend directly (which cannot log: set `migration.require_logging = false` to
-/// see what is lost). `progress` receives one line per step.
+/// see what is lost). `progress` receives one line per step. `opts.hops` > 1 migrates the guest
+/// on from each destination to a fresh one (ping-pong); memory is judged for every hop.
 pub fn run_migration(
     opts: &ScenarioOptions,
     mut launcher: Option<&mut ProxyLauncher<'_>>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<MigrationScenarioReport, ScenarioError> {
     let dir = tempfile::Builder::new().prefix("svq-scenario").tempdir()?;
-    let src = start_side(dir.path(), "src", opts, &mut launcher)?;
-    let dst = match start_side(dir.path(), "dst", opts, &mut launcher) {
-        Ok(d) => d,
-        Err(e) => {
-            src.stop();
-            return Err(e);
-        }
-    };
-    let result = migration_body(opts, &src, &dst, progress);
-    // The source device path is shut down before the source RAM counts as final: a device (or
-    // proxy) that still writes the source after the stop must show up as differing pages.
-    src.stop();
-    let r = result.and_then(|b| {
-        let mut oracle = OracleReport::compare(&b.src_ram, &b.snapshot, &b.dst_ram)?;
-        oracle.ledger = b.guest.ledger();
-        oracle.anomalies = b.guest.anomalies().iter().map(|a| a.to_string()).collect();
-        let mut rep = b.report;
-        rep.oracle = oracle;
-        rep.blocks_verified = verify_disk(&b.guest, &dst, &mut rep.oracle.anomalies);
-        Ok(rep)
-    });
-    dst.stop();
-    r
-}
-
-struct MigrationOutcome {
-    report: MigrationScenarioReport,
-    guest: AnyGuest,
-    src_ram: Arc<GuestRam>,
-    dst_ram: Arc<GuestRam>,
-    snapshot: crate::oracle::RamSnapshot,
+    let mut new_side = |n: u32| start_side(dir.path(), &format!("m{n}"), opts, &mut launcher);
+    migration_body(opts, &mut new_side, progress)
 }
 
 fn snapshot_progress(p: &Progress) -> (Instant, (u64, u64, u64)) {
     (Instant::now(), p.get())
 }
 
+/// Everything of the side the guest currently runs on.
+struct Current {
+    side: Side,
+    ram: Arc<GuestRam>,
+    vmm: Vmm,
+}
+
 fn migration_body(
     opts: &ScenarioOptions,
-    src: &Side,
-    dst: &Side,
+    new_side: &mut dyn FnMut(u32) -> Result<Side, ScenarioError>,
     progress: &mut dyn FnMut(&str),
-) -> Result<MigrationOutcome, ScenarioError> {
-    let src_ram = GuestRam::new("svq-guest-src", opts.ram_size)?;
-    let dst_ram = GuestRam::new("svq-guest-dst", opts.ram_size)?;
-    let mut src_vmm = Vmm::connect(&src.vmm_socket, src_ram.clone(), opts.vmm)?;
-    let guest = make_guest(src_ram.clone(), &src_vmm, opts)?;
-    start_rings(&mut src_vmm, &guest)?;
+) -> Result<MigrationScenarioReport, ScenarioError> {
+    let side = new_side(0)?;
+    let ram = GuestRam::new("svq-guest-0", opts.ram_size)?;
+    let mut vmm = match Vmm::connect(&side.vmm_socket, ram.clone(), opts.vmm) {
+        Ok(v) => v,
+        Err(e) => {
+            side.stop();
+            return Err(e.into());
+        }
+    };
+    let guest = match make_guest(ram.clone(), &vmm, opts)
+        .map_err(ScenarioError::from)
+        .and_then(|g| {
+            start_rings(&mut vmm, &g)
+                .map(|_| g)
+                .map_err(ScenarioError::from)
+        }) {
+        Ok(g) => g,
+        Err(e) => {
+            drop(vmm);
+            side.stop();
+            return Err(e);
+        }
+    };
     let prog = guest.progress();
     let ticker = Ticker::start(opts.live_progress, prog.clone());
     let runner = GuestRunner::spawn(guest)?;
+    let mut cur = Current { side, ram, vmm };
+    let result = hops(opts, &runner, &mut cur, &prog, &ticker, new_side, progress);
+    drop(ticker);
+    let workload = runner.stop();
+    let Current { side, vmm, .. } = cur;
+    drop(vmm);
+    let guest = match Arc::try_unwrap(workload) {
+        Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+        Err(_) => {
+            side.stop();
+            return Err(ScenarioError::Io(std::io::Error::other(
+                "workload still shared",
+            )));
+        }
+    };
+    let r = result.map(|mut rep| {
+        rep.oracle.ledger = guest.ledger();
+        rep.oracle
+            .anomalies
+            .extend(guest.anomalies().iter().map(|a| a.to_string()));
+        rep.blocks_verified = verify_disk(&guest, &side, &mut rep.oracle.anomalies);
+        rep
+    });
+    side.stop();
+    r
+}
+
+fn wait_echoes(runner: &GuestRunner<AnyGuest>, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let missing = runner.with(|w| match w {
+            AnyGuest::Net(n) => n.echoes_missing() as u64,
+            AnyGuest::Blk(_) => 0,
+        });
+        if missing == 0 || Instant::now() >= deadline {
+            return missing;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn hops(
+    opts: &ScenarioOptions,
+    runner: &GuestRunner<AnyGuest>,
+    cur: &mut Current,
+    prog: &Progress,
+    ticker: &Ticker,
+    new_side: &mut dyn FnMut(u32) -> Result<Side, ScenarioError>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MigrationScenarioReport, ScenarioError> {
     ticker.set("source, before migration");
     progress(&format!(
         "guest running on the source ({} queue(s), event_idx {}, indirect {})",
         opts.queues,
-        src_vmm.event_idx(),
-        src_vmm.indirect()
+        cur.vmm.event_idx(),
+        cur.vmm.indirect()
     ));
-    let a = snapshot_progress(&prog);
+    let a = snapshot_progress(prog);
     std::thread::sleep(opts.warmup);
-    let b = snapshot_progress(&prog);
+    let b = snapshot_progress(prog);
     if opts.idle_during_migration {
-        let mut left = runner.drain(Duration::from_secs(5));
         // An echo device is idle only once every echo came back (frames in its backlog would
         // still be written into receive buffers).
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let missing = runner.with(|w| match w {
-                AnyGuest::Net(n) => n.echoes_missing() as u64,
-                AnyGuest::Blk(_) => 0,
-            });
-            if missing == 0 || Instant::now() >= deadline {
-                left += missing;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let left =
+            runner.drain(Duration::from_secs(5)) + wait_echoes(runner, Duration::from_secs(5));
         progress(&format!("guest I/O drained before migrating ({left} left)"));
     }
-    ticker.set("migrating");
-    let dst_vmm_opts = opts.vmm;
-    let dst_sock = dst.vmm_socket.clone();
-    let (dst_vmm, snapshot, mig) = migrate(
-        &runner,
-        &mut src_vmm,
-        dst_ram.clone(),
-        |ram| Vmm::connect(&dst_sock, ram, dst_vmm_opts),
-        &opts.migration,
-        &mut *progress,
-    )?;
-    let c = snapshot_progress(&prog);
-    ticker.set("destination, after migration");
-    progress(&format!(
-        "guest running on the destination (downtime {:.1} ms)",
-        mig.downtime.as_secs_f64() * 1e3
-    ));
-    // The source VMM goes away (as QEMU's source process would): its device path is shut down
-    // by the caller right after; the source RAM keeps its final contents.
-    drop(src_vmm);
-    if !opts.idle_during_migration {
-        std::thread::sleep(opts.after);
-    } else {
-        runner.with(|w| w.set_posting(true));
-        std::thread::sleep(opts.after);
-    }
-    let d = snapshot_progress(&prog);
-    let left = runner.drain(Duration::from_secs(10));
-    let mut echoes_lost = 0;
-    let is_net = runner.with(|w| matches!(w, AnyGuest::Net(_)));
-    if is_net {
-        // Give echoes in flight a moment; the ones still missing were inside the source device.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < deadline {
-            let missing = runner.with(|w| match w {
-                AnyGuest::Net(n) => n.echoes_missing(),
-                _ => 0,
-            });
-            if missing == 0 {
-                break;
+    let mut differing = Vec::new();
+    let mut sizes_ok = true;
+    let mut pages = 0;
+    let mut last = None;
+    for hop in 1..=opts.hops.max(1) {
+        ticker.set(&format!("migrating ({hop}/{})", opts.hops.max(1)));
+        let dst = new_side(hop)?;
+        let dst_ram = GuestRam::new(&format!("svq-guest-{hop}"), opts.ram_size)?;
+        let dst_vmm_opts = opts.vmm;
+        let dst_sock = dst.vmm_socket.clone();
+        let migrated = migrate(
+            runner,
+            &mut cur.vmm,
+            dst_ram.clone(),
+            |ram| Vmm::connect(&dst_sock, ram, dst_vmm_opts),
+            &opts.migration,
+            &mut *progress,
+        );
+        let (dst_vmm, snapshot, mig) = match migrated {
+            Ok(m) => m,
+            Err(e) => {
+                dst.stop();
+                return Err(e.into());
             }
-            std::thread::sleep(Duration::from_millis(5));
+        };
+        progress(&format!(
+            "hop {hop}: guest running on the destination (downtime {:.1} ms)",
+            mig.downtime.as_secs_f64() * 1e3
+        ));
+        // The source VMM goes away (as QEMU's source process would) and its device path is shut
+        // down before its RAM counts as final: a device (or proxy) that still writes the source
+        // after the stop must show up as differing pages.
+        let old = std::mem::replace(
+            cur,
+            Current {
+                side: dst,
+                ram: dst_ram,
+                vmm: dst_vmm,
+            },
+        );
+        drop(old.vmm);
+        old.side.stop();
+        let o = OracleReport::compare(&old.ram, &snapshot, &cur.ram)?;
+        sizes_ok &= o.sizes_ok;
+        pages = o.pages;
+        if !o.differing_pages.is_empty() {
+            progress(&format!(
+                "hop {hop}: {} pages differ",
+                o.differing_pages.len()
+            ));
         }
-        echoes_lost = runner.with(|w| match w {
-            AnyGuest::Net(n) => n.echoes_missing() as u64,
-            _ => 0,
-        });
+        differing.extend(o.differing_pages);
+        last = Some(mig);
+        if hop < opts.hops.max(1) {
+            std::thread::sleep(opts.warmup);
+        }
     }
-    drop(ticker);
-    let workload = runner.stop();
-    drop(dst_vmm);
-    let guest = match Arc::try_unwrap(workload) {
-        Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
-        Err(_) => {
-            return Err(ScenarioError::Io(std::io::Error::other(
-                "workload still shared",
-            )))
-        }
-    };
+    let c = snapshot_progress(prog);
+    ticker.set("destination, after migration");
+    if opts.idle_during_migration {
+        runner.with(|w| w.set_posting(true));
+    }
+    std::thread::sleep(opts.after);
+    let d = snapshot_progress(prog);
+    let left = runner.drain(Duration::from_secs(10));
+    // Echoes still missing after a moment were inside a stopped source device (allowed).
+    let echoes_lost = wait_echoes(runner, Duration::from_millis(500));
     progress(&format!("destination drained ({left} requests left)"));
-    Ok(MigrationOutcome {
-        report: MigrationScenarioReport {
-            migration: mig,
-            oracle: OracleReport::default(),
-            phases: [
-                Phase::between(a, b),
-                Phase::between(b, c),
-                Phase::between(c, d),
-            ],
-            echoes_lost,
-            blocks_verified: 0,
+    Ok(MigrationScenarioReport {
+        migration: last.expect("at least one hop"),
+        oracle: OracleReport {
+            pages,
+            differing_pages: differing,
+            sizes_ok,
+            ..Default::default()
         },
-        guest,
-        src_ram,
-        dst_ram,
-        snapshot,
+        phases: [
+            Phase::between(a, b),
+            Phase::between(b, c),
+            Phase::between(c, d),
+        ],
+        echoes_lost,
+        blocks_verified: 0,
     })
 }
 
