@@ -138,7 +138,7 @@ impl<W: GuestWorkload + 'static> GuestRunner<W> {
     }
 
     /// Stops posting and waits (running) until nothing is outstanding, `timeout` passes, or no
-    /// request completed for a second (the rest is lost); returns the number still outstanding.
+    /// request completed for two seconds (the rest is lost); returns the number still outstanding.
     pub fn drain(&self, timeout: Duration) -> u64 {
         self.with(|w| w.set_posting(false));
         let deadline = Instant::now() + timeout;
@@ -151,7 +151,9 @@ impl<W: GuestWorkload + 'static> GuestRunner<W> {
                 last = l.completed;
                 last_change = now;
             }
-            if l.outstanding == 0 || now >= deadline || now - last_change >= Duration::from_secs(1)
+            // Two seconds without a completion: the rest will not come (a 2-core CI machine
+            // under load still completes something well within that).
+            if l.outstanding == 0 || now >= deadline || now - last_change >= Duration::from_secs(2)
             {
                 return l.outstanding;
             }
