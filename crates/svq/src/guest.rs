@@ -499,6 +499,17 @@ impl<'m, M: GuestMemoryBackend> GuestRings<'m, M> {
         Ok(())
     }
 
+    /// The used-ring flags currently in guest memory (`VRING_USED_F_NO_NOTIFY`).
+    pub fn used_flags(&self) -> Result<u16, QueueError> {
+        Ok(self.used.load16(0, Ordering::Relaxed))
+    }
+
+    /// Write the used-ring flags (without EVENT_IDX they tell the guest whether to kick).
+    pub fn set_used_flags(&self, flags: u16) -> Result<(), QueueError> {
+        self.used.store16(0, flags, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The `avail_event` value currently in guest memory (EVENT_IDX).
     pub fn avail_event(&self) -> Result<u16, QueueError> {
         if !self.q.event_idx {

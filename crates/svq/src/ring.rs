@@ -420,11 +420,11 @@ impl SplitShadowRing {
             b_cur: 0,
             b_write: false,
         };
-        r.avail_idx_ref().store(base, Ordering::Relaxed);
-        r.used_idx_ref().store(base, Ordering::Relaxed);
-        r.used_event_ref().store(base, Ordering::Relaxed);
+        r.avail_idx_ref().store(base.to_le(), Ordering::Relaxed);
+        r.used_idx_ref().store(base.to_le(), Ordering::Relaxed);
+        r.used_event_ref().store(base.to_le(), Ordering::Relaxed);
         // Until the device writes its own avail_event, ask for a kick on the first chain.
-        r.avail_event_ref().store(base, Ordering::Relaxed);
+        r.avail_event_ref().store(base.to_le(), Ordering::Relaxed);
         fence(Ordering::SeqCst);
         Ok(r)
     }

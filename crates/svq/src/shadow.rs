@@ -15,6 +15,8 @@
 //!    the shadow ring ([`crate::ring`]) and remember the writable ranges in the in-flight slot of
 //!    the shadow head. One avail-index publish and one kick decision per batch. With EVENT_IDX,
 //!    write the guest's `avail_event` and re-check the avail index so no kick is missed.
+//!    Without it, clear a `VRING_USED_F_NO_NOTIFY` the previous device left in the guest's used
+//!    flags (once, on the first call), or the guest would never kick.
 //! 2. The device processes the chain and returns `(shadow head, len)` in the shadow used ring,
 //!    in any order.
 //! 3. [`ShadowVirtqueue::forward_used`] (device call): for every shadow used element, write
@@ -29,7 +31,7 @@
 use crate::error::QueueError;
 use crate::guest::{BufferSink, GuestBuffer, GuestQueue, GuestRings};
 use crate::log::{LogBatch, SharedLog};
-use crate::ring::{RingArea, ShadowDesc, ShadowRing, SplitShadowRing};
+use crate::ring::{RingArea, ShadowDesc, ShadowRing, SplitShadowRing, USED_F_NO_NOTIFY};
 use crate::translate::Translate;
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
@@ -191,8 +193,11 @@ pub struct ShadowVirtqueue<T: Translate, R: ShadowRing = SplitShadowRing> {
     signalled_used: Option<u16>,
     /// Last value written to the guest's avail_event.
     avail_event: Option<u16>,
-    /// avail_event written in this batch and not logged yet.
-    avail_event_written: bool,
+    /// Offset from the guest used ring of a notification field (avail_event, or the flags)
+    /// written in this batch and not logged yet.
+    notify_field_written: Option<u64>,
+    /// Without EVENT_IDX: the guest's used flags were checked for a stale NO_NOTIFY.
+    used_flags_checked: bool,
     slots: Vec<Slot>,
     /// Imported in-flight guest heads to forward before new avail chains.
     resubmit: VecDeque<u16>,
@@ -291,7 +296,8 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             used_idx: start.used_idx,
             signalled_used: None,
             avail_event: None,
-            avail_event_written: false,
+            notify_field_written: None,
+            used_flags_checked: false,
             slots,
             resubmit: start.in_flight.iter().map(|c| c.head).collect(),
             forwarding: true,
@@ -393,7 +399,8 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
     ///
     /// Stops cleanly when the shadow ring is full ([`AvailBatch::shadow_full`]; resume when
     /// [`UsedBatch::retry_avail`] says so). Publishes the shadow avail index once and decides once
-    /// whether to kick the device. `log` receives the guest `avail_event` write (EVENT_IDX).
+    /// whether to kick the device. `log` receives the guest `avail_event` write (EVENT_IDX), or
+    /// the guest used-flags write that clears a stale `VRING_USED_F_NO_NOTIFY` (without it).
     pub fn forward_avail<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
@@ -416,9 +423,9 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         if batch.chains > 0 {
             batch.kick_device = self.ring.publish();
         }
-        if std::mem::take(&mut self.avail_event_written) {
+        if let Some(off) = self.notify_field_written.take() {
             // Log after the write: the VMM must see the bit only once the new value is there.
-            log.mark(self.guest.used_ring() + self.guest.avail_event_offset(), 2);
+            log.mark(self.guest.used_ring() + off, 2);
         }
         if let Err(e) = res {
             return Err(self.fail(e));
@@ -433,6 +440,20 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         g: &GuestRings<'_, M>,
         batch: &mut AvailBatch,
     ) -> Result<(), QueueError> {
+        if !self.cfg.event_idx && !self.used_flags_checked {
+            // The device that ran this ring before the switch may have left NO_NOTIFY set (it
+            // was stopped while draining the ring with kicks off): the guest would never kick
+            // us. Clear it once; only the engine writes the flags from now on.
+            let flags = g.used_flags()?;
+            if flags & USED_F_NO_NOTIFY != 0 {
+                g.set_used_flags(flags & !USED_F_NO_NOTIFY)?;
+                self.notify_field_written = Some(0);
+            }
+            self.used_flags_checked = true;
+            // The flags store before the avail index load below; pairs with the guest's
+            // barrier between its avail index store and its flags load.
+            fence(Ordering::SeqCst);
+        }
         while let Some(&head) = self.resubmit.front() {
             if !self.forward_chain(g, head, batch)? {
                 return Ok(());
@@ -465,7 +486,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             // Only write (and log) when the value in guest memory changes.
             if g.avail_event()? != self.last_avail {
                 g.set_avail_event(self.last_avail)?;
-                self.avail_event_written = true;
+                self.notify_field_written = Some(self.guest.avail_event_offset());
             }
             self.avail_event = Some(self.last_avail);
             fence(Ordering::SeqCst);
@@ -580,7 +601,14 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
                         break 'batch;
                     }
                 };
-                let slot = &mut self.slots[usize::from(e.id)];
+                // The split ring validates ids; a ring implementation that does not must
+                // still break only the queue.
+                let Some(slot) = self.slots.get_mut(usize::from(e.id)).filter(|s| s.live) else {
+                    res = Err(QueueError::BogusUsedId {
+                        id: u32::from(e.id),
+                    });
+                    break 'batch;
+                };
                 slot.live = false;
                 if let Err(err) = g.write_used(used_idx, slot.guest_head, e.len) {
                     res = Err(err);

@@ -98,6 +98,36 @@ fn device_no_notify_suppresses_kicks() {
     assert_eq!(USED_F_NO_NOTIFY, 1);
 }
 
+/// Without EVENT_IDX a device that ran the guest ring before the switch may have left
+/// `VRING_USED_F_NO_NOTIFY` in the guest's used flags (vhost and rust-vmm backends set it while
+/// draining the ring, and GET_VRING_BASE can stop them right there). The guest would then never
+/// kick the engine: its first `forward_avail` clears the flag and logs that write, and only it.
+#[test]
+fn stale_no_notify_left_by_the_previous_device_is_cleared() {
+    let mut q = setup(config(8, 8, false, false));
+    q.m.guest
+        .write_obj(USED_F_NO_NOTIFY | 0x8000, GuestAddress(USED))
+        .unwrap();
+    // The transport's first call after the switch: nothing posted yet.
+    assert_eq!(q.e.forward_avail(&q.m.guest, &q.log).unwrap().chains, 0);
+    let flags: u16 = q.m.guest.read_obj(GuestAddress(USED)).unwrap();
+    assert_eq!(flags, 0x8000, "only NO_NOTIFY is cleared");
+    assert_eq!(
+        q.dlog.dirty_pages(),
+        vec![USED >> 12],
+        "the flags write is logged"
+    );
+    // The guest kicks for its next chain, and the engine forwards it.
+    let h = q.drv.peek_head();
+    q.drv.post(&q.m.guest, &[wbuf(h, 64)], false).unwrap();
+    assert!(q.drv.publish(&q.m.guest), "guest kicks");
+    assert_eq!(q.e.forward_avail(&q.m.guest, &q.log).unwrap().chains, 1);
+    // A flags field without NO_NOTIFY is neither written nor logged.
+    let mut q = setup(config(8, 8, false, false));
+    q.e.forward_avail(&q.m.guest, &q.log).unwrap();
+    assert!(q.dlog.dirty_pages().is_empty());
+}
+
 #[test]
 fn guest_no_interrupt_suppresses_interrupts() {
     let mut q = setup(config(8, 8, false, false));
@@ -388,6 +418,8 @@ struct RacyRing {
     dev: Device,
     race: bool,
     device_called: Option<bool>,
+    /// Returned by the next `next_used` instead of the ring's own element.
+    inject: Option<svq::UsedElem>,
 }
 
 impl svq::ShadowRing for RacyRing {
@@ -416,7 +448,10 @@ impl svq::ShadowRing for RacyRing {
         self.inner.publish()
     }
     fn next_used(&mut self) -> Result<Option<svq::UsedElem>, QueueError> {
-        self.inner.next_used()
+        match self.inject.take() {
+            Some(e) => Ok(Some(e)),
+            None => self.inner.next_used(),
+        }
     }
     fn enable_used_notify(&mut self) -> bool {
         if std::mem::take(&mut self.race) {
@@ -452,6 +487,7 @@ fn completion_racing_the_used_event_rearm_is_not_lost() {
         dev,
         race: false,
         device_called: None,
+        inject: None,
     };
     let mut e =
         ShadowVirtqueue::with_ring(cfg, racy, IdentityTranslation, QueueState::default()).unwrap();
@@ -521,4 +557,40 @@ fn chain_racing_the_avail_event_rearm_is_not_lost() {
         "the re-check after re-arming avail_event forwarded it"
     );
     assert_eq!(avail_event, 2);
+}
+
+/// The `ShadowRing` seam is trusted to validate used ids, but a ring implementation that returns
+/// an id outside the ring, or one that is not in flight, must still break only the queue: no
+/// panic, no stale guest head in the guest's used ring.
+#[test]
+fn ring_returning_an_id_not_in_flight_breaks_the_queue() {
+    for id in [200u16, 5] {
+        let cfg = config(8, 8, false, false);
+        let m = Arc::new(memories());
+        let mut drv = Driver::new(&m.guest, 8, false, 0);
+        let ring = svq::SplitShadowRing::new(shadow_area(&m, 0, 8), 8, false, 0).unwrap();
+        let dev = Device::new(svq::ShadowRing::device_addrs(&ring), 8, false, 0);
+        let racy = RacyRing {
+            inner: ring,
+            m: m.clone(),
+            dev,
+            race: false,
+            device_called: None,
+            inject: None,
+        };
+        let mut e =
+            ShadowVirtqueue::with_ring(cfg, racy, IdentityTranslation, QueueState::default())
+                .unwrap();
+        let log = SharedLog::default();
+        drv.post(&m.guest, &[wbuf(0, 64)], false).unwrap();
+        drv.publish(&m.guest);
+        assert_eq!(e.forward_avail(&m.guest, &log).unwrap().chains, 1);
+        e.ring_mut().inject = Some(svq::UsedElem { id, len: 9 });
+        assert_eq!(
+            e.forward_used(&m.guest, &log),
+            Err(QueueError::BogusUsedId { id: u32::from(id) })
+        );
+        let used_idx: u16 = m.guest.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used_idx, 0, "nothing reached the guest used ring");
+    }
 }
