@@ -554,3 +554,181 @@ impl DriverQueue {
         // more (when it passes it), which the driver tolerates.
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::ram::GuestRam;
+    use virtio_queue::{Queue, QueueT};
+
+    /// A device-side queue (virtio-queue's, an independent implementation) on our layout.
+    fn device(l: &QueueLayout, event_idx: bool) -> Queue {
+        let mut q = Queue::new(l.size).unwrap();
+        q.try_set_size(l.size).unwrap();
+        q.try_set_desc_table_address(GuestAddress(l.desc)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(l.avail)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(l.used)).unwrap();
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        q
+    }
+
+    fn setup(event_idx: bool) -> (std::sync::Arc<GuestRam>, DriverQueue, Queue) {
+        let ram = GuestRam::new("t", 4 << 20).unwrap();
+        let l = QueueLayout::at(0x10000, 8, 4);
+        let dq = DriverQueue::new(ram.memory(), 0, l, event_idx, true).unwrap();
+        let dev = device(&l, event_idx);
+        (ram, dq, dev)
+    }
+
+    #[test]
+    fn chains_read_back_by_an_independent_device_implementation() {
+        let (ram, mut dq, mut dev) = setup(true);
+        let mem = ram.memory();
+        let bufs = [
+            Buf::ro(0x20000, 16),
+            Buf::wo(0x21000, 4096),
+            Buf::wo(0x22000, 1),
+        ];
+        dq.add(mem, &bufs, false, 7).unwrap();
+        dq.add(mem, &bufs, true, 8).unwrap();
+        dq.publish(mem);
+        for _ in 0..2 {
+            let chain = dev.pop_descriptor_chain(mem).expect("a chain");
+            let got: Vec<Buf> = chain
+                .map(|d| Buf {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                })
+                .collect();
+            assert_eq!(got, bufs);
+        }
+        assert!(dev.pop_descriptor_chain(mem).is_none());
+        // 3 descriptors direct + 1 for the indirect chain.
+        assert_eq!(dq.free_descriptors(), 8 - 4);
+    }
+
+    #[test]
+    fn completions_come_back_once_and_free_the_descriptors() {
+        let (ram, mut dq, mut dev) = setup(false);
+        let mem = ram.memory();
+        let h1 = dq.add(mem, &[Buf::wo(0x20000, 64)], false, 1).unwrap();
+        let h2 = dq
+            .add(mem, &[Buf::wo(0x21000, 64), Buf::wo(0x22000, 8)], false, 2)
+            .unwrap();
+        dq.publish(mem);
+        while dev.pop_descriptor_chain(mem).is_some() {}
+        // Out of order.
+        dev.add_used(mem, h2, 72).unwrap();
+        dev.add_used(mem, h1, 64).unwrap();
+        let c = dq.reap(mem);
+        assert_eq!(
+            c,
+            vec![
+                Completion { token: 2, len: 72 },
+                Completion { token: 1, len: 64 }
+            ]
+        );
+        assert_eq!(dq.free_descriptors(), 8);
+        assert_eq!(dq.in_flight(), 0);
+        assert!(dq.take_anomalies().is_empty());
+        // A device completing the same head again is caught, not trusted.
+        dev.add_used(mem, h1, 64).unwrap();
+        assert!(dq.reap(mem).is_empty());
+        assert_eq!(
+            dq.take_anomalies(),
+            vec![Anomaly::StrayCompletion {
+                queue: 0,
+                id: u32::from(h1)
+            }]
+        );
+    }
+
+    #[test]
+    fn used_index_running_away_is_an_anomaly() {
+        let (ram, mut dq, _dev) = setup(false);
+        let mem = ram.memory();
+        mem.store(
+            100u16,
+            GuestAddress(dq.layout().used_idx_addr()),
+            Ordering::Release,
+        )
+        .unwrap();
+        assert!(dq.reap(mem).is_empty());
+        assert!(matches!(
+            dq.take_anomalies()[..],
+            [Anomaly::UsedIdxJump { used_idx: 100, .. }]
+        ));
+    }
+
+    #[test]
+    fn kicks_honour_no_notify_and_avail_event() {
+        // Without EVENT_IDX: VRING_USED_F_NO_NOTIFY suppresses the kick.
+        let (ram, mut dq, mut dev) = setup(false);
+        let mem = ram.memory();
+        dq.add(mem, &[Buf::wo(0x20000, 8)], false, 1).unwrap();
+        dq.publish(mem);
+        assert!(dq.kick_if_needed(mem));
+        dev.disable_notification(mem).unwrap();
+        dq.add(mem, &[Buf::wo(0x20000, 8)], false, 2).unwrap();
+        dq.publish(mem);
+        assert!(!dq.kick_if_needed(mem));
+        // With EVENT_IDX: kick only when avail idx passes avail_event.
+        let (ram, mut dq, mut dev) = setup(true);
+        let mem = ram.memory();
+        dev.enable_notification(mem).unwrap(); // avail_event = 0
+        dq.add(mem, &[Buf::wo(0x20000, 8)], false, 1).unwrap();
+        dq.publish(mem);
+        assert!(dq.kick_if_needed(mem), "0 -> 1 passes avail_event 0");
+        dq.add(mem, &[Buf::wo(0x20000, 8)], false, 2).unwrap();
+        dq.publish(mem);
+        assert!(
+            !dq.kick_if_needed(mem),
+            "1 -> 2 does not pass avail_event 0"
+        );
+        assert_eq!((dq.kicks, dq.kicks_suppressed), (1, 1));
+        let _ = dev.pop_descriptor_chain(mem);
+        let _ = dev.pop_descriptor_chain(mem);
+        dev.enable_notification(mem).unwrap(); // avail_event = 2
+        dq.add(mem, &[Buf::wo(0x20000, 8)], false, 3).unwrap();
+        dq.publish(mem);
+        assert!(dq.kick_if_needed(mem), "2 -> 3 passes avail_event 2");
+    }
+
+    #[test]
+    fn interrupt_suppression_is_visible_to_the_device() {
+        let (ram, mut dq, mut dev) = setup(false);
+        let mem = ram.memory();
+        let h = dq.add(mem, &[Buf::wo(0x20000, 8)], false, 1).unwrap();
+        dq.publish(mem);
+        let _ = dev.pop_descriptor_chain(mem);
+        dq.disable_interrupts(mem);
+        let flags: u16 = mem
+            .load(GuestAddress(dq.layout().avail), Ordering::Acquire)
+            .unwrap();
+        assert_eq!(flags, VRING_AVAIL_F_NO_INTERRUPT);
+        dev.add_used(mem, h, 8).unwrap();
+        // Completion arrived while interrupts were off: enabling reports it.
+        assert!(dq.enable_interrupts(mem));
+        assert_eq!(dq.reap(mem).len(), 1);
+    }
+
+    #[test]
+    fn full_queue_and_bad_shapes_are_errors() {
+        let (ram, mut dq, _dev) = setup(false);
+        let mem = ram.memory();
+        assert_eq!(
+            dq.add(mem, &[], false, 0),
+            Err(PostError::Shape("empty chain"))
+        );
+        let five = [Buf::wo(0x20000, 8); 5];
+        assert!(matches!(
+            dq.add(mem, &five, true, 0),
+            Err(PostError::Shape(_))
+        ));
+        let nine = [Buf::wo(0x20000, 8); 9];
+        assert_eq!(dq.add(mem, &nine, false, 0), Err(PostError::Full));
+        assert_eq!(dq.free_descriptors(), 8);
+    }
+}
