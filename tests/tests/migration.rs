@@ -228,3 +228,41 @@ fn ping_pong_four_hops() {
         );
     }
 }
+
+/// A migration cancelled after a few rounds (LOG_ALL on, then off: svqd to shadow and back under
+/// load), then a real one.
+#[test]
+fn cancelled_then_completed() {
+    init_tracing();
+    for device in [DeviceKind::Blk, DeviceKind::Net] {
+        let opts = ScenarioOptions {
+            device,
+            queues: 2,
+            cancel_first: true,
+            ram_size: 32 << 20,
+            disk_size: 8 << 20,
+            warmup: Duration::from_millis(100),
+            after: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let mut launcher = svqd_launcher(SvqdSettings::default());
+        let mut lines = Vec::new();
+        let r = run_migration(&opts, Some(&mut launcher), &mut |l| {
+            lines.push(l.to_owned())
+        })
+        .unwrap_or_else(|e| panic!("{device:?}: {e}\n{}", lines.join("\n")));
+        let cancel = lines
+            .iter()
+            .find(|l| l.contains("migration cancelled"))
+            .unwrap_or_else(|| panic!("no cancelled migration:\n{}", lines.join("\n")));
+        // svqd did switch to shadow mode: the backend's writes were logged while it lasted.
+        assert!(!cancel.contains("(0 device pages"), "{cancel}");
+        assert!(
+            r.oracle.passed(),
+            "{device:?}: {}\n{:?}\n{}",
+            r.oracle,
+            r.oracle.failures(),
+            lines.join("\n")
+        );
+    }
+}

@@ -136,6 +136,7 @@ impl DemoOptions {
             idle_during_migration: false,
             live_progress: std::io::stderr().is_terminal(),
             hops: 1,
+            cancel_first: false,
             seed: 0x5151,
         })
     }

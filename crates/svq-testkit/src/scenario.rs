@@ -111,6 +111,9 @@ pub struct ScenarioOptions {
     pub live_progress: bool,
     /// Migrations in a row (each destination becomes the next source).
     pub hops: u32,
+    /// Start a migration first and cancel it after a few pre-copy rounds (dirty logging on, then
+    /// off again: svqd goes to shadow mode and back under load) before the real one.
+    pub cancel_first: bool,
     /// Seed for workloads and delays.
     pub seed: u64,
 }
@@ -137,6 +140,7 @@ impl Default for ScenarioOptions {
             idle_during_migration: false,
             live_progress: false,
             hops: 1,
+            cancel_first: false,
             seed: 1,
         }
     }
@@ -629,6 +633,19 @@ fn hops(
         let left =
             runner.drain(Duration::from_secs(5)) + wait_echoes(runner, Duration::from_secs(5));
         progress(&format!("guest I/O drained before migrating ({left} left)"));
+    }
+    if opts.cancel_first {
+        cur.vmm.start_dirty_log()?;
+        let mut logged = 0;
+        for _ in 0..3 {
+            std::thread::sleep(opts.migration.round_interval);
+            logged += cur.vmm.sync_dirty_log()?.len();
+        }
+        cur.vmm.stop_dirty_log()?;
+        progress(&format!(
+            "migration cancelled after 3 rounds ({logged} device pages logged); guest runs on"
+        ));
+        std::thread::sleep(opts.warmup);
     }
     let mut differing = Vec::new();
     let mut sizes_ok = true;
