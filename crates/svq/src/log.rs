@@ -95,6 +95,8 @@ impl DirtyLog {
 
     /// Map `size` bytes of `fd` at `offset` shared and writable (the fd of `SET_LOG_BASE`, with
     /// the message's `mmap_offset` and `mmap_size`). The mapping is removed when the log drops.
+    /// A region that does not fit a regular file is refused (`InvalidInput`): touching it would
+    /// raise SIGBUS.
     pub fn from_fd(fd: BorrowedFd<'_>, offset: u64, size: u64) -> io::Result<Self> {
         let len = usize::try_from(size)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "log size too large"))?;
@@ -105,6 +107,21 @@ impl DirtyLog {
             ));
         }
         let invalid = |what| io::Error::new(io::ErrorKind::InvalidInput, what);
+        // A region past the end of a file would map, and the first mark there would kill the
+        // process with SIGBUS. Only regular files (memfd, shm, hugetlbfs) have a size to check.
+        // SAFETY: `libc::stat` is plain integers, for which all-zero bytes are a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: the fd is valid for the borrow; fstat only writes the struct it is given.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && offset
+                .checked_add(size)
+                .is_none_or(|end| end > st.st_size as u64)
+        {
+            return Err(invalid("log region extends beyond the end of its file"));
+        }
         // mmap wants an offset aligned to the host page size: map from the page start and skip
         // the remainder.
         // SAFETY: sysconf has no memory-safety preconditions.
@@ -365,6 +382,7 @@ impl SharedLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn bit_layout_matches_vhost_format() {
@@ -413,8 +431,8 @@ mod tests {
         assert!(log.dirty_pages().is_empty());
     }
 
-    #[test]
-    fn from_fd_maps_a_shared_region() {
+    /// A memfd of `len` bytes (what a VMM hands over with SET_LOG_BASE).
+    fn memfd(len: u64) -> std::fs::File {
         let name = std::ffi::CString::new("svq-log-test").unwrap();
         // SAFETY: plain syscall; the fd is owned below.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
@@ -422,12 +440,34 @@ mod tests {
         // SAFETY: fd was just created and is owned by this OwnedFd only.
         let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let file = std::fs::File::from(owned);
-        file.set_len(8192).unwrap();
-        use std::os::fd::AsFd;
+        file.set_len(len).unwrap();
+        file
+    }
+
+    #[test]
+    fn from_fd_maps_a_shared_region() {
+        let file = memfd(8192);
         let a = DirtyLog::from_fd(file.as_fd(), 4096 + 16, 64).unwrap();
         let b = DirtyLog::from_fd(file.as_fd(), 4096 + 16, 64).unwrap();
         a.mark_page(12);
         assert_eq!(b.dirty_pages(), vec![12], "both mappings share the bytes");
+    }
+
+    /// A region past the end of its file would map, and the first mark there would kill the
+    /// process with SIGBUS: refused up front.
+    #[test]
+    fn from_fd_refuses_a_region_beyond_the_file() {
+        let file = memfd(4096);
+        for (offset, size) in [(0, 8192), (4000, 200), (u64::MAX - 1, 16)] {
+            let e = DirtyLog::from_fd(file.as_fd(), offset, size).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::InvalidInput,
+                "{offset:#x}+{size:#x}"
+            );
+        }
+        let log = DirtyLog::from_fd(file.as_fd(), 0, 4096).unwrap();
+        assert_eq!(log.mark(8 * 4096 * 4095, 1), 1, "last byte of the file");
     }
 
     #[test]

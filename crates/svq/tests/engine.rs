@@ -474,13 +474,15 @@ impl svq::ShadowRing for RacyRing {
     }
 }
 
-#[test]
-fn completion_racing_the_used_event_rearm_is_not_lost() {
-    let cfg = config(8, 8, true, false);
-    let m = Arc::new(memories());
-    let mut drv = Driver::new(&m.guest, 8, true, 0);
-    let ring = svq::SplitShadowRing::new(shadow_area(&m, 0, 8), 8, true, 0).unwrap();
-    let dev = Device::new(svq::ShadowRing::device_addrs(&ring), 8, true, 0);
+/// An engine over a [`RacyRing`] of 8 (guest ring of 8) and the guest driver of its ring.
+fn racy_engine(
+    m: &Arc<Memories>,
+    event_idx: bool,
+) -> (ShadowVirtqueue<IdentityTranslation, RacyRing>, Driver) {
+    let cfg = config(8, 8, event_idx, false);
+    let drv = Driver::new(&m.guest, 8, event_idx, 0);
+    let ring = svq::SplitShadowRing::new(shadow_area(m, 0, 8), 8, event_idx, 0).unwrap();
+    let dev = Device::new(svq::ShadowRing::device_addrs(&ring), 8, event_idx, 0);
     let racy = RacyRing {
         inner: ring,
         m: m.clone(),
@@ -489,8 +491,15 @@ fn completion_racing_the_used_event_rearm_is_not_lost() {
         device_called: None,
         inject: None,
     };
-    let mut e =
+    let e =
         ShadowVirtqueue::with_ring(cfg, racy, IdentityTranslation, QueueState::default()).unwrap();
+    (e, drv)
+}
+
+#[test]
+fn completion_racing_the_used_event_rearm_is_not_lost() {
+    let m = Arc::new(memories());
+    let (mut e, mut drv) = racy_engine(&m, true);
     let log = SharedLog::default();
     for h in 0..2 {
         drv.post(&m.guest, &[wbuf(h, 64)], false).unwrap();
@@ -565,22 +574,8 @@ fn chain_racing_the_avail_event_rearm_is_not_lost() {
 #[test]
 fn ring_returning_an_id_not_in_flight_breaks_the_queue() {
     for id in [200u16, 5] {
-        let cfg = config(8, 8, false, false);
         let m = Arc::new(memories());
-        let mut drv = Driver::new(&m.guest, 8, false, 0);
-        let ring = svq::SplitShadowRing::new(shadow_area(&m, 0, 8), 8, false, 0).unwrap();
-        let dev = Device::new(svq::ShadowRing::device_addrs(&ring), 8, false, 0);
-        let racy = RacyRing {
-            inner: ring,
-            m: m.clone(),
-            dev,
-            race: false,
-            device_called: None,
-            inject: None,
-        };
-        let mut e =
-            ShadowVirtqueue::with_ring(cfg, racy, IdentityTranslation, QueueState::default())
-                .unwrap();
+        let (mut e, mut drv) = racy_engine(&m, false);
         let log = SharedLog::default();
         drv.post(&m.guest, &[wbuf(0, 64)], false).unwrap();
         drv.publish(&m.guest);
