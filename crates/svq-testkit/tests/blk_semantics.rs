@@ -199,3 +199,60 @@ fn kick_fd_replaced_on_a_running_ring_keeps_working() {
     drop(vmm);
     be.stop();
 }
+
+#[test]
+fn malicious_ring_breaks_only_its_own_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(
+        dir.path(),
+        BlkOptions {
+            num_queues: 2,
+            ..Default::default()
+        },
+    );
+    let ram = GuestRam::new("g", 8 << 20).unwrap();
+    let mut vmm = Vmm::connect(be.socket_path(), ram.clone(), VmmOptions::default()).unwrap();
+    let l0 = QueueLayout::at(0x10_0000, 64, 4);
+    let l1 = QueueLayout::at(0x14_0000, 64, 4);
+    let mut q0 = DriverQueue::new(ram.memory(), 0, l0, vmm.event_idx(), false).unwrap();
+    let mut q1 = DriverQueue::new(ram.memory(), 1, l1, vmm.event_idx(), false).unwrap();
+    vmm.start_queue(0, l0, 0, q0.kick_fd(), q0.call_fd())
+        .unwrap();
+    vmm.start_queue(1, l1, 0, q1.kick_fd(), q1.call_fd())
+        .unwrap();
+    // Queue 0: an avail entry naming descriptor 999 of a 64-entry queue.
+    let mem = ram.memory();
+    mem.write_obj(999u16, GuestAddress(l0.avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(l0.avail + 2)).unwrap();
+    q0.kick_now();
+    // Queue 1: a read whose data buffer lies outside guest RAM, then ordinary reads.
+    let hdr = 0x20_0000u64;
+    mem.write_slice(&[0u8; 16], GuestAddress(hdr)).unwrap();
+    q1.add(
+        mem,
+        &[
+            Buf::ro(hdr, 16),
+            Buf::wo(ram.size() - 512, 4096),
+            Buf::wo(hdr + 32, 1),
+        ],
+        false,
+        100,
+    )
+    .unwrap();
+    q1.publish(mem);
+    q1.kick_now();
+    wait_for("the bad read", || q1.has_used(mem));
+    let c = q1.reap(mem);
+    assert_eq!(c.len(), 1);
+    let status: u8 = mem.read_obj(GuestAddress(hdr + 32)).unwrap();
+    assert_eq!(status, 1, "IOERR for a buffer outside guest RAM");
+    post_reads(&ram, &mut q1, 4);
+    wait_for("queue 1 still serves", || {
+        q1.device_used_idx(ram.memory()) == 5
+    });
+    // The bogus queue never completed anything, and the backend is alive.
+    assert_eq!(q0.device_used_idx(ram.memory()), 0);
+    assert!(vmm.get_config(0, 8).is_ok());
+    drop(vmm);
+    be.stop();
+}

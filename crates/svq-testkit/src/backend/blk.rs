@@ -37,13 +37,13 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use super::ring_error;
 use super::segments::{read_stream, write_stream, ChainSegments};
 use super::XorShift;
 use super::{
     exit_pair, serve, BackendError, BackendHandle, BackendMemory, ConnectionBackend, GatedVring,
     Rekick,
 };
+use super::{ring_error, stalled};
 
 /// Sector size of the virtio-blk protocol (always 512, whatever blk_size says).
 pub const SECTOR_SIZE: u64 = 512;
@@ -426,6 +426,7 @@ impl BlkBackend {
             return Ok(());
         };
         let mut completed_inline = false;
+        let mut idle_rounds = 0;
         loop {
             // A stopped ring (after GET_VRING_BASE) may still get a late event: popping from it
             // fails, and enable_notification would report the unpopped entries forever.
@@ -438,6 +439,7 @@ impl BlkBackend {
                 ring_error(&e);
                 break;
             }
+            let mut popped = 0u32;
             loop {
                 let mem = atomic.memory();
                 let chain = vring
@@ -445,6 +447,7 @@ impl BlkBackend {
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                popped += 1;
                 let req = BlkRequest::parse(&*mem, ChainSegments::from_chain(chain));
                 self.0.stats.popped.fetch_add(1, Ordering::Relaxed);
                 match self.0.opts.delay {
@@ -471,6 +474,9 @@ impl BlkBackend {
                 ring_error(&e);
                 false
             }) {
+                break;
+            }
+            if stalled(&mut idle_rounds, popped, queue) {
                 break;
             }
         }

@@ -225,6 +225,25 @@ pub(crate) fn ring_error(e: &virtio_queue::Error) {
     tracing::warn!("backend: ring access failed, queue processing stopped: {e}");
 }
 
+/// Guards a worker against a ring that reports available entries it cannot pop (an avail entry
+/// naming a descriptor beyond the queue size makes virtio-queue refuse it without advancing):
+/// after two rounds without progress the queue is given up until the next kick, so a malicious
+/// driver stalls only its own queue instead of spinning the worker that serves all of them.
+pub(crate) fn stalled(idle_rounds: &mut u32, popped: u32, queue: u16) -> bool {
+    if popped > 0 {
+        *idle_rounds = 0;
+        return false;
+    }
+    *idle_rounds += 1;
+    if *idle_rounds >= 2 {
+        tracing::warn!(
+            "backend: queue {queue} has entries that cannot be popped; waiting for a kick"
+        );
+        return true;
+    }
+    false
+}
+
 /// A new (consumer, notifier) pair for a vring worker's exit event.
 pub(crate) fn exit_pair() -> Option<(
     vmm_sys_util::event::EventConsumer,

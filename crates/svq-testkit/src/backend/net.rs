@@ -22,12 +22,12 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use super::ring_error;
 use super::segments::{read_stream, write_stream, ChainSegments};
 use super::{
     exit_pair, serve, BackendError, BackendHandle, BackendMemory, ConnectionBackend, GatedVring,
     Rekick,
 };
+use super::{ring_error, stalled};
 
 /// Size of `struct virtio_net_hdr_v1` (VERSION_1 always has num_buffers).
 pub const NET_HDR_LEN: usize = 12;
@@ -147,6 +147,7 @@ impl NetBackend {
             return Ok(());
         };
         let mut done = false;
+        let mut idle_rounds = 0;
         loop {
             // Never spin on a stopped ring (see the block backend).
             if !tx.get_ref().get_queue().ready() {
@@ -156,6 +157,7 @@ impl NetBackend {
                 ring_error(&e);
                 break;
             }
+            let mut popped = 0u32;
             loop {
                 let mem = atomic.memory();
                 let chain = tx
@@ -163,6 +165,7 @@ impl NetBackend {
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                popped += 1;
                 let segs = ChainSegments::from_chain(chain);
                 let total = segs.readable_len() as usize;
                 if segs.misordered || !(NET_HDR_LEN..=MAX_FRAME + NET_HDR_LEN).contains(&total) {
@@ -192,6 +195,9 @@ impl NetBackend {
             }) {
                 break;
             }
+            if stalled(&mut idle_rounds, popped, (2 * pair + 1) as u16) {
+                break;
+            }
         }
         if done {
             Self::notify(tx);
@@ -205,6 +211,7 @@ impl NetBackend {
             return Ok(());
         };
         let mut done = false;
+        let mut idle_rounds = 0;
         let mut q = lock(&self.0.backlog[pair]);
         while !q.is_empty() && rx.get_ref().get_queue().ready() {
             if let Err(e) = rx.disable_notification() {
@@ -221,11 +228,13 @@ impl NetBackend {
                 if rx.enable_notification().unwrap_or_else(|e| {
                     ring_error(&e);
                     false
-                }) {
+                }) && !stalled(&mut idle_rounds, 0, (2 * pair) as u16)
+                {
                     continue;
                 }
                 break;
             };
+            idle_rounds = 0;
             let segs = ChainSegments::from_chain(chain);
             let frame = q.pop_front().expect("backlog not empty");
             let mut hdr = [0u8; NET_HDR_LEN];
