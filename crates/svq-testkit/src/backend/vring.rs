@@ -12,6 +12,9 @@
 //! the notifications over before draining) leaves the new fd unwatched and every later kick is
 //! lost. qemu-storage-daemon re-watches the new fd; here the backend installs a hook that
 //! registers it as an extra listener of the vring's worker.
+//!
+//! And like qemu-storage-daemon, a new call fd is signalled once at once (a spurious interrupt
+//! per ring start, which every driver and proxy must tolerate).
 
 use std::fs::File;
 use std::io;
@@ -234,8 +237,16 @@ impl VringT<BackendMemory> for GatedVring {
         Ok(st.is_enabled())
     }
 
+    /// Like qemu-storage-daemon, signal a new call fd once right away: drivers and proxies must
+    /// tolerate a spurious interrupt at every ring (re)start.
     fn set_call(&self, file: Option<File>) {
-        self.inner.set_call(file)
+        let some = file.is_some();
+        self.inner.set_call(file);
+        if some {
+            if let Err(e) = self.inner.signal_used_queue() {
+                tracing::debug!("backend: initial call signal failed: {e}");
+            }
+        }
     }
 
     fn set_err(&self, file: Option<File>) {
