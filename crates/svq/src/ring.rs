@@ -213,6 +213,11 @@ impl RingArea {
 
     /// A zeroed, page-aligned heap area of `len` bytes (tests, in-process simulations where the
     /// simulated device reads the ring through [`RingArea::as_ptr`]).
+    ///
+    /// # Panics
+    ///
+    /// If `len` rounded up to a page exceeds `isize::MAX` (no allocation can hold it); aborts
+    /// if the allocation fails, as `Vec` does.
     pub fn new_owned(len: usize, device_addr: u64) -> Self {
         let layout = std::alloc::Layout::from_size_align(len.max(1), 4096)
             .expect("ring area layout is valid");

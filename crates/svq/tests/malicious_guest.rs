@@ -313,6 +313,20 @@ fn indirect_table_outside_memory() {
 }
 
 #[test]
+fn indirect_table_address_wraps() {
+    let mut q = setup(cfg());
+    put_desc(&q.m.guest, DESC, 5, u64::MAX - 15, 32, DESC_F_INDIRECT, 0);
+    expect_break(
+        &mut q,
+        5,
+        QueueError::BadGuestAddress {
+            addr: u64::MAX - 15,
+            len: 32,
+        },
+    );
+}
+
+#[test]
 fn indirect_next_out_of_range() {
     let mut q = setup(cfg());
     put_desc(&q.m.guest, DESC, 5, INDIRECT, 32, DESC_F_INDIRECT, 0);

@@ -159,10 +159,19 @@ impl Sim {
             .unwrap()
     }
 
-    /// Engine forward_avail, checking the model: avail_event logged iff it changed, in-flight
-    /// bounded by the shadow ring.
+    /// The guest's used flags (the device's VRING_USED_F_NO_NOTIFY).
+    fn used_flags(&self) -> u16 {
+        self.m
+            .guest
+            .load(GuestAddress(USED), Ordering::Relaxed)
+            .unwrap()
+    }
+
+    /// Engine forward_avail, checking the model: avail_event (EVENT_IDX) or the used flags
+    /// (without) logged iff they changed, in-flight bounded by the shadow ring.
     pub fn forward_avail(&mut self) {
         let ev_before = self.avail_event();
+        let flags_before = self.used_flags();
         let b = self
             .engine
             .as_mut()
@@ -172,6 +181,12 @@ impl Sim {
         if self.cfg.event_idx && self.avail_event() != ev_before {
             self.expected_pages
                 .extend(pages(USED + 4 + 8 * u64::from(self.cfg.guest_size), 2));
+        }
+        if !self.cfg.event_idx {
+            assert_eq!(self.used_flags(), 0, "the guest is asked to kick");
+            if flags_before != 0 {
+                self.expected_pages.extend(pages(USED, 2));
+            }
         }
         if b.kick_device {
             self.dev_kick = true;
@@ -353,6 +368,11 @@ impl Sim {
             // Passthrough device drains: complete everything it popped.
             let n = self.dev.popped.len();
             self.device_complete(n);
+            // Stopped while draining with kicks off (as vhost and rust-vmm backends do): the
+            // stale NO_NOTIFY stays in the guest's used flags for the engine to clear.
+            if !self.cfg.event_idx {
+                self.dev.set_no_notify(&self.m.guest, true);
+            }
             let base = self.dev.last_avail; // GET_VRING_BASE
             let st = QueueState::from_vring_base(&self.m.guest, &self.cfg, base).unwrap();
             assert_eq!(st.used_idx, self.dev.used_idx);
