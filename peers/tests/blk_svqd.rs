@@ -110,7 +110,23 @@ fn svqd_set_shadow_toggle_100_under_io() {
         std::thread::sleep(Duration::from_millis(40));
     }
     let toggles = t0.elapsed();
-    let status = d.ctl(&["query-stats"]).unwrap_or_default();
+    let status = d
+        .ctl(&["query-stats"])
+        .unwrap_or_else(|e| panic!("{}", rig.context(&side, e)));
+    let stats: serde_json::Value = serde_json::from_str(&status).expect("query-stats JSON");
+    let q0 = &stats["queues"][0];
+    assert_eq!(
+        q0["mode"], "passthrough",
+        "queue not back in passthrough: {q0}"
+    );
+    assert!(
+        q0["mode_switches"].as_u64().unwrap_or(0) >= 200,
+        "svqd counted fewer than 200 mode switches: {q0}"
+    );
+    assert!(
+        q0["descriptors"].as_u64().unwrap_or(0) > 0,
+        "no request went through the shadow ring during the toggles: {q0}"
+    );
     let before = iterations(&side.vm.console_text()).0;
     side.vm
         .wait_iterations(before, 2, Duration::from_secs(120))
