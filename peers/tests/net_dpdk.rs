@@ -15,13 +15,25 @@ fn rx(vm: &Vm) -> u64 {
     net_counters(&vm.console_text()).map(|c| c.1).unwrap_or(0)
 }
 
-/// Waits until the guest has received at least `more` frames beyond `base`.
-fn wait_rx(vm: &mut Vm, base: u64, more: u64, what: &str) -> u64 {
+/// Waits until the guest has received at least `more` frames beyond `base`. Fails at once if
+/// svqd (when present) has dropped the VMM connection: no frame can flow after that.
+fn wait_rx(vm: &mut Vm, d: &Option<Svqd>, base: u64, more: u64, what: &str) -> u64 {
+    let mut dropped = false;
     let t = vm
         .wait_console(what, Duration::from_secs(120), |t| {
-            net_counters(t).is_some_and(|c| c.1 >= base + more)
+            dropped = d.as_ref().is_some_and(|d| {
+                let log = d.proc.log_text();
+                log.contains("closing the VMM connection") || log.contains("VMM disconnected")
+            });
+            dropped || net_counters(t).is_some_and(|c| c.1 >= base + more)
         })
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}{}", logs(d)));
+    if dropped {
+        panic!(
+            "svqd dropped the VMM connection while waiting for {what}{}",
+            logs(d)
+        );
+    }
     net_counters(&t).unwrap().1
 }
 
@@ -76,7 +88,7 @@ fn run(name: &str, via: bool) {
     let boot = vm0
         .wait_boot(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
-    let r = wait_rx(&mut vm0, 0, 8, "rx in passthrough");
+    let r = wait_rx(&mut vm0, &d0, 0, 8, "rx in passthrough");
     eprintln!("net: boot {boot:?}; passthrough rx={r}");
 
     if let Some(d) = &d0 {
@@ -84,12 +96,12 @@ fn run(name: &str, via: bool) {
             .unwrap_or_else(|e| panic!("{e}{}", logs(&d0)));
         let st = d.ctl(&["query-status"]).unwrap_or_default();
         let base = rx(&vm0);
-        let r = wait_rx(&mut vm0, base, 8, "rx in shadow mode");
+        let r = wait_rx(&mut vm0, &d0, base, 8, "rx in shadow mode");
         eprintln!("net: shadow rx={r}; status: {st}");
         d.ctl(&["set-shadow", "off"])
             .unwrap_or_else(|e| panic!("{e}{}", logs(&d0)));
         let base = rx(&vm0);
-        let r = wait_rx(&mut vm0, base, 8, "rx back in passthrough");
+        let r = wait_rx(&mut vm0, &d0, base, 8, "rx back in passthrough");
         eprintln!("net: passthrough again rx={r}");
     }
 
@@ -123,7 +135,7 @@ fn run(name: &str, via: bool) {
     );
     vm1.cont().unwrap_or_else(|e| panic!("{e}"));
     vm0.quit();
-    let r = wait_rx(&mut vm1, at_stop, 8, "rx on the destination");
+    let r = wait_rx(&mut vm1, &d1, at_stop, 8, "rx on the destination");
     eprintln!("net: destination rx={r} (source stopped at {at_stop})");
     vm1.quit();
 }
