@@ -63,6 +63,11 @@ impl BackendConn {
                 }
             }
         };
+        // A backend that accepts but never answers (busy with another frontend) must not hang
+        // svqd: bound the handshake.
+        stream
+            .set_read_timeout(Some(timeout.max(Duration::from_secs(1))))
+            .map_err(|e| ProxyError::Io("backend socket timeout", e))?;
         let keep = stream
             .try_clone()
             .map_err(|e| ProxyError::Io("clone backend socket", e))?;
@@ -80,6 +85,8 @@ impl BackendConn {
         let protocol = fe
             .get_protocol_features()
             .map_err(|e| ProxyError::Backend("GET_PROTOCOL_FEATURES", e))?;
+        keep.set_read_timeout(None)
+            .map_err(|e| ProxyError::Io("backend socket timeout", e))?;
         tracing::info!(
             backend = %path.display(),
             features = format_args!("{features:#x}"),

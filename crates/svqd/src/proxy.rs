@@ -96,12 +96,19 @@ impl Proxy {
     /// refused if another process listens on it).
     pub fn new(cfg: ProxyConfig) -> Result<Proxy, ProxyError> {
         let cfg = Arc::new(cfg);
-        let backend = BackendConn::connect(&cfg.backend, cfg.backend_connect_timeout)?;
+        // Socket first: a path in use is reported at once, before waiting on the backend.
         let listener =
             crate::control::bind_private(&cfg.socket).map_err(|e| ProxyError::Listen {
                 path: cfg.socket.display().to_string(),
                 source: e,
             })?;
+        let backend = match BackendConn::connect(&cfg.backend, cfg.backend_connect_timeout) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&cfg.socket);
+                return Err(e);
+            }
+        };
         let mut st = ProxyState::new(cfg.clone());
         st.attach(backend);
         let shutdown =
@@ -260,8 +267,16 @@ impl Proxy {
                     tracing::error!("backend disconnected; closed the VMM connection")
                 }
             }
-            // The backend resets its state on disconnect; the next VMM starts from scratch.
+            // The backend resets its state on disconnect; the next VMM starts from scratch on a
+            // fresh connection, made now so a backend that is gone for good is reported at once.
             st.reset_session();
+            match BackendConn::connect(&self.cfg.backend, self.cfg.backend_connect_timeout) {
+                Ok(b) => st.attach(b),
+                Err(e) => {
+                    tracing::error!(error = %e, "backend unavailable");
+                    return Err(e);
+                }
+            }
         }
     }
 }
