@@ -169,3 +169,79 @@ fn add_mem_reg_cloud_hypervisor_log_no_event_idx() {
 fn set_mem_table_qemu_log_event_idx() {
     run(MemTableStyle::SetMemTable, LogStyle::Qemu, true);
 }
+
+/// The hidden test switch (`--x-test-no-log`): shadow mode still relays, nothing is logged. The
+/// testkit's migration oracle uses it as its negative control.
+#[test]
+fn logging_disabled_logs_nothing() {
+    let rig = Rig::new(RigOptions {
+        log_enabled: false,
+        ..Default::default()
+    });
+    let ram = GuestRam::new("guest", 4 << 20).unwrap();
+    let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
+    let layout = QueueLayout::at(RING, 64, 0);
+    let q = DriverQueue::new(ram.memory(), 0, layout, vmm.event_idx(), false).unwrap();
+    vmm.start_queue(0, layout, 0, q.kick_fd(), q.call_fd())
+        .unwrap();
+    let mut d = Driver {
+        q,
+        ram: ram.clone(),
+    };
+    vmm.start_dirty_log().unwrap();
+    assert_eq!(rig.modes(), ["shadow"]);
+    assert_eq!(d.request(false, 8, DATA), (0, 4097));
+    assert!(vmm.sync_dirty_log().unwrap().is_empty());
+    assert_eq!(rig.proxy.control().query_status()["logging"], false);
+}
+
+/// Forcing shadow mode through the control socket, with no migration: relayed, not logged.
+#[test]
+fn control_socket_forces_shadow_mode_and_back() {
+    let rig = Rig::new(RigOptions::default());
+    let ctl_path = rig.dir.path().join("svqd.ctl");
+    let _server = svqd::control::serve(&ctl_path, rig.proxy.control()).unwrap();
+    let mut ctl = svqd::control::ControlClient::connect(&ctl_path).unwrap();
+    let ram = GuestRam::new("guest", 4 << 20).unwrap();
+    let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
+    let layout = QueueLayout::at(RING, 64, 0);
+    let q = DriverQueue::new(ram.memory(), 0, layout, vmm.event_idx(), false).unwrap();
+    vmm.start_queue(0, layout, 0, q.kick_fd(), q.call_fd())
+        .unwrap();
+    let mut d = Driver {
+        q,
+        ram: ram.clone(),
+    };
+    let on = serde_json::json!({ "enable": true });
+    assert_eq!(
+        ctl.execute("set-shadow", Some(on)).unwrap(),
+        serde_json::json!({ "return": {} })
+    );
+    let st = ctl.execute("query-status", None).unwrap();
+    assert_eq!(st["return"]["queues"][0]["mode"], "shadow");
+    assert_eq!(st["return"]["forced"], true);
+    for i in 0..8 {
+        assert_eq!(
+            d.request(i % 2 == 0, 8 * i, DATA),
+            (0, if i % 2 == 0 { 1 } else { 4097 })
+        );
+    }
+    let stats = ctl.execute("query-stats", None).unwrap();
+    let q0 = &stats["return"]["queues"][0];
+    assert_eq!(q0["completed"], 8);
+    assert_eq!(q0["chains"], 8);
+    assert!(q0["kicks"].as_u64().unwrap() >= 1);
+    assert!(q0["calls"].as_u64().unwrap() >= 1);
+    assert_eq!(q0["dirty_pages"], 0, "no migration, no log");
+    let off = serde_json::json!({ "enable": false });
+    ctl.execute("set-shadow", Some(off)).unwrap();
+    let st = ctl.execute("query-status", None).unwrap();
+    assert_eq!(st["return"]["queues"][0]["mode"], "passthrough");
+    assert_eq!(d.request(false, 8, DATA), (0, 4097));
+    let stats = ctl.execute("query-stats", None).unwrap();
+    assert_eq!(
+        stats["return"]["queues"][0]["completed"], 8,
+        "passthrough bypasses svqd"
+    );
+    assert_eq!(stats["return"]["queues"][0]["mode_switches"], 2);
+}
