@@ -298,3 +298,28 @@ fn vmm_reconnects_and_vm_stop_in_shadow_mode_hands_over_a_consistent_index() {
         "backend connection reset per VMM"
     );
 }
+
+#[test]
+fn backend_disconnect_closes_the_vmm_and_svqd_recovers() {
+    let rig = Rig::new(RigOptions::default());
+    let (fe, _ram) = raw_vmm(&rig);
+    fe.set_vring_num(0, 64).unwrap();
+    let before = rig.backend.connections();
+    rig.backend.disconnect_current();
+    // svqd notices the hang-up, closes the VMM connection (the VMM sees an error, not a hang) and
+    // connects to the backend again for the next VMM.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if fe.set_vring_num(0, 64).is_err() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VMM connection not closed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(fe);
+    still_serves(&rig);
+    assert!(rig.backend.connections() > before);
+}
