@@ -10,6 +10,8 @@
 //! Use as a library: [`Proxy::new`] with a [`ProxyConfig`], then [`Proxy::run`] (blocking) or
 //! [`Proxy::spawn`]; [`Proxy::control`] gives the [`ControlTarget`] the control socket serves.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod backend;
 pub mod config;
