@@ -119,6 +119,19 @@ pub struct ShadowSpace {
     pub uva: IovaTree,
 }
 
+/// A passthrough ring being quiesced (see [`ProxyState::drain_passthrough`]).
+struct DrainCtx {
+    /// svqd's call fd given to the backend.
+    drain_call: EventFd,
+    /// svqd's kick fd given to the backend (kept open until the ring is stopped).
+    _drain_kick: EventFd,
+    start: Instant,
+    last_used: Option<u16>,
+    last_change: Instant,
+    stable_hits: u32,
+    settled: bool,
+}
+
 /// Lowest GPA used for shadow rings: 1 TiB, above the RAM of any guest svqd is meant for (and
 /// always above the highest guest region).
 const SHADOW_GPA_FLOOR: u64 = 1 << 40;
@@ -257,16 +270,21 @@ impl ProxyState {
     pub fn reconcile(&mut self) -> Result<(), ProxyError> {
         let want = self.want_shadow();
         let mut first = None;
+        let mut to_shadow = Vec::new();
         for q in 0..self.queues.len() {
-            let res = match (&self.queues[q].mode, want) {
-                (Mode::Passthrough, true) if self.queues[q].vmm.running() => {
-                    self.switch_to_shadow(q)
+            match (&self.queues[q].mode, want) {
+                (Mode::Passthrough, true) if self.queues[q].vmm.running() => to_shadow.push(q),
+                (Mode::Shadow(_), false) => {
+                    if let Err(e) = self.switch_to_passthrough(q, false) {
+                        tracing::error!(queue = q, error = %e, "mode switch failed");
+                        first.get_or_insert(e);
+                    }
                 }
-                (Mode::Shadow(_), false) => self.switch_to_passthrough(q, false).map(|_| ()),
-                _ => Ok(()),
-            };
-            if let Err(e) = res {
-                tracing::error!(queue = q, error = %e, "mode switch failed");
+                _ => {}
+            }
+        }
+        if !to_shadow.is_empty() {
+            if let Err(e) = self.switch_many_to_shadow(&to_shadow) {
                 first.get_or_insert(e);
             }
         }
@@ -502,12 +520,19 @@ impl ProxyState {
     ///    guest ring, which stays mapped in the backend, so wait for the used idx to reach the
     ///    base before the ring moves. Only then is the backend's state fully in guest memory.
     fn drain_passthrough(&mut self, q: usize) -> Result<u16, ProxyError> {
-        let event_idx = self.event_idx();
-        let drain_timeout = self.cfg.drain_timeout;
-        let num = self.queues[q].vmm.num;
+        let mut ctx = self.drain_begin(q)?;
+        let deadline = Instant::now() + self.cfg.drain_timeout.min(Duration::from_secs(2));
+        while !self.drain_poll(q, &mut ctx) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.drain_finish(q, ctx)
+    }
+
+    /// Steps 1-3 of [`Self::drain_passthrough`]: svqd's call and kick fds, ring disabled.
+    fn drain_begin(&mut self, q: usize) -> Result<DrainCtx, ProxyError> {
         let drain_call = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
         let drain_kick = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
-        {
+        let res = (|| {
             let be = self.be()?;
             be.fe
                 .set_vring_call(q, &drain_call)
@@ -523,54 +548,82 @@ impl ProxyState {
             let _ = drain_kick.write(1);
             be.fe
                 .set_vring_kick(q, &drain_kick)
-                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
-        }
-
-        // Quiesce.
-        let quiet = Duration::from_millis(5);
-        let deadline = Instant::now() + drain_timeout.min(Duration::from_secs(2));
-        let quiesce_start = Instant::now();
-        let mut last_used = self.guest_used_idx(q);
-        let mut last_change = Instant::now();
-        let mut stable_hits = 0;
-        loop {
-            if drain_call.read().is_ok() {
-                self.notify_guest(q);
-                last_change = Instant::now();
-            }
-            let used = self.guest_used_idx(q);
-            if used != last_used {
-                last_used = used;
-                last_change = Instant::now();
-            }
-            let settled = if event_idx {
-                let ae = self.guest_avail_event(q);
-                if used.is_some() && used == ae {
-                    stable_hits += 1;
-                } else {
-                    stable_hits = 0;
+                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))
+        })();
+        if let Err(e) = res {
+            // Hand the running ring its own fds back rather than leave it signalling ours.
+            let v = &self.queues[q].vmm;
+            let (call, kick, enabled) = (v.call.clone(), v.kick.clone(), v.enabled);
+            if let Ok(be) = self.be() {
+                if let Some(c) = &call {
+                    let _ = be.fe.set_vring_call(q, c);
                 }
-                // avail_event is exact in libvhost-user (written on every pop) but only refreshed
-                // when a virtio-queue backend re-enables notifications, i.e. it can be stale while
-                // that backend is inside its pop loop: ask for the equality to hold for 1 ms with
-                // nothing completing. The check after GET_VRING_BASE catches what slips through.
-                stable_hits >= 10 && last_change.elapsed() >= Duration::from_millis(1)
-            } else {
-                last_change.elapsed() >= quiet
-            };
-            if settled || Instant::now() >= deadline {
-                tracing::debug!(
-                    queue = q,
-                    settled,
-                    used = ?used,
-                    micros = quiesce_start.elapsed().as_micros() as u64,
-                    "passthrough ring quiesced"
-                );
-                break;
+                if let Some(k) = &kick {
+                    let _ = k.write(1);
+                    let _ = be.fe.set_vring_kick(q, k);
+                }
+                if be.has_enable() {
+                    let _ = be.fe.set_vring_enable(q, enabled);
+                }
             }
-            std::thread::sleep(Duration::from_micros(100));
+            return Err(e);
         }
+        let now = Instant::now();
+        Ok(DrainCtx {
+            drain_call,
+            _drain_kick: drain_kick,
+            start: now,
+            last_used: self.guest_used_idx(q),
+            last_change: now,
+            stable_hits: 0,
+            settled: false,
+        })
+    }
 
+    /// Step 4 of [`Self::drain_passthrough`], one observation: relays a completion signal, and
+    /// returns whether the ring is quiet.
+    fn drain_poll(&self, q: usize, c: &mut DrainCtx) -> bool {
+        if c.settled {
+            return true;
+        }
+        if c.drain_call.read().is_ok() {
+            self.notify_guest(q);
+            c.last_change = Instant::now();
+        }
+        let used = self.guest_used_idx(q);
+        if used != c.last_used {
+            c.last_used = used;
+            c.last_change = Instant::now();
+        }
+        c.settled = if self.event_idx() {
+            let ae = self.guest_avail_event(q);
+            if used.is_some() && used == ae {
+                c.stable_hits += 1;
+            } else {
+                c.stable_hits = 0;
+            }
+            // avail_event is exact in libvhost-user (written on every pop) but only refreshed
+            // when a virtio-queue backend re-enables notifications, i.e. it can be stale while
+            // that backend is inside its pop loop: ask for the equality to hold for 1 ms with
+            // nothing completing. The check after GET_VRING_BASE catches what slips through.
+            c.stable_hits >= 10 && c.last_change.elapsed() >= Duration::from_millis(1)
+        } else {
+            c.last_change.elapsed() >= Duration::from_millis(5)
+        };
+        c.settled
+    }
+
+    /// Step 5 of [`Self::drain_passthrough`]: GET_VRING_BASE, verified, late completions waited
+    /// for. Returns the base.
+    fn drain_finish(&mut self, q: usize, c: DrainCtx) -> Result<u16, ProxyError> {
+        tracing::debug!(
+            queue = q,
+            settled = c.settled,
+            micros = c.start.elapsed().as_micros() as u64,
+            "passthrough ring quiesced"
+        );
+        let drain_timeout = self.cfg.drain_timeout;
+        let num = self.queues[q].vmm.num;
         let base = {
             let be = self.be()?;
             be.fe
@@ -594,7 +647,7 @@ impl ProxyState {
             // qemu-storage-daemon drop the connection). Narrows the window, cannot close it.
             let be = self.be()?;
             be.fe
-                .set_vring_call(q, &drain_call)
+                .set_vring_call(q, &c.drain_call)
                 .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
             tracing::debug!(
                 queue = q,
@@ -623,6 +676,64 @@ impl ProxyState {
         // (a spurious interrupt is harmless, a lost one hangs the guest).
         self.notify_guest(q);
         Ok(base)
+    }
+
+    /// Switch several running queues to shadow mode, quiescing them together (the waits of
+    /// [`Self::drain_passthrough`] overlap instead of adding up). Returns the first error; the
+    /// other queues still switch.
+    fn switch_many_to_shadow(&mut self, qs: &[usize]) -> Result<(), ProxyError> {
+        let t0 = Instant::now();
+        let mut first = None;
+        let mut ctxs = Vec::new();
+        for &q in qs {
+            match self.drain_begin(q) {
+                Ok(c) => ctxs.push((q, c)),
+                Err(e) => {
+                    tracing::error!(queue = q, error = %e, "mode switch failed");
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        let deadline = Instant::now() + self.cfg.drain_timeout.min(Duration::from_secs(2));
+        loop {
+            let mut all = true;
+            for (q, c) in ctxs.iter_mut() {
+                all &= self.drain_poll(*q, c);
+            }
+            if all || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        for (q, c) in ctxs {
+            let res = self.drain_finish(q, c).and_then(|base| {
+                self.start_shadow(q, base).inspect_err(|e| {
+                    tracing::error!(queue = q, error = %e, "cannot start shadow ring; back to passthrough");
+                    if let Err(e2) = self.restart_passthrough(q, base) {
+                        tracing::error!(queue = q, error = %e2, "restarting the guest ring failed too");
+                    }
+                }).map(|_| base)
+            });
+            match res {
+                Ok(base) => {
+                    let us = t0.elapsed().as_micros() as u64;
+                    let st = &self.queues[q].stats;
+                    QueueStats::add(&st.mode_switches, 1);
+                    st.last_switch_to_shadow_us.store(us, Ordering::Relaxed);
+                    tracing::info!(
+                        queue = q,
+                        base,
+                        micros = us,
+                        "queue switched to shadow mode"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(queue = q, error = %e, "mode switch failed");
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Put the backend back on the guest ring at `base`, as the VMM configured it.
