@@ -270,21 +270,19 @@ impl ProxyState {
     pub fn reconcile(&mut self) -> Result<(), ProxyError> {
         let want = self.want_shadow();
         let mut first = None;
-        let mut to_shadow = Vec::new();
+        // One queue after the other, never all rings stopped at once: queues of one device
+        // depend on each other (a net backend completes a TX chain by filling an RX buffer), so
+        // quiescing them together can stall every one of them until the deadline.
         for q in 0..self.queues.len() {
-            match (&self.queues[q].mode, want) {
-                (Mode::Passthrough, true) if self.queues[q].vmm.running() => to_shadow.push(q),
-                (Mode::Shadow(_), false) => {
-                    if let Err(e) = self.switch_to_passthrough(q, false) {
-                        tracing::error!(queue = q, error = %e, "mode switch failed");
-                        first.get_or_insert(e);
-                    }
+            let res = match (&self.queues[q].mode, want) {
+                (Mode::Passthrough, true) if self.queues[q].vmm.running() => {
+                    self.switch_to_shadow(q)
                 }
-                _ => {}
-            }
-        }
-        if !to_shadow.is_empty() {
-            if let Err(e) = self.switch_many_to_shadow(&to_shadow) {
+                (Mode::Shadow(_), false) => self.switch_to_passthrough(q, false).map(|_| ()),
+                _ => Ok(()),
+            };
+            if let Err(e) = res {
+                tracing::error!(queue = q, error = %e, "mode switch failed");
                 first.get_or_insert(e);
             }
         }
@@ -676,64 +674,6 @@ impl ProxyState {
         // (a spurious interrupt is harmless, a lost one hangs the guest).
         self.notify_guest(q);
         Ok(base)
-    }
-
-    /// Switch several running queues to shadow mode, quiescing them together (the waits of
-    /// [`Self::drain_passthrough`] overlap instead of adding up). Returns the first error; the
-    /// other queues still switch.
-    fn switch_many_to_shadow(&mut self, qs: &[usize]) -> Result<(), ProxyError> {
-        let t0 = Instant::now();
-        let mut first = None;
-        let mut ctxs = Vec::new();
-        for &q in qs {
-            match self.drain_begin(q) {
-                Ok(c) => ctxs.push((q, c)),
-                Err(e) => {
-                    tracing::error!(queue = q, error = %e, "mode switch failed");
-                    first.get_or_insert(e);
-                }
-            }
-        }
-        let deadline = Instant::now() + self.cfg.drain_timeout.min(Duration::from_secs(2));
-        loop {
-            let mut all = true;
-            for (q, c) in ctxs.iter_mut() {
-                all &= self.drain_poll(*q, c);
-            }
-            if all || Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        for (q, c) in ctxs {
-            let res = self.drain_finish(q, c).and_then(|base| {
-                self.start_shadow(q, base).inspect_err(|e| {
-                    tracing::error!(queue = q, error = %e, "cannot start shadow ring; back to passthrough");
-                    if let Err(e2) = self.restart_passthrough(q, base) {
-                        tracing::error!(queue = q, error = %e2, "restarting the guest ring failed too");
-                    }
-                }).map(|_| base)
-            });
-            match res {
-                Ok(base) => {
-                    let us = t0.elapsed().as_micros() as u64;
-                    let st = &self.queues[q].stats;
-                    QueueStats::add(&st.mode_switches, 1);
-                    st.last_switch_to_shadow_us.store(us, Ordering::Relaxed);
-                    tracing::info!(
-                        queue = q,
-                        base,
-                        micros = us,
-                        "queue switched to shadow mode"
-                    );
-                }
-                Err(e) => {
-                    tracing::error!(queue = q, error = %e, "mode switch failed");
-                    first.get_or_insert(e);
-                }
-            }
-        }
-        first.map_or(Ok(()), Err)
     }
 
     /// Put the backend back on the guest ring at `base`, as the VMM configured it.
