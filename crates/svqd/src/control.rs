@@ -11,6 +11,7 @@
 //! One thread per client: clients are operators and scripts, a handful at most.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -47,6 +48,8 @@ struct SetShadowArgs {
 /// A running control server. Dropping it stops accepting clients and removes the socket file.
 pub struct ControlServer {
     path: PathBuf,
+    /// A second handle on the listening socket, to wake the acceptor on drop.
+    listener: UnixListener,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -57,6 +60,7 @@ pub struct ControlServer {
 /// dead process is replaced.
 pub fn serve(path: &Path, target: Arc<dyn ControlTarget>) -> io::Result<ControlServer> {
     let listener = bind_private(path)?;
+    let waker = listener.try_clone()?;
     let stop = Arc::new(AtomicBool::new(false));
     let acceptor = {
         let stop = stop.clone();
@@ -66,6 +70,7 @@ pub fn serve(path: &Path, target: Arc<dyn ControlTarget>) -> io::Result<ControlS
     };
     Ok(ControlServer {
         path: path.to_path_buf(),
+        listener: waker,
         stop,
         acceptor: Some(acceptor),
     })
@@ -81,8 +86,11 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept() so the thread sees the flag.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the blocking accept() so the thread sees the flag. shutdown() on the listening
+        // socket makes accept() fail at once, even when the socket file was deleted meanwhile
+        // (a connect() to the path would then fail and leave the thread blocked forever).
+        // SAFETY: shutdown() on a socket fd we own; it neither closes nor invalidates the fd.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
@@ -108,6 +116,7 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
 
 fn accept_loop(listener: UnixListener, target: Arc<dyn ControlTarget>, stop: Arc<AtomicBool>) {
     for stream in listener.incoming() {
+        // Checked before the result: after shutdown() accept() keeps failing.
         if stop.load(Ordering::SeqCst) {
             break;
         }
@@ -125,7 +134,11 @@ fn accept_loop(listener: UnixListener, target: Arc<dyn ControlTarget>, stop: Arc
                     tracing::warn!("control: cannot start a client thread: {e}");
                 }
             }
-            Err(e) => tracing::warn!("control: accept failed: {e}"),
+            Err(e) => {
+                tracing::warn!("control: accept failed: {e}");
+                // Do not spin on a persistent error (EMFILE): give the system a moment.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
     }
 }
@@ -344,6 +357,10 @@ mod tests {
         let stale = UnixListener::bind(&path).unwrap();
         drop(stale);
         let server = serve(&path, target).unwrap();
+        drop(server);
+        // Dropping a server whose socket file was deleted still returns (no hang).
+        let server = serve(&path, Arc::new(FakeTarget::default())).unwrap();
+        std::fs::remove_file(&path).unwrap();
         drop(server);
         std::fs::remove_dir_all(&dir).unwrap();
     }
