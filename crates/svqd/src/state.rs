@@ -1238,11 +1238,17 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
             )));
         };
         let kick = Arc::new(Self::eventfd(fd));
+        let was_running = self.queues[q].vmm.running();
         if let Mode::Shadow(sq) = &self.queues[q].mode {
             sq.worker
                 .as_ref()
                 .expect("worker")
                 .set_guest_kick(kick.clone());
+        } else if !was_running && self.want_shadow() && self.ring_configured(q) {
+            // The ring starts now and should be shadowed: start it in shadow mode directly (see
+            // `start_ring_shadowed`); the backend never sees the guest ring running.
+            self.record_kick(q, kick);
+            return self.start_ring_shadowed(q).map_err(Into::into);
         } else {
             let be = try_req!(self.be());
             try_req!(be
@@ -1250,13 +1256,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
                 .set_vring_kick(q, &kick)
                 .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e)));
         }
-        let v = &mut self.queues[q].vmm;
-        v.kick = Some(kick);
-        v.started = true;
-        if !be_has_enable(&self.backend) {
-            // Without PROTOCOL_FEATURES a started ring is enabled.
-            self.queues[q].vmm.enabled = true;
-        }
+        self.record_kick(q, kick);
         self.reconcile().map_err(Into::into)
     }
 
@@ -1557,6 +1557,52 @@ fn be_has_enable(b: &Option<BackendConn>) -> bool {
 }
 
 impl ProxyState {
+    /// The VMM configured size and addresses of ring `q` (a kick would start it).
+    fn ring_configured(&self, q: usize) -> bool {
+        let v = &self.queues[q].vmm;
+        v.num != 0 && v.addr.is_some()
+    }
+
+    /// Record the VMM's kick fd for ring `q`: the ring is started.
+    fn record_kick(&mut self, q: usize, kick: Arc<EventFd>) {
+        let has_enable = be_has_enable(&self.backend);
+        let v = &mut self.queues[q].vmm;
+        v.kick = Some(kick);
+        v.started = true;
+        if !has_enable {
+            // Without PROTOCOL_FEATURES a started ring is enabled.
+            v.enabled = true;
+        }
+    }
+
+    /// The VMM starts ring `q` (its kick arrived, size and addresses known) while the policy
+    /// wants shadow mode: start the backend on a shadow ring at the VMM's SET_VRING_BASE index
+    /// instead of on the guest ring. Nothing ran yet, so there is nothing to drain, and no
+    /// message ever reaches a running backend ring (a runtime switch must stop one, which some
+    /// backends do not survive; see DESIGN.md). The backend got the guest ring's NUM/BASE/ADDR
+    /// and call fd but no kick, so it never started it; `start_shadow` overrides all of them.
+    /// If the shadow ring cannot be set up, the ring starts in passthrough as the VMM asked.
+    fn start_ring_shadowed(&mut self, q: usize) -> Result<(), ProxyError> {
+        let base = self.queues[q].vmm.base;
+        let t0 = Instant::now();
+        match self.start_shadow(q, base) {
+            Ok(()) => {
+                tracing::info!(
+                    queue = q,
+                    base,
+                    micros = t0.elapsed().as_micros() as u64,
+                    "queue started in shadow mode"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(queue = q, error = %e, "cannot start ring in shadow mode; starting it in passthrough");
+                self.restart_passthrough(q, base)?;
+                Err(e)
+            }
+        }
+    }
+
     /// A queue in shadow mode is being reconfigured by the VMM (NUM/BASE/ADDR): give the ring
     /// back first, so the new configuration applies to the guest ring; [`Self::reconcile`]
     /// shadows it again once it runs.
