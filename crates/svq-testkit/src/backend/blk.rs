@@ -39,11 +39,11 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::segments::{read_stream, write_stream, ChainSegments};
 use super::XorShift;
+use super::{config_window, drain_ring, lock, protocol_features};
 use super::{
     exit_pair, serve, BackendError, BackendHandle, BackendMemory, ConnectionBackend, GatedVring,
     Rekick,
 };
-use super::{ring_error, stalled};
 
 /// Sector size of the virtio-blk protocol (always 512, whatever blk_size says).
 pub const SECTOR_SIZE: u64 = 512;
@@ -371,11 +371,6 @@ struct BlkInner {
     rekick: Rekick<BlkBackend>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panicking completion thread must not take the whole backend down with poisoned locks.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl BlkBackend {
     /// A device instance for one connection.
     pub fn new(opts: BlkOptions, disk: Arc<BlkDisk>, stats: Arc<BlkStats>) -> io::Result<Self> {
@@ -426,60 +421,27 @@ impl BlkBackend {
             return Ok(());
         };
         let mut completed_inline = false;
-        let mut idle_rounds = 0;
-        loop {
-            // A stopped ring (after GET_VRING_BASE) may still get a late event: popping from it
-            // fails, and enable_notification would report the unpopped entries forever.
-            if !vring.get_ref().get_queue().ready() {
-                break;
-            }
-            // With EVENT_IDX this leaves avail_event alone; without, it sets VRING_USED_F_NO_NOTIFY
-            // so a proxy's shadow ring sees the device suppress kicks while it drains the ring.
-            if let Err(e) = vring.disable_notification() {
-                ring_error(&e);
-                break;
-            }
-            let mut popped = 0u32;
-            loop {
-                let mem = atomic.memory();
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                popped += 1;
-                let req = BlkRequest::parse(&*mem, ChainSegments::from_chain(chain));
-                self.0.stats.popped.fetch_add(1, Ordering::Relaxed);
-                match self.0.opts.delay {
-                    Some(d) => self.submit_delayed(queue, vring, req, d),
-                    None => {
-                        let len = execute(
-                            &*mem,
-                            &self.0.disk,
-                            self.0.opts.serial.as_bytes(),
-                            &req,
-                            &self.0.stats,
-                        );
-                        if let Err(e) = vring.add_used(req.segs.head, len) {
-                            tracing::warn!("blk: add_used failed on queue {queue}: {e}");
-                        }
-                        self.0.stats.completed.fetch_add(1, Ordering::Relaxed);
-                        completed_inline = true;
+        drain_ring(vring, &atomic, queue, |mem, segs| {
+            let req = BlkRequest::parse(mem, segs);
+            self.0.stats.popped.fetch_add(1, Ordering::Relaxed);
+            match self.0.opts.delay {
+                Some(d) => self.submit_delayed(queue, vring, req, d),
+                None => {
+                    let len = execute(
+                        mem,
+                        &self.0.disk,
+                        self.0.opts.serial.as_bytes(),
+                        &req,
+                        &self.0.stats,
+                    );
+                    if let Err(e) = vring.add_used(req.segs.head, len) {
+                        tracing::warn!("blk: add_used failed on queue {queue}: {e}");
                     }
+                    self.0.stats.completed.fetch_add(1, Ordering::Relaxed);
+                    completed_inline = true;
                 }
             }
-            // Re-enables kicks (writes avail_event = next_avail with EVENT_IDX) and re-checks the
-            // avail index to close the race with a driver that added a chain meanwhile.
-            if !vring.enable_notification().unwrap_or_else(|e| {
-                ring_error(&e);
-                false
-            }) {
-                break;
-            }
-            if stalled(&mut idle_rounds, popped, queue) {
-                break;
-            }
-        }
+        });
         tracing::debug!(
             queue,
             next_avail = vring.queue_next_avail(),
@@ -658,11 +620,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        // Deliberately no LOG_SHMFD (and LOG_ALL is absent from features()).
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        protocol_features()
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -670,14 +628,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cfg = self.config_space();
-        let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(cfg.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(cfg.len());
-        out[..end - start].copy_from_slice(&cfg[start..end]);
-        out
+        config_window(&self.config_space(), offset, size)
     }
 
     fn update_memory(&self, mem: BackendMemory) -> io::Result<()> {

@@ -25,13 +25,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{
     ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringT,
 };
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use segments::ChainSegments;
 pub use segments::Segment;
 pub use vring::GatedVring;
 
@@ -242,6 +245,80 @@ pub(crate) fn stalled(idle_rounds: &mut u32, popped: u32, queue: u16) -> bool {
         return true;
     }
     false
+}
+
+/// Pops every available chain of a started `vring` (queue `queue`) and hands it, with the memory
+/// it was popped from, to `each`, until the ring is empty with kicks re-enabled, stops, fails or
+/// stalls (see [`stalled`]). The notification protocol is the one both reference devices follow.
+pub(crate) fn drain_ring(
+    vring: &GatedVring,
+    atomic: &BackendMemory,
+    queue: u16,
+    mut each: impl FnMut(&GuestMemoryMmap<()>, ChainSegments),
+) {
+    let mut idle_rounds = 0;
+    loop {
+        // A stopped ring (after GET_VRING_BASE) may still get a late event: popping from it
+        // fails, and enable_notification would report the unpopped entries forever.
+        if !vring.get_ref().get_queue().ready() {
+            break;
+        }
+        // With EVENT_IDX this leaves avail_event alone; without, it sets VRING_USED_F_NO_NOTIFY
+        // so a proxy's shadow ring sees the device suppress kicks while it drains the ring.
+        if let Err(e) = vring.disable_notification() {
+            ring_error(&e);
+            break;
+        }
+        let mut popped = 0u32;
+        loop {
+            let mem = atomic.memory();
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            popped += 1;
+            each(&mem, ChainSegments::from_chain(chain));
+        }
+        // Re-enables kicks (writes avail_event = next_avail with EVENT_IDX) and re-checks the
+        // avail index to close the race with a driver that added a chain meanwhile.
+        if !vring.enable_notification().unwrap_or_else(|e| {
+            ring_error(&e);
+            false
+        }) {
+            break;
+        }
+        if stalled(&mut idle_rounds, popped, queue) {
+            break;
+        }
+    }
+}
+
+/// The protocol features both reference devices offer: deliberately no LOG_SHMFD (and neither
+/// offers VHOST_F_LOG_ALL in its features), so only a proxy in between can log their writes.
+pub(crate) fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// Locks `m`, recovering from poison: a panicking completion or worker thread must not take the
+/// whole backend down with poisoned locks.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The `size` bytes of config space `cfg` from `offset` (zero beyond its end), as
+/// `GET_CONFIG` returns them.
+pub(crate) fn config_window(cfg: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    let start = (offset as usize).min(cfg.len());
+    let end = (offset as usize)
+        .saturating_add(size as usize)
+        .min(cfg.len());
+    out[..end - start].copy_from_slice(&cfg[start..end]);
+    out
 }
 
 /// A new (consumer, notifier) pair for a vring worker's exit event.

@@ -23,11 +23,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::segments::{read_stream, write_stream, ChainSegments};
+use super::{config_window, drain_ring, lock, protocol_features, ring_error, stalled};
 use super::{
     exit_pair, serve, BackendError, BackendHandle, BackendMemory, ConnectionBackend, GatedVring,
     Rekick,
 };
-use super::{ring_error, stalled};
 
 /// Size of `struct virtio_net_hdr_v1` (VERSION_1 always has num_buffers).
 pub const NET_HDR_LEN: usize = 12;
@@ -109,10 +109,6 @@ struct NetInner {
     rekick: Rekick<NetBackend>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl NetBackend {
     /// A device instance for one connection.
     pub fn new(opts: NetOptions, stats: Arc<NetStats>) -> Self {
@@ -147,58 +143,29 @@ impl NetBackend {
             return Ok(());
         };
         let mut done = false;
-        let mut idle_rounds = 0;
-        loop {
-            // Never spin on a stopped ring (see the block backend).
-            if !tx.get_ref().get_queue().ready() {
-                break;
-            }
-            if let Err(e) = tx.disable_notification() {
-                ring_error(&e);
-                break;
-            }
-            let mut popped = 0u32;
-            loop {
-                let mem = atomic.memory();
-                let chain = tx
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                popped += 1;
-                let segs = ChainSegments::from_chain(chain);
-                let total = segs.readable_len() as usize;
-                if segs.misordered || !(NET_HDR_LEN..=MAX_FRAME + NET_HDR_LEN).contains(&total) {
-                    self.0.stats.errors.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    let mut frame = vec![0u8; total - NET_HDR_LEN];
-                    if read_stream(&*mem, &segs.readable, NET_HDR_LEN as u64, &mut frame) {
-                        self.0.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                        let mut q = lock(&self.0.backlog[pair]);
-                        if q.len() < self.0.opts.backlog {
-                            q.push_back(frame);
-                        } else {
-                            self.0.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        }
+        drain_ring(tx, &atomic, (2 * pair + 1) as u16, |mem, segs| {
+            let total = segs.readable_len() as usize;
+            if segs.misordered || !(NET_HDR_LEN..=MAX_FRAME + NET_HDR_LEN).contains(&total) {
+                self.0.stats.errors.fetch_add(1, Ordering::Relaxed);
+            } else {
+                let mut frame = vec![0u8; total - NET_HDR_LEN];
+                if read_stream(mem, &segs.readable, NET_HDR_LEN as u64, &mut frame) {
+                    self.0.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    let mut q = lock(&self.0.backlog[pair]);
+                    if q.len() < self.0.opts.backlog {
+                        q.push_back(frame);
                     } else {
-                        self.0.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        self.0.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     }
+                } else {
+                    self.0.stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
-                if let Err(e) = tx.add_used(segs.head, 0) {
-                    tracing::warn!("net: tx add_used failed: {e}");
-                }
-                done = true;
             }
-            if !tx.enable_notification().unwrap_or_else(|e| {
-                ring_error(&e);
-                false
-            }) {
-                break;
+            if let Err(e) = tx.add_used(segs.head, 0) {
+                tracing::warn!("net: tx add_used failed: {e}");
             }
-            if stalled(&mut idle_rounds, popped, (2 * pair + 1) as u16) {
-                break;
-            }
-        }
+            done = true;
+        });
         if done {
             Self::notify(tx);
         }
@@ -298,11 +265,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        // Deliberately no LOG_SHMFD.
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        protocol_features()
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -315,13 +278,7 @@ impl VhostUserBackend for NetBackend {
         cfg[0..6].copy_from_slice(&self.0.opts.mac);
         cfg[6..8].copy_from_slice(&1u16.to_le_bytes());
         cfg[8..10].copy_from_slice(&self.0.opts.queue_pairs.to_le_bytes());
-        let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(cfg.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(cfg.len());
-        out[..end - start].copy_from_slice(&cfg[start..end]);
-        out
+        config_window(&cfg, offset, size)
     }
 
     fn update_memory(&self, mem: BackendMemory) -> io::Result<()> {
