@@ -3,7 +3,6 @@
 //! switches, and the oracle's verdict.
 
 use std::io::Write;
-use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -271,9 +270,6 @@ impl GuestWorkload for AnyGuest {
     }
     fn reap(&mut self) {
         both!(self, g => g.reap())
-    }
-    fn call_fds(&self) -> Vec<RawFd> {
-        both!(self, g => g.call_fds())
     }
     fn set_posting(&mut self, on: bool) {
         both!(self, g => g.set_posting(on))

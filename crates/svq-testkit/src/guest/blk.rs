@@ -7,7 +7,6 @@
 //! most one request in flight, so the model is exact whatever the completion order.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -454,13 +453,6 @@ impl GuestWorkload for BlkGuest {
         }
     }
 
-    fn call_fds(&self) -> Vec<RawFd> {
-        self.queues
-            .iter()
-            .map(|q| q.call_fd().as_raw_fd())
-            .collect()
-    }
-
     fn set_posting(&mut self, on: bool) {
         self.posting = on;
     }
@@ -489,14 +481,7 @@ impl GuestWorkload for BlkGuest {
     }
 
     fn attach(&mut self, ram: Arc<GuestRam>) -> std::io::Result<()> {
-        if ram.size() != self.ram.size() {
-            return Err(std::io::Error::other("destination RAM size differs"));
-        }
-        self.ram = ram;
-        for q in &mut self.queues {
-            q.replace_eventfds()?;
-        }
-        Ok(())
+        super::attach_ram(&mut self.ram, &mut self.queues, ram)
     }
 
     fn progress(&self) -> Arc<Progress> {

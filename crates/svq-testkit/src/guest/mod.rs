@@ -13,6 +13,7 @@ pub mod ram;
 pub mod runner;
 pub mod vring;
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -92,8 +93,13 @@ pub trait GuestWorkload: Send {
     fn step(&mut self);
     /// Reaps completions and verifies them.
     fn reap(&mut self);
-    /// The call eventfds to wait on.
-    fn call_fds(&self) -> Vec<std::os::fd::RawFd>;
+    /// The call eventfds to wait on (one per queue).
+    fn call_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.queues()
+            .iter()
+            .map(|q| q.call_fd().as_raw_fd())
+            .collect()
+    }
     /// Turns posting of new requests on or off (off: in-flight ones still complete).
     fn set_posting(&mut self, on: bool);
     /// Anomalies found so far (data mismatches, stray completions, ...).
@@ -111,6 +117,24 @@ pub trait GuestWorkload: Send {
     fn attach(&mut self, ram: Arc<GuestRam>) -> std::io::Result<()>;
     /// Live counters.
     fn progress(&self) -> Arc<Progress>;
+}
+
+/// What [`GuestWorkload::attach`] does for a workload whose RAM is `current` and whose queues are
+/// `queues`: refuses a RAM of another size, then moves to `ram` and gives every queue fresh
+/// eventfds.
+fn attach_ram(
+    current: &mut Arc<GuestRam>,
+    queues: &mut [DriverQueue],
+    ram: Arc<GuestRam>,
+) -> std::io::Result<()> {
+    if ram.size() != current.size() {
+        return Err(std::io::Error::other("destination RAM size differs"));
+    }
+    *current = ram;
+    for q in queues {
+        q.replace_eventfds()?;
+    }
+    Ok(())
 }
 
 /// splitmix64: a deterministic pattern generator for data that must be recognisable.

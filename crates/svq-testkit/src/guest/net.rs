@@ -7,7 +7,6 @@
 //! drop packets); they are counted, not treated as errors.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -350,13 +349,6 @@ impl GuestWorkload for NetGuest {
         }
     }
 
-    fn call_fds(&self) -> Vec<RawFd> {
-        self.queues
-            .iter()
-            .map(|q| q.call_fd().as_raw_fd())
-            .collect()
-    }
-
     fn set_posting(&mut self, on: bool) {
         self.posting = on;
     }
@@ -392,14 +384,7 @@ impl GuestWorkload for NetGuest {
     }
 
     fn attach(&mut self, ram: Arc<GuestRam>) -> std::io::Result<()> {
-        if ram.size() != self.ram.size() {
-            return Err(std::io::Error::other("destination RAM size differs"));
-        }
-        self.ram = ram;
-        for q in &mut self.queues {
-            q.replace_eventfds()?;
-        }
-        Ok(())
+        super::attach_ram(&mut self.ram, &mut self.queues, ram)
     }
 
     fn progress(&self) -> Arc<Progress> {
