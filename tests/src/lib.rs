@@ -5,8 +5,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use svq_testkit::scenario::Proxy as TestProxy;
+use svq_testkit::scenario::{run_migration, MigrationScenarioReport, ScenarioOptions};
 use svqd::{ControlTarget, Proxy, ProxyConfig, ProxyThread, ShadowPolicy};
 
 /// An in-process svqd seen through the testkit's proxy interface.
@@ -80,4 +82,42 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// The scenario the migration tests start from: a small VM (32 MiB RAM, an 8 MiB disk) under
+/// load for `pace` before the migration and again on the destination.
+pub fn small_scenario(pace: Duration) -> ScenarioOptions {
+    ScenarioOptions {
+        ram_size: 32 << 20,
+        disk_size: 8 << 20,
+        warmup: pace,
+        after: pace,
+        ..Default::default()
+    }
+}
+
+/// Runs the migration scenario `opts` with a fresh svqd per side configured by `settings`, and
+/// returns its report with the scenario's progress lines; panics with those lines, prefixed by
+/// `tag`, if the scenario fails.
+pub fn migrate_through_svqd(
+    opts: &ScenarioOptions,
+    settings: SvqdSettings,
+    tag: &str,
+) -> (MigrationScenarioReport, Vec<String>) {
+    let mut launcher = svqd_launcher(settings);
+    let mut lines = Vec::new();
+    let r = run_migration(opts, Some(&mut launcher), &mut |l| lines.push(l.to_owned()))
+        .unwrap_or_else(|e| panic!("{tag}: scenario failed: {e}\n{}", lines.join("\n")));
+    (r, lines)
+}
+
+/// Asserts that the oracle of `r` passed; on failure prints its verdict, failures and `lines`.
+pub fn assert_oracle_passed(r: &MigrationScenarioReport, tag: &str, lines: &[String]) {
+    assert!(
+        r.oracle.passed(),
+        "{tag}: oracle failed:\n{}\n{:?}\n{}",
+        r.oracle,
+        r.oracle.failures(),
+        lines.join("\n")
+    );
 }

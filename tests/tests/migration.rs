@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
-use svq_e2e::{init_tracing, svqd_launcher, SvqdSettings};
-use svq_testkit::scenario::{run_migration, DeviceKind, ScenarioOptions};
+use svq_e2e::{
+    assert_oracle_passed, init_tracing, migrate_through_svqd, small_scenario, SvqdSettings,
+};
+use svq_testkit::scenario::{DeviceKind, ScenarioOptions};
 use svq_testkit::vmm::{LogStyle, MemTableStyle, VmmOptions};
 
 fn migrate(device: DeviceKind, queues: u16, event_idx: bool, log: LogStyle, mem: MemTableStyle) {
@@ -13,48 +15,26 @@ fn migrate(device: DeviceKind, queues: u16, event_idx: bool, log: LogStyle, mem:
         device,
         queues,
         event_idx,
-        ram_size: 32 << 20,
-        disk_size: 8 << 20,
-        warmup: Duration::from_millis(150),
-        after: Duration::from_millis(150),
         vmm: VmmOptions {
             log_style: log,
             mem_style: mem,
             ..Default::default()
         },
         seed: u64::from(queues) * 31 + u64::from(event_idx),
-        ..Default::default()
+        ..small_scenario(Duration::from_millis(150))
     };
-    let mut launcher = svqd_launcher(SvqdSettings::default());
-    let mut lines = Vec::new();
-    let r = run_migration(&opts, Some(&mut launcher), &mut |l| {
-        lines.push(l.to_owned())
-    })
-    .unwrap_or_else(|e| panic!("scenario failed: {e}\n{}", lines.join("\n")));
     let tag = format!("{device:?} queues={queues} event_idx={event_idx} {log:?} {mem:?}");
+    let (r, lines) = migrate_through_svqd(&opts, SvqdSettings::default(), &tag);
     assert!(r.migration.device_logging, "{tag}: svqd must offer logging");
-    assert!(
-        r.oracle.passed(),
-        "{tag}: oracle failed:\n{}\n{:?}\n{}",
-        r.oracle,
-        r.oracle.failures(),
-        lines.join("\n")
-    );
+    assert_oracle_passed(&r, &tag, &lines);
     assert!(r.phases[0].ops > 20, "{tag}: no load before migration");
     assert!(r.phases[1].ops > 0, "{tag}: no load during migration");
     assert!(
         r.phases[2].ops > 20,
         "{tag}: guest did not run on the destination"
     );
-    let device_pages: u64 = r
-        .migration
-        .rounds
-        .iter()
-        .map(|s| s.device_pages)
-        .sum::<u64>()
-        + r.migration.final_round.device_pages;
     assert!(
-        device_pages > 0,
+        r.migration.device_pages() > 0,
         "{tag}: svqd logged no device page under load"
     );
 }
@@ -153,18 +133,14 @@ fn blk_2q_shadow_always() {
     init_tracing();
     let opts = ScenarioOptions {
         queues: 2,
-        ram_size: 32 << 20,
-        disk_size: 8 << 20,
-        warmup: Duration::from_millis(150),
-        after: Duration::from_millis(150),
-        ..Default::default()
+        ..small_scenario(Duration::from_millis(150))
     };
-    let mut launcher = svqd_launcher(SvqdSettings {
+    let settings = SvqdSettings {
         shadow: svqd::ShadowPolicy::Always,
         ..Default::default()
-    });
-    let r = run_migration(&opts, Some(&mut launcher), &mut |_| {}).expect("scenario runs");
-    assert!(r.oracle.passed(), "{}\n{:?}", r.oracle, r.oracle.failures());
+    };
+    let (r, lines) = migrate_through_svqd(&opts, settings, "shadow always");
+    assert_oracle_passed(&r, "shadow always", &lines);
 }
 
 /// svqd adding its shadow rings with SET_MEM_TABLE (a backend without CONFIGURE_MEM_SLOTS),
@@ -176,18 +152,15 @@ fn blk_4q_backend_set_mem_table_strict_call() {
     let opts = ScenarioOptions {
         queues: 4,
         blk_strict_call: true,
-        ram_size: 32 << 20,
-        disk_size: 8 << 20,
-        warmup: Duration::from_millis(150),
-        after: Duration::from_millis(150),
-        ..Default::default()
+        ..small_scenario(Duration::from_millis(150))
     };
-    let mut launcher = svqd_launcher(SvqdSettings {
+    let settings = SvqdSettings {
         backend_mem_slots: false,
         ..Default::default()
-    });
-    let r = run_migration(&opts, Some(&mut launcher), &mut |_| {}).expect("scenario runs");
-    assert!(r.oracle.passed(), "{}\n{:?}", r.oracle, r.oracle.failures());
+    };
+    let tag = "backend SET_MEM_TABLE, strict call";
+    let (r, lines) = migrate_through_svqd(&opts, settings, tag);
+    assert_oracle_passed(&r, tag, &lines);
 }
 
 /// Ping-pong: four migrations in a row under load, each destination svqd (started in
@@ -200,25 +173,11 @@ fn ping_pong_four_hops() {
             device,
             queues: 2,
             hops: 4,
-            ram_size: 32 << 20,
-            disk_size: 8 << 20,
-            warmup: Duration::from_millis(100),
-            after: Duration::from_millis(100),
-            ..Default::default()
+            ..small_scenario(Duration::from_millis(100))
         };
-        let mut launcher = svqd_launcher(SvqdSettings::default());
-        let mut lines = Vec::new();
-        let r = run_migration(&opts, Some(&mut launcher), &mut |l| {
-            lines.push(l.to_owned())
-        })
-        .unwrap_or_else(|e| panic!("{device:?}: {e}\n{}", lines.join("\n")));
-        assert!(
-            r.oracle.passed(),
-            "{device:?}: {}\n{:?}\n{}",
-            r.oracle,
-            r.oracle.failures(),
-            lines.join("\n")
-        );
+        let tag = format!("{device:?}");
+        let (r, lines) = migrate_through_svqd(&opts, SvqdSettings::default(), &tag);
+        assert_oracle_passed(&r, &tag, &lines);
         assert_eq!(
             lines
                 .iter()
@@ -239,30 +198,16 @@ fn cancelled_then_completed() {
             device,
             queues: 2,
             cancel_first: true,
-            ram_size: 32 << 20,
-            disk_size: 8 << 20,
-            warmup: Duration::from_millis(100),
-            after: Duration::from_millis(100),
-            ..Default::default()
+            ..small_scenario(Duration::from_millis(100))
         };
-        let mut launcher = svqd_launcher(SvqdSettings::default());
-        let mut lines = Vec::new();
-        let r = run_migration(&opts, Some(&mut launcher), &mut |l| {
-            lines.push(l.to_owned())
-        })
-        .unwrap_or_else(|e| panic!("{device:?}: {e}\n{}", lines.join("\n")));
+        let tag = format!("{device:?}");
+        let (r, lines) = migrate_through_svqd(&opts, SvqdSettings::default(), &tag);
         let cancel = lines
             .iter()
             .find(|l| l.contains("migration cancelled"))
             .unwrap_or_else(|| panic!("no cancelled migration:\n{}", lines.join("\n")));
         // svqd did switch to shadow mode: the backend's writes were logged while it lasted.
         assert!(!cancel.contains("(0 device pages"), "{cancel}");
-        assert!(
-            r.oracle.passed(),
-            "{device:?}: {}\n{:?}\n{}",
-            r.oracle,
-            r.oracle.failures(),
-            lines.join("\n")
-        );
+        assert_oracle_passed(&r, &tag, &lines);
     }
 }

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use svq_e2e::{init_tracing, svqd_launcher, SvqdSettings};
-use svq_testkit::scenario::{run_migration, DeviceKind, ScenarioOptions};
+use svq_e2e::{init_tracing, migrate_through_svqd, small_scenario, SvqdSettings};
+use svq_testkit::scenario::{DeviceKind, ScenarioOptions};
 
 #[test]
 fn svqd_without_logging_fails_the_oracle() {
@@ -12,27 +12,18 @@ fn svqd_without_logging_fails_the_oracle() {
     for device in [DeviceKind::Blk, DeviceKind::Net] {
         let opts = ScenarioOptions {
             device,
-            ram_size: 32 << 20,
-            disk_size: 8 << 20,
             warmup: Duration::from_millis(150),
-            after: Duration::from_millis(100),
-            ..Default::default()
+            ..small_scenario(Duration::from_millis(100))
         };
-        let mut launcher = svqd_launcher(SvqdSettings {
+        let settings = SvqdSettings {
             log_enabled: false,
             ..Default::default()
-        });
-        let r = run_migration(&opts, Some(&mut launcher), &mut |_| {}).expect("scenario runs");
+        };
+        let (r, _) = migrate_through_svqd(&opts, settings, &format!("{device:?}"));
         // The VMM believes logging works (svqd offers it)...
         assert!(r.migration.device_logging);
         // ...but nothing was logged for the device, and the oracle sees the lost writes.
-        let logged: u64 = r
-            .migration
-            .rounds
-            .iter()
-            .map(|s| s.device_pages)
-            .sum::<u64>()
-            + r.migration.final_round.device_pages;
+        let logged = r.migration.device_pages();
         assert_eq!(logged, 0, "{device:?}: log disabled but pages were logged");
         assert!(
             !r.oracle.differing_pages.is_empty(),

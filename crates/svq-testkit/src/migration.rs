@@ -76,6 +76,13 @@ pub struct MigrationReport {
     pub device_logging: bool,
 }
 
+impl MigrationReport {
+    /// Pages the device path logged over the whole migration (every round and the final one).
+    pub fn device_pages(&self) -> u64 {
+        self.rounds.iter().map(|s| s.device_pages).sum::<u64>() + self.final_round.device_pages
+    }
+}
+
 /// Migration failures.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
