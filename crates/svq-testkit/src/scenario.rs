@@ -415,19 +415,6 @@ fn make_guest(ram: Arc<GuestRam>, vmm: &Vmm, opts: &ScenarioOptions) -> std::io:
     })
 }
 
-fn start_rings(vmm: &mut Vmm, guest: &AnyGuest) -> Result<(), VmmError> {
-    for q in guest.queues() {
-        vmm.start_queue(
-            q.index(),
-            q.layout(),
-            q.next_avail(),
-            q.kick_fd(),
-            q.call_fd(),
-        )?;
-    }
-    Ok(())
-}
-
 /// A progress ticker on stderr: "\r<phase>: <iops> req/s, <MiB/s>".
 struct Ticker {
     phase: Arc<Mutex<String>>,
@@ -548,7 +535,7 @@ fn migration_body(
     let guest = match make_guest(ram.clone(), &vmm, opts)
         .map_err(ScenarioError::from)
         .and_then(|g| {
-            start_rings(&mut vmm, &g)
+            vmm.start_queues(g.queues())
                 .map(|_| g)
                 .map_err(ScenarioError::from)
         }) {
@@ -761,7 +748,7 @@ fn switching_body(
     let ram = GuestRam::new("svq-guest", opts.ram_size)?;
     let mut vmm = Vmm::connect(&side.vmm_socket, ram.clone(), opts.vmm)?;
     let guest = make_guest(ram, &vmm, opts)?;
-    start_rings(&mut vmm, &guest)?;
+    vmm.start_queues(guest.queues())?;
     let prog = guest.progress();
     let ticker = Ticker::start(opts.live_progress, prog.clone());
     ticker.set("switching");

@@ -30,7 +30,7 @@ use vm_memory::FileOffset;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::guest::ram::{memfd, GuestRam, PAGE_SIZE};
-use crate::guest::vring::QueueLayout;
+use crate::guest::vring::{DriverQueue, QueueLayout};
 
 /// Bit 26: the device must log its writes (migration running).
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
@@ -360,6 +360,21 @@ impl Vmm {
         vh("SET_VRING_ENABLE", self.fe.set_vring_enable(i, true))?;
         self.started.retain(|q| q.index != index);
         self.started.push(StartedQueue { index, layout });
+        Ok(())
+    }
+
+    /// Starts every ring of `queues` with [`Vmm::start_queue`], each from the driver's own next avail
+    /// index (0 for a fresh queue, where it left off for a migrated one).
+    pub fn start_queues(&mut self, queues: &[DriverQueue]) -> Result<(), VmmError> {
+        for q in queues {
+            self.start_queue(
+                q.index(),
+                q.layout(),
+                q.next_avail(),
+                q.kick_fd(),
+                q.call_fd(),
+            )?;
+        }
         Ok(())
     }
 

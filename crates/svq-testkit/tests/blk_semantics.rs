@@ -167,10 +167,7 @@ fn kick_fd_replaced_on_a_running_ring_keeps_working() {
         },
     )
     .unwrap();
-    for q in guest.queues() {
-        vmm.start_queue(q.index(), q.layout(), 0, q.kick_fd(), q.call_fd())
-            .unwrap();
-    }
+    vmm.start_queues(guest.queues()).unwrap();
     let runner = GuestRunner::spawn(guest).unwrap();
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(10));

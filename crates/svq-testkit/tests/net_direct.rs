@@ -43,10 +43,7 @@ fn run(event_idx: bool, pairs: u16) {
         },
     )
     .unwrap();
-    for q in guest.queues() {
-        vmm.start_queue(q.index(), q.layout(), 0, q.kick_fd(), q.call_fd())
-            .unwrap();
-    }
+    vmm.start_queues(guest.queues()).unwrap();
     let runner = GuestRunner::spawn(guest).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(runner.drain(Duration::from_secs(5)), 0);
