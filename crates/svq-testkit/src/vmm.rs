@@ -437,14 +437,7 @@ impl Vmm {
             self.fe.set_features(self.acked | VHOST_F_LOG_ALL),
         )?;
         self.logging = true;
-        for q in self.started.clone() {
-            let cfg = self.vring_config(&q.layout, true);
-            vh(
-                "SET_VRING_ADDR",
-                self.fe.set_vring_addr(usize::from(q.index), &cfg),
-            )?;
-        }
-        Ok(())
+        self.readdress_started_rings()
     }
 
     /// Pages the device side logged since the last sync (empty when not logging).
@@ -477,8 +470,13 @@ impl Vmm {
         }
         vh("SET_FEATURES", self.fe.set_features(self.acked))?;
         self.logging = false;
+        self.readdress_started_rings()
+    }
+
+    /// SET_VRING_ADDR on every started ring, with the log flag as dirty logging now is.
+    fn readdress_started_rings(&mut self) -> Result<(), VmmError> {
         for q in self.started.clone() {
-            let cfg = self.vring_config(&q.layout, false);
+            let cfg = self.vring_config(&q.layout, self.logging);
             vh(
                 "SET_VRING_ADDR",
                 self.fe.set_vring_addr(usize::from(q.index), &cfg),

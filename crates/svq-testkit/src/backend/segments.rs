@@ -4,7 +4,7 @@
 //! be much later, after the ring was re-pointed): so a chain is kept as plain guest ranges, and every
 //! access goes through the guest memory current at that time, bounds-checked by vm-memory.
 
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -67,38 +67,49 @@ impl ChainSegments {
     }
 }
 
-/// Reads `buf.len()` bytes starting `offset` bytes into the stream formed by `segs`.
-/// Returns false if the stream is too short or memory is out of range.
-pub(crate) fn read_stream<M: GuestMemory + ?Sized>(
-    mem: &M,
+/// Walks `len` bytes starting `offset` bytes into the stream formed by `segs`, handing each piece
+/// to `access` as its range within those `len` bytes and its guest address. Returns false if the
+/// stream is too short, an address overflows, or `access` fails.
+fn walk_stream(
     segs: &[Segment],
     mut offset: u64,
-    buf: &mut [u8],
+    len: usize,
+    mut access: impl FnMut(Range<usize>, GuestAddress) -> bool,
 ) -> bool {
     let mut done = 0usize;
     for s in segs {
-        if done == buf.len() {
+        if done == len {
             break;
         }
-        let len = u64::from(s.len);
-        if offset >= len {
-            offset -= len;
+        let seg_len = u64::from(s.len);
+        if offset >= seg_len {
+            offset -= seg_len;
             continue;
         }
-        let n = ((len - offset) as usize).min(buf.len() - done);
+        let n = ((seg_len - offset) as usize).min(len - done);
         let Some(addr) = s.addr.checked_add(offset) else {
             return false;
         };
-        if mem
-            .read_slice(&mut buf[done..done + n], GuestAddress(addr))
-            .is_err()
-        {
+        if !access(done..done + n, GuestAddress(addr)) {
             return false;
         }
         done += n;
         offset = 0;
     }
-    done == buf.len()
+    done == len
+}
+
+/// Reads `buf.len()` bytes starting `offset` bytes into the stream formed by `segs`.
+/// Returns false if the stream is too short or memory is out of range.
+pub(crate) fn read_stream<M: GuestMemory + ?Sized>(
+    mem: &M,
+    segs: &[Segment],
+    offset: u64,
+    buf: &mut [u8],
+) -> bool {
+    walk_stream(segs, offset, buf.len(), |r, addr| {
+        mem.read_slice(&mut buf[r], addr).is_ok()
+    })
 }
 
 /// Writes `data` starting `offset` bytes into the stream formed by `segs`.
@@ -106,33 +117,12 @@ pub(crate) fn read_stream<M: GuestMemory + ?Sized>(
 pub(crate) fn write_stream<M: GuestMemory + ?Sized>(
     mem: &M,
     segs: &[Segment],
-    mut offset: u64,
+    offset: u64,
     data: &[u8],
 ) -> bool {
-    let mut done = 0usize;
-    for s in segs {
-        if done == data.len() {
-            break;
-        }
-        let len = u64::from(s.len);
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        let n = ((len - offset) as usize).min(data.len() - done);
-        let Some(addr) = s.addr.checked_add(offset) else {
-            return false;
-        };
-        if mem
-            .write_slice(&data[done..done + n], GuestAddress(addr))
-            .is_err()
-        {
-            return false;
-        }
-        done += n;
-        offset = 0;
-    }
-    done == data.len()
+    walk_stream(segs, offset, data.len(), |r, addr| {
+        mem.write_slice(&data[r], addr).is_ok()
+    })
 }
 
 #[cfg(test)]
