@@ -64,10 +64,7 @@ fn get_vring_base_replies_at_once_and_late_completions_still_land() {
     let (be, ram, mut vmm, mut q) = started(
         dir.path(),
         BlkOptions {
-            delay: Some(CompletionDelay {
-                min: delay,
-                max: delay,
-            }),
+            delay: Some(CompletionDelay::fixed(delay)),
             ..Default::default()
         },
     );
@@ -100,10 +97,7 @@ fn draining_backend_waits_in_get_vring_base() {
     let (be, ram, mut vmm, mut q) = started(
         dir.path(),
         BlkOptions {
-            delay: Some(CompletionDelay {
-                min: delay,
-                max: delay,
-            }),
+            delay: Some(CompletionDelay::fixed(delay)),
             stop_drains: true,
             ..Default::default()
         },
@@ -125,10 +119,7 @@ fn closed_call_fd_drops_the_connection_like_qsd() {
     let (be, ram, mut vmm, mut q) = started(
         dir.path(),
         BlkOptions {
-            delay: Some(CompletionDelay {
-                min: delay,
-                max: delay,
-            }),
+            delay: Some(CompletionDelay::fixed(delay)),
             disconnect_on_closed_call: true,
             ..Default::default()
         },

@@ -63,6 +63,13 @@ pub struct CompletionDelay {
     pub max: Duration,
 }
 
+impl CompletionDelay {
+    /// Every request held for exactly `d`.
+    pub fn fixed(d: Duration) -> Self {
+        CompletionDelay { min: d, max: d }
+    }
+}
+
 /// Options of the reference block device.
 #[derive(Debug, Clone)]
 pub struct BlkOptions {
