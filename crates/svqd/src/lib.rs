@@ -16,6 +16,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod early_enable;
 pub mod error;
 pub mod features;
 pub mod memory;

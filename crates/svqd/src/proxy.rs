@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::api::ControlTarget;
 use crate::backend::BackendConn;
 use crate::config::{ProxyConfig, ShadowPolicy};
+use crate::early_enable::EarlyEnable;
 use crate::error::ProxyError;
 use crate::state::ProxyState;
 
@@ -214,6 +215,8 @@ impl Proxy {
                 }
             };
             let mut handler = BackendReqHandler::from_stream(handler_stream, self.state.clone());
+            // Works around the vhost crate refusing SET_VRING_ENABLE before SET_FEATURES.
+            let mut early = EarlyEnable::default();
             let backend_fd = lock(&self.state).backend.as_ref().map(|b| b.raw_fd());
             let outcome = loop {
                 match poll2(vmm_fd, libc::POLLIN, self.shutdown.as_raw_fd(), backend_fd)? {
@@ -228,8 +231,15 @@ impl Proxy {
                         }
                     }
                     Ready::First => {
-                        lock(&self.state).refusable = false;
-                        match handler.handle_request() {
+                        let res = {
+                            let mut st = lock(&self.state);
+                            st.refusable = false;
+                            early.intercept(&stream, &mut st)
+                        };
+                        // Outside the lock: the handler takes it for each request.
+                        let res = res.unwrap_or_else(|| handler.handle_request());
+                        early.after_request(&mut lock(&self.state));
+                        match res {
                             Ok(()) => {}
                             Err(vhost::vhost_user::Error::Disconnected)
                             | Err(vhost::vhost_user::Error::PartialMessage) => {
