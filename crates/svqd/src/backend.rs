@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::ProxyError;
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
@@ -146,6 +147,49 @@ impl BackendConn {
     pub fn has_enable(&self) -> bool {
         self.last_features
             .is_some_and(|f| f & VHOST_USER_F_PROTOCOL_FEATURES != 0)
+    }
+
+    /// Whether the backend keeps serving a ring after `SET_VRING_ENABLE 0`, so that only a new
+    /// kick fd keeps guest kicks from it while svqd drains the ring: true without
+    /// PROTOCOL_FEATURES (no enable at all) and for libvhost-user (qemu-storage-daemon and the
+    /// other QEMU-side daemons), recognised by the protocol features it offers unconditionally
+    /// (`vu_get_protocol_features_exec`: LOG_SHMFD, BACKEND_REQ, HOST_NOTIFIER, BACKEND_SEND_FD,
+    /// REPLY_ACK). vhost-user-backend (rust-vmm) honours the enable, and must *not* get a new kick
+    /// fd on a running ring: up to 0.20 its next GET_VRING_BASE then fails with ENOENT, which
+    /// ends the daemon (see DESIGN.md).
+    pub fn ignores_disable(&self) -> bool {
+        const LIBVHOST_USER: VhostUserProtocolFeatures = VhostUserProtocolFeatures::LOG_SHMFD
+            .union(VhostUserProtocolFeatures::BACKEND_REQ)
+            .union(VhostUserProtocolFeatures::HOST_NOTIFIER)
+            .union(VhostUserProtocolFeatures::BACKEND_SEND_FD)
+            .union(VhostUserProtocolFeatures::REPLY_ACK);
+        !self.has_enable() || self.protocol.contains(LIBVHOST_USER)
+    }
+
+    /// Start stopped ring `q` with kick fd `kick`, kicked once (the backend scans the ring).
+    ///
+    /// When to kick depends on the backend. libvhost-user (and anything else that ignores
+    /// `SET_VRING_ENABLE 0`): before handing the fd over, as always. vhost-user-backend up to
+    /// 0.20 watches a new kick fd *before* it marks the queue ready, so a kick already pending
+    /// can be handled on a queue that is not ready yet; the device's pop fails and the daemon's
+    /// epoll thread ends for good (measured with vhost-device-rng: the ring never moves again).
+    /// So for these backends the fd is handed over empty, a request with a reply (GET_FEATURES)
+    /// waits until the backend applied it, and only then is it kicked.
+    pub fn hand_over_kick(&mut self, q: usize, kick: &EventFd) -> Result<(), ProxyError> {
+        let early = self.ignores_disable();
+        if early {
+            let _ = kick.write(1);
+        }
+        self.fe
+            .set_vring_kick(q, kick)
+            .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
+        if !early {
+            self.fe
+                .get_features()
+                .map_err(|e| ProxyError::Backend("GET_FEATURES", e))?;
+            let _ = kick.write(1);
+        }
+        Ok(())
     }
 
     /// Raw fd of the connection (to watch for hang-up).

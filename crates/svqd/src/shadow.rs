@@ -67,10 +67,17 @@ impl ShadowRegion {
 
     /// The engine on this region: the ring's device addresses are in the backend's user-address
     /// space (the region's `uva`).
+    ///
+    /// The shadow ring starts at the guest's index (`start.last_avail_idx`), not at 0, and since
+    /// the engine forwards each guest chain as one shadow chain the two rings' indices stay equal
+    /// whenever nothing is in flight. A backend that keeps its used index across a ring change
+    /// (vhost-user-backend up to 0.10 sets only the avail index on SET_VRING_BASE and never
+    /// re-reads `used.idx`) then continues on either ring from the right place.
     pub fn engine(&self, cfg: QueueConfig, start: QueueState) -> Result<Engine, ProxyError> {
         let area = RingArea::from_mmap_region(self.mapping.clone(), 0, self.uva)
             .map_err(|e| ProxyError::Engine(e.to_string()))?;
-        Engine::new(cfg, area, IdentityTranslation, start)
+        let base = start.last_avail_idx;
+        Engine::new_with_base(cfg, area, IdentityTranslation, start, base)
             .map_err(|e| ProxyError::Engine(e.to_string()))
     }
 

@@ -507,9 +507,11 @@ impl ProxyState {
     ///    with its copy).
     /// 2. SET_VRING_ENABLE 0: a backend honouring it (vhost-user-backend) stops taking buffers
     ///    and unregisters the guest kick fd while that fd is still open.
-    /// 3. SET_VRING_KICK with svqd's eventfd: a backend ignoring enable (libvhost-user,
-    ///    qemu-storage-daemon) no longer sees guest kicks; svqd kicks once so it scans the ring
-    ///    and publishes its position.
+    /// 3. Only for a backend ignoring enable (libvhost-user, qemu-storage-daemon; see
+    ///    `BackendConn::ignores_disable`): SET_VRING_KICK with svqd's eventfd, so it no longer
+    ///    sees guest kicks; svqd kicks once so it scans the ring and publishes its position.
+    ///    Others keep their kick fd (vhost-user-backend up to 0.20 dies on the GET_VRING_BASE
+    ///    after a kick swap).
     /// 4. Quiesce: with EVENT_IDX, wait until the guest used idx equals the avail_event the
     ///    backend writes on every pop (everything popped is completed); without it, until the
     ///    used idx and calls stay still for a quiet period.
@@ -540,9 +542,17 @@ impl ProxyState {
                     .set_vring_enable(q, false)
                     .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
             }
-            // Kick once, *before* handing the fd over: a vhost-user-backend epoll thread may still
-            // hold an event of the old kick fd and consume the new one for it; an empty eventfd
-            // makes that read fail with EAGAIN and ends the backend's event loop for good.
+            if !be.ignores_disable() {
+                // The disable stops it. Its kick fd must stay: vhost-user-backend does not
+                // register a kick fd replaced on a started ring, and up to 0.20 the
+                // GET_VRING_BASE that follows fails to unregister it (ENOENT), which ends the
+                // daemon (vhost-device-rng/-vsock); the old fd's epoll entry also outlives the
+                // swap. See DESIGN.md.
+                return Ok(());
+            }
+            // Kick once, *before* handing the fd over: a backend thread may still hold an event
+            // of the old kick fd and consume the new one for it; an empty eventfd can make that
+            // read fail and end its event loop.
             let _ = drain_kick.write(1);
             be.fe
                 .set_vring_kick(q, &drain_kick)
@@ -702,18 +712,19 @@ impl ProxyState {
         be.fe
             .set_vring_call(q, &call)
             .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
-        if let Some(kick) = &kick {
-            // Readable before it is handed over (see `drain_passthrough`); it also covers guest
-            // kicks svqd consumed or that arrived while the ring was stopped.
-            let _ = kick.write(1);
-            be.fe
-                .set_vring_kick(q, kick)
-                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
-        }
+        // Enable before kick: vhost-user-backend up to 0.20 reads and *discards* a kick that
+        // arrives while the ring is disabled, and without REPLY_ACK svqd cannot wait for an
+        // enable sent after the kick to be applied first. The backend handles messages in order,
+        // so the ring is enabled by the time its kick fd is watched.
         if be.has_enable() {
             be.fe
                 .set_vring_enable(q, enabled)
                 .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
+        }
+        if let Some(kick) = &kick {
+            // The kick covers guest kicks svqd consumed or that arrived while the ring was
+            // stopped.
+            be.hand_over_kick(q, kick)?;
         }
         Ok(())
     }
@@ -785,20 +796,16 @@ impl ProxyState {
             be.fe
                 .set_vring_addr(q, &cfg)
                 .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
-            // Call before kick, as on the way back.
+            // Call, then enable, then kick, as on the way back (`restart_passthrough`).
             be.fe
                 .set_vring_call(q, &backend_call)
                 .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
-            // Readable before it is handed over (see `drain_passthrough`).
-            let _ = backend_kick.write(1);
-            be.fe
-                .set_vring_kick(q, &backend_kick)
-                .map_err(|e| ProxyError::Backend("SET_VRING_KICK", e))?;
             if be.has_enable() {
                 be.fe
                     .set_vring_enable(q, true)
                     .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
             }
+            be.hand_over_kick(q, &backend_kick)?;
             Ok(())
         })();
         if let Err(e) = res {
