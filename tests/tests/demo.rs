@@ -1,20 +1,31 @@
 //! `svqd demo`'s engine, run in-process with a short I/O phase: it must verify and say so.
 
 use svq_e2e::{init_tracing, svqd_launcher, SvqdSettings};
-use svq_testkit::demo::{run, DemoDevice, DemoOptions};
+use svq_testkit::demo::{run, DemoDevice, DemoError, DemoOptions};
+use svq_testkit::scenario::MigrationScenarioReport;
 
-#[test]
-fn demo_blk_passes_and_reports() {
+/// Runs the demo for 0.2 s of I/O per phase on a 32 MiB guest of `device`, through svqd
+/// configured by `settings`; returns its result and the report it printed.
+fn run_demo(
+    device: DemoDevice,
+    settings: SvqdSettings,
+) -> (Result<MigrationScenarioReport, DemoError>, String) {
     init_tracing();
     let opts = DemoOptions {
+        device,
         seconds: 0.2,
         ram_mib: 32,
         ..Default::default()
     };
-    let mut launcher = svqd_launcher(SvqdSettings::default());
+    let mut launcher = svqd_launcher(settings);
     let mut out = Vec::new();
     let r = run(&opts, &mut launcher, &mut out);
-    let text = String::from_utf8_lossy(&out);
+    (r, String::from_utf8_lossy(&out).into_owned())
+}
+
+#[test]
+fn demo_blk_passes_and_reports() {
+    let (r, text) = run_demo(DemoDevice::Blk, SvqdSettings::default());
     let r = r.unwrap_or_else(|e| panic!("demo failed: {e}\n{text}"));
     assert!(r.oracle.passed());
     for needle in [
@@ -33,36 +44,18 @@ fn demo_blk_passes_and_reports() {
 
 #[test]
 fn demo_net_passes() {
-    init_tracing();
-    let opts = DemoOptions {
-        device: DemoDevice::Net,
-        seconds: 0.2,
-        ram_mib: 32,
-        ..Default::default()
-    };
-    let mut launcher = svqd_launcher(SvqdSettings::default());
-    let mut out = Vec::new();
-    let r = run(&opts, &mut launcher, &mut out);
-    let text = String::from_utf8_lossy(&out);
+    let (r, text) = run_demo(DemoDevice::Net, SvqdSettings::default());
     r.unwrap_or_else(|e| panic!("demo failed: {e}\n{text}"));
     assert!(text.contains("PASS"), "{text}");
 }
 
 #[test]
 fn demo_reports_failure_with_svqd_logging_disabled() {
-    init_tracing();
-    let opts = DemoOptions {
-        seconds: 0.2,
-        ram_mib: 32,
-        ..Default::default()
-    };
-    let mut launcher = svqd_launcher(SvqdSettings {
+    let settings = SvqdSettings {
         log_enabled: false,
         ..Default::default()
-    });
-    let mut out = Vec::new();
-    let r = run(&opts, &mut launcher, &mut out);
-    let text = String::from_utf8_lossy(&out);
+    };
+    let (r, text) = run_demo(DemoDevice::Blk, settings);
     assert!(r.is_err(), "demo passed with logging disabled:\n{text}");
     assert!(text.contains("FAIL"), "{text}");
 }
