@@ -133,6 +133,7 @@ impl DemoOptions {
             },
             warmup: phase,
             after: phase,
+            min_phase_ops: ScenarioOptions::default().min_phase_ops,
             idle_during_migration: false,
             live_progress: std::io::stderr().is_terminal(),
             hops: 1,

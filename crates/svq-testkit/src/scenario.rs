@@ -104,6 +104,10 @@ pub struct ScenarioOptions {
     pub warmup: Duration,
     /// I/O on the destination after the migration.
     pub after: Duration,
+    /// The `warmup` and `after` phases also last until the guest completed at least this many
+    /// requests (for at most [`PHASE_GRACE`] more): a loaded machine must not starve a phase
+    /// that a check relies on.
+    pub min_phase_ops: u64,
     /// Drain and stop the guest's I/O before migrating (a migration with an idle device).
     pub idle_during_migration: bool,
     /// Print a live progress line on stderr.
@@ -136,6 +140,7 @@ impl Default for ScenarioOptions {
             migration: MigrationOptions::default(),
             warmup: Duration::from_millis(200),
             after: Duration::from_millis(200),
+            min_phase_ops: 64,
             idle_during_migration: false,
             live_progress: false,
             hops: 1,
@@ -511,6 +516,20 @@ fn snapshot_progress(p: &Progress) -> (Instant, (u64, u64, u64)) {
     (Instant::now(), p.get())
 }
 
+/// How much longer than its nominal duration a phase may run to reach `min_phase_ops`.
+pub const PHASE_GRACE: Duration = Duration::from_secs(10);
+
+/// Lets the guest run for at least `duration` and until it completed `min_ops` more requests
+/// (giving up after [`PHASE_GRACE`] more: the phase checks then report the starvation).
+fn run_phase(p: &Progress, duration: Duration, min_ops: u64) {
+    let start_ops = p.get().0;
+    std::thread::sleep(duration);
+    let deadline = Instant::now() + PHASE_GRACE;
+    while p.get().0 - start_ops < min_ops && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Everything of the side the guest currently runs on.
 struct Current {
     side: Side,
@@ -608,7 +627,7 @@ fn hops(
         cur.vmm.indirect()
     ));
     let a = snapshot_progress(prog);
-    std::thread::sleep(opts.warmup);
+    run_phase(prog, opts.warmup, opts.min_phase_ops);
     let b = snapshot_progress(prog);
     if opts.idle_during_migration {
         // An echo device is idle only once every echo came back (frames in its backlog would
@@ -692,7 +711,7 @@ fn hops(
     if opts.idle_during_migration {
         runner.with(|w| w.set_posting(true));
     }
-    std::thread::sleep(opts.after);
+    run_phase(prog, opts.after, opts.min_phase_ops);
     let d = snapshot_progress(prog);
     let left = runner.drain(Duration::from_secs(10));
     // Echoes still missing after a moment were inside a stopped source device (allowed).
