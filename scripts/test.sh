@@ -8,4 +8,8 @@ if [ "${SVQ_PEERS:-1}" != 0 ] && [ -x scripts/peers/fixtures.sh ]; then
     # shellcheck disable=SC1090
     eval "$(scripts/peers/fixtures.sh --print-env)"
 fi
+# One test at a time within each test binary: the end-to-end and real-peer tests run guests,
+# backends and proxies on their own threads and processes; on a 2-core machine two of them side by
+# side starve each other's timing-bound phases.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"
 exec cargo test --workspace --release "$@"
