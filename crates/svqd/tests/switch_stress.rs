@@ -57,10 +57,7 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         },
     )
     .unwrap();
-    for q in guest.queues() {
-        vmm.start_queue(q.index(), q.layout(), 0, q.kick_fd(), q.call_fd())
-            .unwrap();
-    }
+    vmm.start_queues(guest.queues()).unwrap();
     let runner = GuestRunner::spawn(guest).unwrap();
     let ctl = rig.proxy.control();
     let mut to_shadow = Vec::new();
