@@ -82,6 +82,16 @@ pub enum QueueError {
         /// Shadow ring size.
         size: u16,
     },
+    /// A stopped device reported a vring base outside the chains published to it.
+    #[error("device vring base {base} is not between used index {used} and avail index {avail}")]
+    BogusVringBase {
+        /// The base the device reported (GET_VRING_BASE).
+        base: u16,
+        /// Oldest shadow avail position still in flight (the device cannot have stopped before it).
+        used: u16,
+        /// Shadow avail index published.
+        avail: u16,
+    },
     /// The queue configuration or ring area handed to the engine is unusable.
     #[error("invalid queue configuration: {0}")]
     InvalidConfig(&'static str),

@@ -310,6 +310,11 @@ pub trait ShadowRing: Send {
         }
         Ok(self.commit_chain())
     }
+    /// Take back the chains a stopped device never took: those at avail positions from
+    /// `device_avail_idx` (its vring base, from GET_VRING_BASE) to the last one added. Their
+    /// descriptors are free again and the avail index is rewound to `device_avail_idx`. Returns
+    /// their ids in avail order. Nothing changes on error. The device must be stopped.
+    fn take_back(&mut self, device_avail_idx: u16) -> Result<Vec<u16>, QueueError>;
     /// Make every added chain visible to the device (one index publish). Returns whether the
     /// device asked to be kicked (NO_NOTIFY / avail_event honoured).
     fn publish(&mut self) -> bool;
@@ -474,6 +479,19 @@ impl SplitShadowRing {
         self.u16_at(self.layout.used + 4 + 8 * self.size as usize)
     }
 
+    /// Put the descriptors of chain `head` (in flight) back on the free list.
+    #[inline(always)]
+    fn free_chain(&mut self, head: u16) {
+        let n = std::mem::take(&mut self.chain_len[usize::from(head)]);
+        let mut last = head;
+        for _ in 1..n {
+            last = self.next[usize::from(last)];
+        }
+        self.next[usize::from(last)] = self.free_head;
+        self.free_head = head;
+        self.num_free += n;
+    }
+
     #[inline(always)]
     fn write_desc(&self, i: u16, d: RawDesc) {
         let p = self.at(16 * i as usize) as *mut u64;
@@ -563,6 +581,45 @@ impl ShadowRing for SplitShadowRing {
         self.b_n = 0;
     }
 
+    fn take_back(&mut self, device_avail_idx: u16) -> Result<Vec<u16>, QueueError> {
+        let n = self.next_avail.wrapping_sub(device_avail_idx);
+        // Everything not yet completed is either taken (before the base) or not (after it).
+        if n > self.in_flight {
+            return Err(QueueError::BogusVringBase {
+                base: device_avail_idx,
+                used: self.next_avail.wrapping_sub(self.in_flight),
+                avail: self.next_avail,
+            });
+        }
+        // Read and check every id first: the avail ring is shared memory, and an error must
+        // leave the ring as it was.
+        let mut ids = Vec::with_capacity(usize::from(n));
+        let mut seen = vec![false; usize::from(self.size)];
+        for k in 0..n {
+            let pos = device_avail_idx.wrapping_add(k);
+            let slot = self.layout.avail + 4 + 2 * usize::from(pos & (self.size - 1));
+            let id = u16::from_le(self.u16_at(slot).load(Ordering::Relaxed));
+            if id >= self.size
+                || self.chain_len[usize::from(id)] == 0
+                || std::mem::replace(&mut seen[usize::from(id)], true)
+            {
+                return Err(QueueError::InvalidConfig(
+                    "shadow avail ring was overwritten while the device held it",
+                ));
+            }
+            ids.push(id);
+        }
+        for &id in &ids {
+            self.free_chain(id);
+        }
+        self.in_flight -= n;
+        self.next_avail = device_avail_idx;
+        self.avail_idx = device_avail_idx;
+        self.avail_idx_ref()
+            .store(device_avail_idx.to_le(), Ordering::Release);
+        Ok(ids)
+    }
+
     fn publish(&mut self) -> bool {
         let old = self.avail_idx;
         let new = self.next_avail;
@@ -610,14 +667,7 @@ impl ShadowRing for SplitShadowRing {
             return Err(QueueError::BogusUsedId { id });
         }
         let head = id as u16;
-        let n = std::mem::take(&mut self.chain_len[head as usize]);
-        let mut last = head;
-        for _ in 1..n {
-            last = self.next[last as usize];
-        }
-        self.next[last as usize] = self.free_head;
-        self.free_head = head;
-        self.num_free += n;
+        self.free_chain(head);
         self.in_flight -= 1;
         self.last_used = self.last_used.wrapping_add(1);
         Ok(Some(UsedElem { id: head, len }))

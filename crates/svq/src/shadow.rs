@@ -172,6 +172,8 @@ impl<T: Translate, R: ShadowRing> BufferSink for ChainWriter<'_, T, R> {
 struct Slot {
     /// The shadow head is in flight.
     live: bool,
+    /// The guest chain came from the resubmit list (imported state), not the avail ring.
+    resubmitted: bool,
     guest_head: u16,
     writable: Vec<(u64, u32)>,
 }
@@ -395,6 +397,41 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         }
     }
 
+    /// Give the guest ring back the chains a stopped device never took, so that a device
+    /// restarted on the guest ring at [`QueueState::last_avail_idx`] finds them there.
+    ///
+    /// `device_avail_idx` is the shadow ring's vring base as the stopped device reports it
+    /// (GET_VRING_BASE): the chains published from that position on were never taken. They are
+    /// removed from the shadow ring and from the in-flight set, and the engine's guest avail index
+    /// steps back over them (chains that came from an imported state go back to the resubmit
+    /// list). Chains the device did take stay in flight: complete them with
+    /// [`ShadowVirtqueue::forward_used`] before handing the guest ring over. This is what lets a
+    /// receive queue with buffers posted and no traffic switch back without waiting for packets.
+    ///
+    /// Call only with forwarding off and the device stopped. Returns the number of chains taken
+    /// back; on error (a base outside what was published) nothing changes.
+    pub fn reclaim_untaken(&mut self, device_avail_idx: u16) -> Result<u16, QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let ids = self.ring.take_back(device_avail_idx)?;
+        // Newest first: the last chain forwarded is the last one read from the guest ring, and
+        // resubmitted chains were all forwarded before any avail-ring chain.
+        for &id in ids.iter().rev() {
+            let slot = &mut self.slots[usize::from(id)];
+            slot.live = false;
+            if slot.resubmitted {
+                self.resubmit.push_front(slot.guest_head);
+            } else {
+                self.last_avail = self.last_avail.wrapping_sub(1);
+            }
+        }
+        // The guest's avail_event (EVENT_IDX) may now be past chains it will not kick for
+        // again; forget the cached value so a resumed engine re-arms it.
+        self.avail_event = None;
+        Ok(ids.len() as u16)
+    }
+
     /// Guest kick: move every available guest chain into the shadow ring.
     ///
     /// Stops cleanly when the shadow ring is full ([`AvailBatch::shadow_full`]; resume when
@@ -455,7 +492,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             fence(Ordering::SeqCst);
         }
         while let Some(&head) = self.resubmit.front() {
-            if !self.forward_chain(g, head, batch)? {
+            if !self.forward_chain(g, head, true, batch)? {
                 return Ok(());
             }
             self.resubmit.pop_front();
@@ -472,7 +509,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             }
             while self.last_avail != avail {
                 let head = g.avail_head(self.last_avail)?;
-                if !self.forward_chain(g, head, batch)? {
+                if !self.forward_chain(g, head, false, batch)? {
                     return Ok(());
                 }
                 self.last_avail = self.last_avail.wrapping_add(1);
@@ -500,6 +537,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         &mut self,
         g: &GuestRings<'_, M>,
         head: u16,
+        resubmitted: bool,
         batch: &mut AvailBatch,
     ) -> Result<bool, QueueError> {
         if self.ring.num_free() == 0 {
@@ -537,6 +575,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         };
         self.ring.commit_chain();
         slot.live = true;
+        slot.resubmitted = resubmitted;
         slot.guest_head = head;
         batch.chains += 1;
         batch.descriptors += u32::from(n);

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use std::sync::{Arc, RwLock};
-use svq::ring::{AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
+use svq::ring::{ShadowRing, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
 use svq::{
     DirtyLog, IdentityTranslation, InFlightChain, IovaTranslation, IovaTree, QueueConfig,
     QueueError, QueueState, ShadowVirtqueue, SharedLog, Translate,
@@ -444,6 +444,9 @@ impl svq::ShadowRing for RacyRing {
     fn abort_chain(&mut self) {
         self.inner.abort_chain()
     }
+    fn take_back(&mut self, device_avail_idx: u16) -> Result<Vec<u16>, QueueError> {
+        self.inner.take_back(device_avail_idx)
+    }
     fn publish(&mut self) -> bool {
         self.inner.publish()
     }
@@ -588,4 +591,107 @@ fn ring_returning_an_id_not_in_flight_breaks_the_queue() {
         let used_idx: u16 = m.guest.read_obj(GuestAddress(USED + 2)).unwrap();
         assert_eq!(used_idx, 0, "nothing reached the guest used ring");
     }
+}
+
+#[test]
+fn untaken_chains_go_back_to_the_guest_ring() {
+    // Receive-queue shape: the device took 2 of 5 buffers when it was stopped.
+    let mut q = setup(config(8, 8, true, false));
+    let first = q.post(2);
+    q.e.forward_avail(&q.m.guest, &q.log).unwrap();
+    q.dev.pop_all(&q.m.device);
+    let rest = q.post(3);
+    q.e.forward_avail(&q.m.guest, &q.log).unwrap();
+    q.e.set_forwarding(false);
+    assert_eq!(q.e.in_flight(), 5);
+    let base = q.dev.last_avail; // GET_VRING_BASE of the stopped device
+    assert_eq!(base, 2);
+
+    // A base outside what was published is refused and changes nothing.
+    for bogus in [6u16, 0xffff, 1u16.wrapping_sub(8)] {
+        assert!(matches!(
+            q.e.reclaim_untaken(bogus),
+            Err(QueueError::BogusVringBase { .. })
+        ));
+    }
+    assert_eq!(q.e.in_flight(), 5);
+
+    assert_eq!(q.e.reclaim_untaken(base).unwrap(), 3);
+    assert_eq!(q.e.in_flight(), 2);
+    let st = q.e.export_state();
+    assert_eq!(st.last_avail_idx, 2, "guest avail index stepped back");
+    let mut held: Vec<u16> = st.in_flight.iter().map(|c| c.head).collect();
+    held.sort_unstable();
+    assert_eq!(held, first);
+    assert_eq!(q.e.pending_guest(&q.m.guest).unwrap(), 3);
+
+    // The taken ones complete late into the shadow ring and reach the guest.
+    q.complete_all(10);
+    assert_eq!(q.e.forward_used(&q.m.guest, &q.log).unwrap().completed, 2);
+    assert_eq!(q.e.in_flight(), 0);
+    let st = q.e.export_state();
+    assert_eq!((st.last_avail_idx, st.used_idx), (2, 2));
+
+    // A device restarted on the guest ring at that base finds exactly the other three.
+    let mut pt = Device::with_used((DESC, AVAIL, USED), 8, true, st.last_avail_idx, st.used_idx);
+    assert_eq!(pt.pop_all(&q.m.guest), 3);
+    let got: Vec<u64> = pt.popped.iter().map(|(_, b)| b[0].addr).collect();
+    let want: Vec<u64> = rest.iter().map(|&h| buf_addr(h, 0)).collect();
+    assert_eq!(got, want);
+    for _ in 0..3 {
+        pt.complete(&q.m.guest, 0, 1);
+    }
+    pt.publish(&q.m.guest);
+    assert_eq!(q.drv.reap(&q.m.guest).len(), 5, "each buffer exactly once");
+}
+
+#[test]
+fn reclaimed_shadow_descriptors_are_reused_and_forwarding_resumes() {
+    // The engine can also keep going after a reclaim (a switch that failed later).
+    let mut q = setup(config(8, 4, false, false));
+    q.post(4);
+    q.e.forward_avail(&q.m.guest, &q.log).unwrap();
+    assert_eq!(q.e.ring().num_free(), 0);
+    assert_eq!(q.e.reclaim_untaken(q.dev.last_avail).unwrap(), 4);
+    assert_eq!(q.e.ring().num_free(), 4);
+    q.e.set_forwarding(true);
+    let b = q.e.forward_avail(&q.m.guest, &q.log).unwrap();
+    assert_eq!(b.chains, 4, "the same chains are forwarded again");
+    assert_eq!(q.dev.pop_all(&q.m.device), 4);
+    q.complete_all(3);
+    assert_eq!(q.e.forward_used(&q.m.guest, &q.log).unwrap().completed, 4);
+    assert_eq!(q.drv.reap(&q.m.guest).len(), 4);
+}
+
+#[test]
+fn reclaimed_imported_chains_go_back_to_the_resubmit_list() {
+    let cfg = config(8, 8, false, false);
+    let m = memories();
+    let mut drv = Driver::new(&m.guest, 8, false, 0);
+    for h in 0..3 {
+        drv.post(&m.guest, &[wbuf(h, 100)], false).unwrap();
+    }
+    drv.publish(&m.guest);
+    let st = QueueState {
+        last_avail_idx: 1,
+        used_idx: 0,
+        in_flight: vec![InFlightChain {
+            head: 0,
+            writable: vec![],
+        }],
+    };
+    let mut e = ShadowVirtqueue::new(cfg, shadow_area(&m, 0, 8), IdentityTranslation, st).unwrap();
+    let log = SharedLog::default();
+    assert_eq!(e.forward_avail(&m.guest, &log).unwrap().chains, 3);
+    e.set_forwarding(false);
+    assert_eq!(e.reclaim_untaken(e.shadow_base()).unwrap(), 3);
+    let st = e.export_state();
+    assert_eq!(st.last_avail_idx, 1);
+    assert_eq!(st.in_flight.len(), 1);
+    assert_eq!(st.in_flight[0].head, 0);
+    assert!(
+        st.in_flight[0].writable.is_empty(),
+        "waiting to be resubmitted"
+    );
+    assert_eq!(e.pending_guest(&m.guest).unwrap(), 3);
 }
