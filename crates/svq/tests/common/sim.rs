@@ -340,7 +340,7 @@ impl Sim {
         let mut rounds = 0;
         if self.shadow_mode() {
             self.engine().set_forwarding(false);
-            if self.rand() % 2 == 0 {
+            if self.rand() & 1 == 0 {
                 // Drain: wait until the device completed everything forwarded.
                 while self.engine().in_flight() > 0 {
                     rounds += 1;
@@ -353,7 +353,7 @@ impl Sim {
             } else {
                 // Stop the device where it is (GET_VRING_BASE), give the chains it never took
                 // back to the guest ring, complete only the ones it took.
-                if self.rand() % 2 == 0 {
+                if self.rand() & 1 == 0 {
                     self.deliver_dev_kick();
                 }
                 let base = self.dev.last_avail;
