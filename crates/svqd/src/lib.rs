@@ -21,6 +21,7 @@ pub mod error;
 pub mod features;
 pub mod memory;
 pub mod proxy;
+pub mod quiesce;
 pub mod shadow;
 pub mod state;
 pub mod stats;

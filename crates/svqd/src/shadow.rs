@@ -13,6 +13,7 @@ use vm_memory::{FileOffset, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::ProxyError;
+use crate::quiesce::RingIndices;
 use crate::worker::{Engine, Worker};
 
 /// The memory of one shadow ring.
@@ -81,33 +82,46 @@ impl ShadowRegion {
             .map_err(|e| ProxyError::Engine(e.to_string()))
     }
 
-    /// The shadow ring's indices as they are in memory (for diagnostics): avail flags/idx, used
-    /// flags/idx, and the event fields.
+    /// Read the little-endian u16 at byte `off` of the ring, as the device may be writing it.
+    fn load_u16(&self, off: usize) -> u16 {
+        if off + 2 > self.mapping.size() {
+            return 0;
+        }
+        // SAFETY: in bounds of the live mapping; a 2-byte aligned u16 (ring fields are) the
+        // device may write concurrently, read atomically.
+        unsafe {
+            let p = self.mapping.as_ptr().add(off) as *const std::sync::atomic::AtomicU16;
+            u16::from_le((*p).load(std::sync::atomic::Ordering::Acquire))
+        }
+    }
+
+    /// The indices of the shadow ring of `size` entries, as they are in memory (what the
+    /// device sees and wrote).
+    pub fn indices(&self, size: u16) -> Option<RingIndices> {
+        let layout = SplitLayout::new(size).ok()?;
+        let u = layout.used_offset();
+        Some(RingIndices {
+            avail_idx: self.load_u16(layout.avail_offset() + 2),
+            used_idx: self.load_u16(u + 2),
+            avail_event: self.load_u16(u + 4 + 8 * usize::from(size)),
+        })
+    }
+
+    /// The shadow ring's indices and flags as they are in memory (for diagnostics).
     pub fn ring_indices(&self, size: u16) -> Value {
         let Ok(layout) = SplitLayout::new(size) else {
             return Value::Null;
-        };
-        let rd = |off: usize| -> u16 {
-            if off + 2 > self.mapping.size() {
-                return 0;
-            }
-            // SAFETY: in bounds of the live mapping; a 2-byte aligned u16 the device may write
-            // concurrently, read atomically.
-            unsafe {
-                let p = self.mapping.as_ptr().add(off) as *const std::sync::atomic::AtomicU16;
-                u16::from_le((*p).load(std::sync::atomic::Ordering::Acquire))
-            }
         };
         let s = usize::from(size);
         let a = layout.avail_offset();
         let u = layout.used_offset();
         json!({
-            "avail_flags": rd(a),
-            "avail_idx": rd(a + 2),
-            "used_event": rd(a + 4 + 2 * s),
-            "used_flags": rd(u),
-            "used_idx": rd(u + 2),
-            "avail_event": rd(u + 4 + 8 * s),
+            "avail_flags": self.load_u16(a),
+            "avail_idx": self.load_u16(a + 2),
+            "used_event": self.load_u16(a + 4 + 2 * s),
+            "used_flags": self.load_u16(u),
+            "used_idx": self.load_u16(u + 2),
+            "avail_event": self.load_u16(u + 4 + 8 * s),
         })
     }
 
@@ -143,7 +157,7 @@ impl ShadowQueue {
     /// Stop the worker at once, dropping the engine (device reset or a connection is gone).
     pub fn abandon(mut self) {
         if let Some(w) = self.worker.take() {
-            let exit = w.stop(None);
+            let exit = w.stop();
             if exit.engine.in_flight() > 0 {
                 tracing::warn!(
                     in_flight = exit.engine.in_flight(),

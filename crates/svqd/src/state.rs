@@ -30,8 +30,10 @@ use crate::features::{
     self, VHOST_F_LOG_ALL, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::memory::{MemoryTable, MAX_TABLE_REGIONS};
+use crate::quiesce::{Quiescer, RingIndices};
 use crate::shadow::{self, ShadowQueue};
 use crate::stats::QueueStats;
+use crate::worker::{Engine, Worker, WorkerExit, WorkerSetup};
 
 type VhostResult<T> = vhost::vhost_user::Result<T>;
 
@@ -125,11 +127,7 @@ struct DrainCtx {
     drain_call: EventFd,
     /// svqd's kick fd given to the backend (kept open until the ring is stopped).
     _drain_kick: EventFd,
-    start: Instant,
-    last_used: Option<u16>,
-    last_change: Instant,
-    stable_hits: u32,
-    settled: bool,
+    quiet: Quiescer,
 }
 
 /// Lowest GPA used for shadow rings: 1 TiB, above the RAM of any guest svqd is meant for (and
@@ -318,14 +316,18 @@ impl ProxyState {
             .ok()
     }
 
-    /// Read the avail_event field the backend writes at the end of the guest used ring.
-    pub fn guest_avail_event(&self, q: usize) -> Option<u16> {
+    /// Read the guest ring's avail idx, used idx and the avail_event the backend writes at the
+    /// end of the used ring.
+    pub fn guest_indices(&self, q: usize) -> Option<RingIndices> {
         let v = &self.queues[q].vmm;
         let addr = v.addr?;
         let mem = self.mem.shared().snapshot();
-        let off = 4 + 8 * u64::from(v.num);
-        mem.load::<u16>(GuestAddress(addr.used_gpa + off), Ordering::Acquire)
-            .ok()
+        let load = |gpa: u64| mem.load::<u16>(GuestAddress(gpa), Ordering::Acquire).ok();
+        Some(RingIndices {
+            avail_idx: load(addr.avail_gpa + 2)?,
+            used_idx: load(addr.used_gpa + 2)?,
+            avail_event: load(addr.used_gpa + 4 + 8 * u64::from(v.num))?,
+        })
     }
 
     fn notify_guest(&self, q: usize) {
@@ -481,11 +483,15 @@ impl ProxyState {
         let base = self.drain_passthrough(q)?;
         if let Err(e) = self.start_shadow(q, base) {
             tracing::error!(queue = q, error = %e, "cannot start shadow ring; back to passthrough");
-            if let Err(e2) = self.restart_passthrough(q, base) {
+            if let Err(e2) = self
+                .restart_passthrough(q, base)
+                .and_then(|()| self.reannounce_other_rings(q))
+            {
                 tracing::error!(queue = q, error = %e2, "restarting the guest ring failed too");
             }
             return Err(e);
         }
+        self.reannounce_other_rings(q)?;
         let us = t0.elapsed().as_micros() as u64;
         let st = &self.queues[q].stats;
         QueueStats::add(&st.mode_switches, 1);
@@ -512,9 +518,10 @@ impl ProxyState {
     ///    sees guest kicks; svqd kicks once so it scans the ring and publishes its position.
     ///    Others keep their kick fd (vhost-user-backend up to 0.20 dies on the GET_VRING_BASE
     ///    after a kick swap).
-    /// 4. Quiesce: with EVENT_IDX, wait until the guest used idx equals the avail_event the
-    ///    backend writes on every pop (everything popped is completed); without it, until the
-    ///    used idx and calls stay still for a quiet period.
+    /// 4. Quiesce ([`Quiescer`]): until everything published is completed, or with EVENT_IDX
+    ///    until the guest used idx equals the avail_event the backend writes on every pop
+    ///    (everything popped is completed); otherwise until the used idx and calls stay still
+    ///    for a quiet period.
     /// 5. GET_VRING_BASE, then verify its answer against the guest used idx: any difference is
     ///    requests still in flight (qemu-storage-daemon answers at once). Those complete into the
     ///    guest ring, which stays mapped in the backend, so wait for the used idx to reach the
@@ -576,49 +583,24 @@ impl ProxyState {
             }
             return Err(e);
         }
-        let now = Instant::now();
         Ok(DrainCtx {
             drain_call,
             _drain_kick: drain_kick,
-            start: now,
-            last_used: self.guest_used_idx(q),
-            last_change: now,
-            stable_hits: 0,
-            settled: false,
+            quiet: Quiescer::new(self.event_idx()),
         })
     }
 
     /// Step 4 of [`Self::drain_passthrough`], one observation: relays a completion signal, and
     /// returns whether the ring is quiet.
     fn drain_poll(&self, q: usize, c: &mut DrainCtx) -> bool {
-        if c.settled {
-            return true;
-        }
-        if c.drain_call.read().is_ok() {
+        let signalled = c.drain_call.read().is_ok();
+        if signalled {
             self.notify_guest(q);
-            c.last_change = Instant::now();
         }
-        let used = self.guest_used_idx(q);
-        if used != c.last_used {
-            c.last_used = used;
-            c.last_change = Instant::now();
+        match self.guest_indices(q) {
+            Some(r) => c.quiet.observe(r, signalled, Instant::now()),
+            None => false,
         }
-        c.settled = if self.event_idx() {
-            let ae = self.guest_avail_event(q);
-            if used.is_some() && used == ae {
-                c.stable_hits += 1;
-            } else {
-                c.stable_hits = 0;
-            }
-            // avail_event is exact in libvhost-user (written on every pop) but only refreshed
-            // when a virtio-queue backend re-enables notifications, i.e. it can be stale while
-            // that backend is inside its pop loop: ask for the equality to hold for 1 ms with
-            // nothing completing. The check after GET_VRING_BASE catches what slips through.
-            c.stable_hits >= 10 && c.last_change.elapsed() >= Duration::from_millis(1)
-        } else {
-            c.last_change.elapsed() >= Duration::from_millis(5)
-        };
-        c.settled
     }
 
     /// Step 5 of [`Self::drain_passthrough`]: GET_VRING_BASE, verified, late completions waited
@@ -626,8 +608,8 @@ impl ProxyState {
     fn drain_finish(&mut self, q: usize, c: DrainCtx) -> Result<u16, ProxyError> {
         tracing::debug!(
             queue = q,
-            settled = c.settled,
-            micros = c.start.elapsed().as_micros() as u64,
+            settled = c.quiet.settled(),
+            micros = c.quiet.elapsed().as_micros() as u64,
             "passthrough ring quiesced"
         );
         let drain_timeout = self.cfg.drain_timeout;
@@ -645,7 +627,9 @@ impl ProxyState {
             let reason = format!(
                 "backend reports base {base} but the guest used idx is {used} (queue size {num})"
             );
-            let _ = self.restart_passthrough(q, base);
+            let _ = self
+                .restart_passthrough(q, base)
+                .and_then(|()| self.reannounce_other_rings(q));
             return Err(ProxyError::Switch { queue: q, reason });
         }
         if in_flight > 0 {
@@ -674,7 +658,9 @@ impl ProxyState {
                         base.wrapping_sub(now_used),
                         drain_timeout
                     );
-                    let _ = self.restart_passthrough(q, base);
+                    let _ = self
+                        .restart_passthrough(q, base)
+                        .and_then(|()| self.reannounce_other_rings(q));
                     return Err(ProxyError::Switch { queue: q, reason });
                 }
                 std::thread::sleep(Duration::from_micros(100));
@@ -693,38 +679,97 @@ impl ProxyState {
         let addr = v
             .addr
             .ok_or_else(|| ProxyError::NotAllowed("ring has no address".into()))?;
-        let num = v.num;
+        let ring = guest_vring_config(v.num, &addr);
         let kick = v.kick.clone();
         let call = v.call.clone().unwrap_or(dummy);
         let enabled = v.enabled;
+        // The kick covers guest kicks svqd consumed or that arrived while the ring was stopped.
+        self.start_backend_ring(q, base, &ring, &call, enabled, kick.as_deref())
+    }
+
+    /// Start the stopped backend ring `q` on `ring` at index `base`, with `call` and `kick`
+    /// (kicked once), enabled as `enabled` says. The order is what every backend survives:
+    ///
+    /// * call before kick: the ring starts at the kick, and its first completion must find a
+    ///   call fd (qemu-storage-daemon drops the connection otherwise);
+    /// * enable before kick: vhost-user-backend up to 0.20 reads and *discards* a kick that
+    ///   arrives while the ring is disabled, and without REPLY_ACK svqd cannot wait for an enable
+    ///   sent after the kick to be applied first. The backend handles messages in order, so the
+    ///   ring is enabled by the time its kick fd is watched.
+    fn start_backend_ring(
+        &mut self,
+        q: usize,
+        base: u16,
+        ring: &VringConfigData,
+        call: &EventFd,
+        enabled: bool,
+        kick: Option<&EventFd>,
+    ) -> Result<(), ProxyError> {
         let be = self.be()?;
         be.fe
-            .set_vring_num(q, num)
+            .set_vring_num(q, ring.queue_size)
             .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e))?;
         be.fe
             .set_vring_base(q, base)
             .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e))?;
         be.fe
-            .set_vring_addr(q, &guest_vring_config(num, &addr))
+            .set_vring_addr(q, ring)
             .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
-        // Call before kick: the ring starts at the kick, and its first completion must find a
-        // call fd (qemu-storage-daemon drops the connection otherwise).
         be.fe
-            .set_vring_call(q, &call)
+            .set_vring_call(q, call)
             .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
-        // Enable before kick: vhost-user-backend up to 0.20 reads and *discards* a kick that
-        // arrives while the ring is disabled, and without REPLY_ACK svqd cannot wait for an
-        // enable sent after the kick to be applied first. The backend handles messages in order,
-        // so the ring is enabled by the time its kick fd is watched.
         if be.has_enable() {
             be.fe
                 .set_vring_enable(q, enabled)
                 .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
         }
-        if let Some(kick) = &kick {
-            // The kick covers guest kicks svqd consumed or that arrived while the ring was
-            // stopped.
+        if let Some(kick) = kick {
             be.hand_over_kick(q, kick)?;
+        }
+        Ok(())
+    }
+
+    /// After svqd stopped and restarted ring `q` of a running device: re-send the enable of
+    /// every other running ring, and kick them.
+    ///
+    /// DPDK's vhost library treats GET_VRING_BASE on any ring as the device stopping: its
+    /// net_vhost port marks *every* ring disabled, and when the restarted ring makes the device
+    /// ready again it re-announces only the rings whose enable state changed since; the others
+    /// stay disabled for good (measured with testpmd: the guest's receive ring never got a packet
+    /// again after a switch). Toggling the enable makes it announce them. The kicks afterwards
+    /// (once a reply shows the backend applied the enables) cover guest kicks that a
+    /// vhost-user-backend up to 0.20 read and discarded while a ring was disabled for a moment.
+    fn reannounce_other_rings(&mut self, q: usize) -> Result<(), ProxyError> {
+        if !be_has_enable(&self.backend) {
+            return Ok(());
+        }
+        let others: Vec<(usize, Arc<EventFd>)> = (0..self.queues.len())
+            .filter(|&i| i != q && self.queues[i].vmm.running())
+            .filter_map(|i| match &self.queues[i].mode {
+                // A shadow ring is always enabled towards the backend; the worker holds it.
+                Mode::Shadow(sq) => Some((i, sq.backend_kick.clone())),
+                Mode::Passthrough if self.queues[i].vmm.enabled => {
+                    self.queues[i].vmm.kick.clone().map(|k| (i, k))
+                }
+                Mode::Passthrough => None,
+            })
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let be = self.be()?;
+        for &(i, _) in &others {
+            for enable in [false, true] {
+                be.fe
+                    .set_vring_enable(i, enable)
+                    .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
+            }
+        }
+        be.fe
+            .get_features()
+            .map_err(|e| ProxyError::Backend("GET_FEATURES", e))?;
+        for (_, kick) in &others {
+            let _ = kick.write(1);
         }
         Ok(())
     }
@@ -774,61 +819,34 @@ impl ProxyState {
             Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?);
         let backend_call =
             Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?);
-        let (desc, avail, used) = engine.device_addrs();
+        let ring = shadow_vring_config(&engine);
         let shadow_base = engine.shadow_base();
-        let res = (|| {
-            let be = self.be()?;
-            be.fe
-                .set_vring_num(q, shadow_size)
-                .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e))?;
-            be.fe
-                .set_vring_base(q, shadow_base)
-                .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e))?;
-            let cfg = VringConfigData {
-                queue_max_size: shadow_size,
-                queue_size: shadow_size,
-                flags: 0,
-                desc_table_addr: desc,
-                used_ring_addr: used,
-                avail_ring_addr: avail,
-                log_addr: None,
-            };
-            be.fe
-                .set_vring_addr(q, &cfg)
-                .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
-            // Call, then enable, then kick, as on the way back (`restart_passthrough`).
-            be.fe
-                .set_vring_call(q, &backend_call)
-                .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
-            if be.has_enable() {
-                be.fe
-                    .set_vring_enable(q, true)
-                    .map_err(|e| ProxyError::Backend("SET_VRING_ENABLE", e))?;
-            }
-            be.hand_over_kick(q, &backend_kick)?;
-            Ok(())
-        })();
+        let res = self.start_backend_ring(
+            q,
+            shadow_base,
+            &ring,
+            &backend_call,
+            true,
+            Some(&backend_kick),
+        );
         if let Err(e) = res {
             let _ = self.remove_backend_region(&region);
             self.free_shadow_space(gpa, uva);
             return Err(e);
         }
         let v = &self.queues[q].vmm;
-        let mut engine = engine;
-        engine.set_forwarding(v.enabled || !self.backend.as_ref().is_some_and(|b| b.has_enable()));
-        let setup = crate::worker::WorkerSetup {
-            index: q,
-            engine,
-            mem: self.mem.shared(),
-            log: self.active_log.clone(),
-            guest_kick: v.kick.clone().expect("running ring has a kick fd"),
-            guest_call: v.call.clone(),
-            backend_kick: backend_kick.clone(),
-            backend_call: backend_call.clone(),
-            stats: self.queues[q].stats.clone(),
-        };
-        let worker =
-            crate::worker::Worker::spawn(setup).map_err(|e| ProxyError::Io("spawn worker", e))?;
+        let guest_kick = v.kick.clone().expect("running ring has a kick fd");
+        let guest_call = v.call.clone();
+        let worker = self
+            .spawn_worker(
+                q,
+                engine,
+                guest_kick,
+                guest_call,
+                &backend_kick,
+                &backend_call,
+            )
+            .map_err(|e| ProxyError::Io("spawn worker", e))?;
         self.queues[q].mode = Mode::Shadow(Box::new(ShadowQueue {
             region,
             worker: Some(worker),
@@ -888,11 +906,24 @@ impl ProxyState {
         Ok(())
     }
 
-    /// Shadow → passthrough for queue `q`: stop forwarding, wait until the backend completed
-    /// everything in the shadow ring, GET_VRING_BASE, and (unless `stopped`) restart the backend
-    /// on the guest ring with the guest's index and the VMM's kick/call fds. With `stopped` (the
-    /// VMM's GET_VRING_BASE), the backend ring is left stopped on the guest ring. Returns the
-    /// guest index (last avail = used, nothing in flight).
+    /// Shadow → passthrough for queue `q`. Returns the guest index the backend resumes from
+    /// (last avail = used, nothing in flight). With `stopped` (the VMM's GET_VRING_BASE), the
+    /// backend ring is left stopped on the guest ring; otherwise it runs there again with the
+    /// VMM's kick and call fds.
+    ///
+    /// 1. The worker stops forwarding guest buffers (guest kicks wait on the VMM's eventfd) and
+    ///    keeps relaying completions.
+    /// 2. Quiesce the shadow ring ([`Quiescer`]): until the backend completed everything it took.
+    ///    Buffers it never took (a receive queue with no traffic) do not hold the switch up.
+    /// 3. GET_VRING_BASE: the shadow index where the backend stopped, verified against the
+    ///    shadow ring. What it took and did not complete yet lands in the shadow ring, which
+    ///    stays mapped: wait for it (bounded).
+    /// 4. Take the engine back and give the chains the backend never took back to the guest
+    ///    ring (`reclaim_untaken`): the guest index steps back over them, so the backend finds
+    ///    them in the guest ring.
+    /// 5. Start the backend on the guest ring at that index; remove the shadow region.
+    ///
+    /// On failure after step 1 the queue stays in shadow mode, running again.
     pub fn switch_to_passthrough(&mut self, q: usize, stopped: bool) -> Result<u16, ProxyError> {
         let t0 = Instant::now();
         let Mode::Shadow(mut sq) = std::mem::replace(&mut self.queues[q].mode, Mode::Passthrough)
@@ -901,74 +932,88 @@ impl ProxyState {
                 "queue {q} is not in shadow mode"
             )));
         };
-        let worker = sq.worker.take().expect("shadow queue has a worker");
-        let exit = worker.stop(Some(self.cfg.drain_timeout));
+        let Some(worker) = sq.worker.take() else {
+            self.queues[q].mode = Mode::Shadow(sq);
+            return Err(ProxyError::NotAllowed(format!(
+                "queue {q} has no shadow worker (it could not be restarted)"
+            )));
+        };
+        worker.hold();
+        let size = sq.shadow_size;
+        let mut quiet = Quiescer::new(self.event_idx());
+        let deadline = Instant::now() + self.cfg.drain_timeout.min(Duration::from_secs(2));
+        while let Some(r) = sq.region.indices(size) {
+            if quiet.observe(r, false, Instant::now()) || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        tracing::debug!(
+            queue = q,
+            settled = quiet.settled(),
+            micros = quiet.elapsed().as_micros() as u64,
+            "shadow ring quiesced"
+        );
+        let base = match self.be().and_then(|be| {
+            be.fe
+                .get_vring_base(q)
+                .map_err(|e| ProxyError::Backend("GET_VRING_BASE", e))
+        }) {
+            Ok(b) => b as u16,
+            Err(e) => {
+                // Nothing was stopped: let the worker go on.
+                let exit = worker.stop();
+                self.respawn_shadow(q, sq, exit);
+                return Err(e);
+            }
+        };
+        if let Err(reason) = self.await_shadow_base(q, &sq, base) {
+            let exit = worker.stop();
+            return Err(self.resume_shadow(q, sq, exit, base, reason));
+        }
+        let mut exit = worker.stop();
         // The worker tracks fd replacements the VMM made while it ran.
         self.queues[q].vmm.kick = Some(exit.guest_kick.clone());
         self.queues[q].vmm.call = exit.guest_call.clone();
-        if !exit.drained {
-            let n = exit.engine.in_flight();
-            tracing::warn!(
-                queue = q,
-                in_flight = n,
-                ring = %sq.region.ring_indices(sq.shadow_size),
-                "shadow ring did not drain"
-            );
-            // Keep shadowing: handing back a ring with requests in flight would lose them.
-            let mut engine = exit.engine;
-            engine.set_forwarding(self.queues[q].vmm.enabled);
-            let setup = crate::worker::WorkerSetup {
-                index: q,
-                engine,
-                mem: self.mem.shared(),
-                log: self.active_log.clone(),
-                guest_kick: exit.guest_kick,
-                guest_call: exit.guest_call,
-                backend_kick: sq.backend_kick.clone(),
-                backend_call: sq.backend_call.clone(),
-                stats: self.queues[q].stats.clone(),
-            };
-            let worker = crate::worker::Worker::spawn(setup)
-                .map_err(|e| ProxyError::Io("spawn worker", e))?;
-            sq.worker = Some(worker);
-            self.queues[q].mode = Mode::Shadow(sq);
-            return Err(ProxyError::Switch {
-                queue: q,
-                reason: format!(
-                    "backend did not complete {n} requests within {:?}; queue stays in shadow mode",
-                    self.cfg.drain_timeout
-                ),
-            });
-        }
-        let state = exit.engine.export_state();
-        let guest_idx = state.last_avail_idx;
-        debug_assert!(state.in_flight.is_empty());
-        let n = {
-            let be = self.be()?;
-            be.fe
-                .get_vring_base(q)
-                .map_err(|e| ProxyError::Backend("GET_VRING_BASE", e))?
+        let reclaimed = match exit.engine.reclaim_untaken(base) {
+            Ok(n) => n,
+            Err(e) => return Err(self.resume_shadow(q, sq, exit, base, e.to_string())),
         };
-        tracing::debug!(queue = q, shadow_base = n, guest_idx, "shadow ring stopped");
-        drop(exit.engine);
+        if exit.engine.in_flight() > 0 {
+            let reason = format!(
+                "{} requests taken by the backend were not relayed",
+                exit.engine.in_flight()
+            );
+            return Err(self.resume_shadow(q, sq, exit, base, reason));
+        }
+        let guest_idx = exit.engine.export_state().last_avail_idx;
+        drop(exit);
+        tracing::debug!(
+            queue = q,
+            shadow_base = base,
+            reclaimed,
+            guest_idx,
+            "shadow ring stopped"
+        );
         if stopped {
             let v = &self.queues[q].vmm;
             let addr = v
                 .addr
                 .ok_or_else(|| ProxyError::NotAllowed("ring has no address".into()))?;
-            let num = v.num;
+            let ring = guest_vring_config(v.num, &addr);
             let be = self.be()?;
             be.fe
-                .set_vring_num(q, num)
+                .set_vring_num(q, ring.queue_size)
                 .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e))?;
             be.fe
                 .set_vring_base(q, guest_idx)
                 .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e))?;
             be.fe
-                .set_vring_addr(q, &guest_vring_config(num, &addr))
+                .set_vring_addr(q, &ring)
                 .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
         } else {
             self.restart_passthrough(q, guest_idx)?;
+            self.reannounce_other_rings(q)?;
         }
         let region = sq.region;
         self.remove_backend_region(&region)?;
@@ -976,15 +1021,136 @@ impl ProxyState {
         let us = t0.elapsed().as_micros() as u64;
         let st = &self.queues[q].stats;
         QueueStats::add(&st.mode_switches, 1);
+        QueueStats::add(&st.reclaimed, reclaimed.into());
         st.last_switch_to_passthrough_us
             .store(us, Ordering::Relaxed);
         tracing::info!(
             queue = q,
             guest_idx,
+            reclaimed,
             micros = us,
             "queue switched to passthrough mode"
         );
         Ok(guest_idx)
+    }
+
+    /// Step 3 of [`Self::switch_to_passthrough`]: check the backend's stop index against the
+    /// shadow ring and wait until everything it took before it is completed there.
+    fn await_shadow_base(&mut self, q: usize, sq: &ShadowQueue, base: u16) -> Result<(), String> {
+        let size = sq.shadow_size;
+        let Some(r) = sq.region.indices(size) else {
+            return Err("shadow ring has no valid layout".into());
+        };
+        let taken = base.wrapping_sub(r.used_idx);
+        if taken > r.avail_idx.wrapping_sub(r.used_idx) {
+            return Err(format!(
+                "backend reports base {base}, shadow ring used {} avail {}",
+                r.used_idx, r.avail_idx
+            ));
+        }
+        if taken == 0 {
+            return Ok(());
+        }
+        QueueStats::add(&self.queues[q].stats.late_completions, taken.into());
+        // GET_VRING_BASE closed the backend's copy of the call fd: give it one again, so a
+        // backend that signals each completion does not hit a closed fd (the worker polls too).
+        if let Ok(be) = self.be() {
+            let _ = be.fe.set_vring_call(q, &sq.backend_call);
+        }
+        let deadline = Instant::now() + self.cfg.drain_timeout;
+        loop {
+            let used = sq.region.indices(size).map_or(base, |r| r.used_idx);
+            if used == base {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} requests still in flight in the backend after {:?}",
+                    base.wrapping_sub(used),
+                    self.cfg.drain_timeout
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// A switch to passthrough failed after the backend stopped the shadow ring at `base`:
+    /// start the backend on the shadow ring again there and the worker with it. Returns the
+    /// error to report.
+    fn resume_shadow(
+        &mut self,
+        q: usize,
+        sq: Box<ShadowQueue>,
+        exit: WorkerExit,
+        base: u16,
+        reason: String,
+    ) -> ProxyError {
+        tracing::error!(queue = q, %reason, ring = %sq.region.ring_indices(sq.shadow_size), "switch to passthrough failed; shadowing again");
+        let ring = shadow_vring_config(&exit.engine);
+        let (call, kick) = (sq.backend_call.clone(), sq.backend_kick.clone());
+        if let Err(e) = self.start_backend_ring(q, base, &ring, &call, true, Some(&kick)) {
+            tracing::error!(queue = q, error = %e, "cannot restart the shadow ring");
+        }
+        self.respawn_shadow(q, sq, exit);
+        ProxyError::Switch { queue: q, reason }
+    }
+
+    /// The worker thread relaying queue `q` with `engine`, forwarding as the VMM's enable says.
+    fn spawn_worker(
+        &self,
+        q: usize,
+        mut engine: Engine,
+        guest_kick: Arc<EventFd>,
+        guest_call: Option<Arc<EventFd>>,
+        backend_kick: &Arc<EventFd>,
+        backend_call: &Arc<EventFd>,
+    ) -> std::io::Result<Worker> {
+        engine.set_forwarding(self.queues[q].vmm.enabled || !be_has_enable(&self.backend));
+        Worker::spawn(WorkerSetup {
+            index: q,
+            engine,
+            mem: self.mem.shared(),
+            log: self.active_log.clone(),
+            guest_kick,
+            guest_call,
+            backend_kick: backend_kick.clone(),
+            backend_call: backend_call.clone(),
+            stats: self.queues[q].stats.clone(),
+        })
+    }
+
+    /// Run queue `q` in shadow mode again with the engine a stopped worker handed back.
+    fn respawn_shadow(&mut self, q: usize, mut sq: Box<ShadowQueue>, exit: WorkerExit) {
+        let (kick, call) = (sq.backend_kick.clone(), sq.backend_call.clone());
+        match self.spawn_worker(
+            q,
+            exit.engine,
+            exit.guest_kick,
+            exit.guest_call,
+            &kick,
+            &call,
+        ) {
+            Ok(w) => sq.worker = Some(w),
+            // Without a thread nothing relays this queue; it stays shadowed (and stalled)
+            // until the device is reset, rather than handing the backend a ring in flux.
+            Err(e) => tracing::error!(queue = q, error = %e, "cannot restart the shadow worker"),
+        }
+        self.queues[q].mode = Mode::Shadow(sq);
+    }
+}
+
+/// The shadow ring's configuration for the backend.
+fn shadow_vring_config(engine: &Engine) -> VringConfigData {
+    let (desc, avail, used) = engine.device_addrs();
+    let size = engine.config().shadow_size;
+    VringConfigData {
+        queue_max_size: size,
+        queue_size: size,
+        flags: 0,
+        desc_table_addr: desc,
+        used_ring_addr: used,
+        avail_ring_addr: avail,
+        log_addr: None,
     }
 }
 
@@ -1247,10 +1413,9 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
         let kick = Arc::new(Self::eventfd(fd));
         let was_running = self.queues[q].vmm.running();
         if let Mode::Shadow(sq) = &self.queues[q].mode {
-            sq.worker
-                .as_ref()
-                .expect("worker")
-                .set_guest_kick(kick.clone());
+            if let Some(w) = &sq.worker {
+                w.set_guest_kick(kick.clone());
+            }
         } else if !was_running && self.want_shadow() && self.ring_configured(q) {
             // The ring starts now and should be shadowed: start it in shadow mode directly (see
             // `start_ring_shadowed`); the backend never sees the guest ring running.
@@ -1272,10 +1437,9 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
         let q = try_req!(self.check_queue(index.into()));
         let call = fd.map(|f| Arc::new(Self::eventfd(f)));
         if let Mode::Shadow(sq) = &self.queues[q].mode {
-            sq.worker
-                .as_ref()
-                .expect("worker")
-                .set_guest_call(call.clone());
+            if let Some(w) = &sq.worker {
+                w.set_guest_call(call.clone());
+            }
         } else {
             let fwd = match &call {
                 Some(c) => c.clone(),
@@ -1347,7 +1511,9 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
         let q = try_req!(self.check_queue(index));
         if let Mode::Shadow(sq) = &self.queues[q].mode {
             // The backend keeps its shadow ring enabled; the engine holds the guest's buffers.
-            sq.worker.as_ref().expect("worker").set_forwarding(enable);
+            if let Some(w) = &sq.worker {
+                w.set_forwarding(enable);
+            }
         } else {
             let be = try_req!(self.be());
             try_req!(be

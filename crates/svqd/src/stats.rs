@@ -36,6 +36,8 @@ pub struct QueueStats {
     pub last_switch_to_passthrough_us: AtomicU64,
     /// Requests found in flight in the backend at GET_VRING_BASE and waited for.
     pub late_completions: AtomicU64,
+    /// Buffers the backend never took, given back to the guest ring on a switch to passthrough.
+    pub reclaimed: AtomicU64,
 }
 
 impl QueueStats {
@@ -61,6 +63,7 @@ impl QueueStats {
             "last_switch_to_shadow_us": self.last_switch_to_shadow_us.load(Relaxed),
             "last_switch_to_passthrough_us": self.last_switch_to_passthrough_us.load(Relaxed),
             "late_completions": self.late_completions.load(Relaxed),
+            "reclaimed": self.reclaimed.load(Relaxed),
         })
     }
 }

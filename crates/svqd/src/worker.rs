@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use svq::{IdentityTranslation, QueueError, ShadowVirtqueue, SharedLog};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -32,9 +32,12 @@ enum Cmd {
     GuestCall(Option<Arc<EventFd>>),
     /// The VMM enabled or disabled the ring: forward new guest buffers or not.
     Forwarding(bool),
-    /// Stop: with a deadline, first wait (until then) for the backend to complete everything in
-    /// flight, forwarding nothing new.
-    Stop(Option<Instant>),
+    /// Forward nothing new from now on (whatever the VMM's enable says), keep relaying
+    /// completions and poll the shadow used ring (the backend may complete without calling);
+    /// answer once applied.
+    Hold(Sender<()>),
+    /// Relay what the backend completed, then stop.
+    Stop,
 }
 
 /// What a stopped worker hands back.
@@ -45,8 +48,6 @@ pub struct WorkerExit {
     pub guest_kick: Arc<EventFd>,
     /// The guest call eventfd as last set.
     pub guest_call: Option<Arc<EventFd>>,
-    /// Nothing was left in flight in the shadow ring.
-    pub drained: bool,
 }
 
 /// Everything the worker thread needs.
@@ -115,10 +116,20 @@ impl Worker {
         self.send(Cmd::Forwarding(on));
     }
 
-    /// Stop the worker and take the engine back. With `drain`, wait up to that long for the
-    /// backend to complete what it holds.
-    pub fn stop(mut self, drain: Option<Duration>) -> WorkerExit {
-        self.send(Cmd::Stop(drain.map(|d| Instant::now() + d)));
+    /// Stop forwarding guest buffers for good and return once the worker applied it: from then
+    /// on the shadow avail index in memory no longer moves. Completions are still relayed (and
+    /// polled for every millisecond) until [`Worker::stop`].
+    pub fn hold(&self) {
+        let (tx, rx) = channel();
+        self.send(Cmd::Hold(tx));
+        // The loop answers within one iteration; it only fails to if the thread is gone, and
+        // then nothing is forwarded anyway.
+        let _ = rx.recv_timeout(Duration::from_secs(5));
+    }
+
+    /// Stop the worker and take the engine back, after relaying what the backend completed.
+    pub fn stop(mut self) -> WorkerExit {
+        self.send(Cmd::Stop);
         let join = self.join.take().expect("worker joined once");
         match join.join() {
             Ok(exit) => exit,
@@ -257,21 +268,14 @@ fn run(setup: WorkerSetup, rx: Receiver<Cmd>, wake: Arc<EventFd>) -> WorkerExit 
     }
 
     let mut events = vec![EpollEvent::default(); 8];
-    let mut deadline: Option<Instant> = None;
+    let mut holding = false;
     let mut stopping = false;
-    loop {
-        if stopping {
-            // Draining: poll the used ring too (a backend may suppress notifications), stop when
-            // nothing is in flight or the deadline passed.
+    while !stopping {
+        if holding {
+            // The backend may suppress its calls, or signal a call fd svqd replaced meanwhile.
             l.used();
-            if l.engine.in_flight() == 0 || l.engine.broken().is_some() {
-                break;
-            }
-            if deadline.is_none_or(|d| Instant::now() >= d) {
-                break;
-            }
         }
-        let timeout = if stopping { 1 } else { -1 };
+        let timeout = if holding { 1 } else { -1 };
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -288,15 +292,13 @@ fn run(setup: WorkerSetup, rx: Receiver<Cmd>, wake: Arc<EventFd>) -> WorkerExit 
                     if k > 0 {
                         QueueStats::add(&l.stats.kicks, 1);
                     }
-                    if !stopping {
-                        l.avail();
-                    }
+                    l.avail();
                 }
                 TOKEN_BACKEND_CALL => {
                     if drain_eventfd(&l.backend_call) > 0 {
                         QueueStats::add(&l.stats.calls, 1);
                     }
-                    if l.used() && !stopping {
+                    if l.used() {
                         l.avail();
                     }
                 }
@@ -314,37 +316,32 @@ fn run(setup: WorkerSetup, rx: Receiver<Cmd>, wake: Arc<EventFd>) -> WorkerExit 
                                     tracing::error!(queue = l.index, error = %e, "cannot watch the new guest kick");
                                 }
                                 l.guest_kick = fd;
-                                if !stopping {
-                                    l.avail();
-                                }
+                                l.avail();
                             }
                             Cmd::GuestCall(fd) => l.guest_call = fd,
                             Cmd::Forwarding(on) => {
-                                l.engine.set_forwarding(on);
-                                if on && !stopping {
+                                if !holding {
+                                    l.engine.set_forwarding(on);
                                     l.avail();
                                 }
                             }
-                            Cmd::Stop(d) => {
-                                stopping = true;
-                                deadline = d;
+                            Cmd::Hold(done) => {
+                                holding = true;
                                 l.engine.set_forwarding(false);
+                                let _ = done.send(());
                             }
+                            Cmd::Stop => stopping = true,
                         }
                     }
                 }
             }
         }
-        if stopping && deadline.is_none() {
-            break;
-        }
     }
-    let drained = l.engine.in_flight() == 0;
+    l.used();
     WorkerExit {
         engine: l.engine,
         guest_kick: l.guest_kick,
         guest_call: l.guest_call,
-        drained,
     }
 }
 
@@ -354,17 +351,18 @@ fn wait_stop_without_epoll(l: Loop, rx: Receiver<Cmd>) -> WorkerExit {
     let mut guest_call = l.guest_call;
     while let Ok(cmd) = rx.recv() {
         match cmd {
-            Cmd::Stop(_) => break,
+            Cmd::Stop => break,
             Cmd::GuestKick(fd) => guest_kick = fd,
             Cmd::GuestCall(fd) => guest_call = fd,
             Cmd::Forwarding(_) => {}
+            Cmd::Hold(done) => {
+                let _ = done.send(());
+            }
         }
     }
-    let drained = l.engine.in_flight() == 0;
     WorkerExit {
         engine: l.engine,
         guest_kick,
         guest_call,
-        drained,
     }
 }

@@ -317,8 +317,9 @@ impl VhostUserBackend for NetBackend {
         if q % 2 == 1 {
             self.process_tx(pair, tx)?;
         }
-        // Only deliver into a started ring (the TX kick may come before RX is set up).
-        if rx.get_ref().get_queue().ready() {
+        // Only deliver into a started, enabled ring (the TX kick may come before RX is set up;
+        // a disabled ring takes no buffers: frames wait in the backlog, as on a NIC).
+        if rx.get_ref().get_queue().ready() && rx.get_ref().is_enabled() {
             self.process_rx(pair, rx)?;
         }
         Ok(())

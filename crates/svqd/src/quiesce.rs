@@ -1,0 +1,196 @@
+//! When has a backend stopped taking buffers from a ring? The question every switch asks before
+//! its `GET_VRING_BASE`, for the guest ring (passthrough → shadow) and for the shadow ring
+//! (shadow → passthrough). See DESIGN.md, "Quiesce".
+//!
+//! The answer comes from the ring's memory alone, observed repeatedly:
+//!
+//! * everything published is completed (`used.idx == avail.idx`): nothing can be in flight;
+//! * with EVENT_IDX, the backend's `avail_event` counts what it took: `used.idx == avail_event`
+//!   means everything taken is completed, the rest was never taken. Only trusted when it lies
+//!   between `used.idx` and `avail.idx`: a backend that polls (DPDK) never writes it, and a value
+//!   outside that range is a leftover, not a position;
+//! * otherwise: nothing completed for a quiet period.
+
+use std::time::{Duration, Instant};
+
+/// Without a trustworthy position in memory: how long nothing may complete.
+pub const QUIET_PERIOD: Duration = Duration::from_millis(5);
+
+/// With a trustworthy `avail_event`: how long it must stay equal to `used.idx` (it can be stale
+/// inside a vhost-user-backend pop loop, which refreshes it only when re-enabling notifications).
+const SETTLE_PERIOD: Duration = Duration::from_millis(1);
+const SETTLE_HITS: u32 = 10;
+
+/// One look at a ring's indices in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingIndices {
+    /// `avail.idx`: what the driver published.
+    pub avail_idx: u16,
+    /// `used.idx`: what the device completed.
+    pub used_idx: u16,
+    /// `avail_event` at the end of the used ring (meaningful with EVENT_IDX only).
+    pub avail_event: u16,
+}
+
+impl RingIndices {
+    /// Whether `avail_event` can be a device position: between `used.idx` and `avail.idx`.
+    pub fn avail_event_plausible(&self) -> bool {
+        self.avail_event.wrapping_sub(self.used_idx) <= self.avail_idx.wrapping_sub(self.used_idx)
+    }
+}
+
+/// Repeated observations of one ring until it is quiet.
+#[derive(Debug)]
+pub struct Quiescer {
+    event_idx: bool,
+    start: Instant,
+    last_used: Option<u16>,
+    last_change: Instant,
+    stable_hits: u32,
+    settled: bool,
+}
+
+impl Quiescer {
+    /// Start observing, now.
+    pub fn new(event_idx: bool) -> Self {
+        let now = Instant::now();
+        Quiescer {
+            event_idx,
+            start: now,
+            last_used: None,
+            last_change: now,
+            stable_hits: 0,
+            settled: false,
+        }
+    }
+
+    /// Record one observation made at `now` (`completion_signalled`: the backend called since
+    /// the last one). Returns whether the ring is quiet; once quiet, it stays so.
+    pub fn observe(&mut self, ring: RingIndices, completion_signalled: bool, now: Instant) -> bool {
+        if self.settled {
+            return true;
+        }
+        if completion_signalled || self.last_used != Some(ring.used_idx) {
+            self.last_used = Some(ring.used_idx);
+            self.last_change = now;
+        }
+        let quiet_for = now.saturating_duration_since(self.last_change);
+        let exact = if ring.used_idx == ring.avail_idx {
+            Some(true)
+        } else if self.event_idx && ring.avail_event_plausible() {
+            Some(ring.avail_event == ring.used_idx)
+        } else {
+            None
+        };
+        self.settled = match exact {
+            Some(true) => {
+                self.stable_hits += 1;
+                self.stable_hits >= SETTLE_HITS && quiet_for >= SETTLE_PERIOD
+            }
+            Some(false) => {
+                self.stable_hits = 0;
+                false
+            }
+            None => {
+                self.stable_hits = 0;
+                quiet_for >= QUIET_PERIOD
+            }
+        };
+        self.settled
+    }
+
+    /// Whether the last observation found the ring quiet.
+    pub fn settled(&self) -> bool {
+        self.settled
+    }
+
+    /// Time since observing started.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(avail_idx: u16, used_idx: u16, avail_event: u16) -> RingIndices {
+        RingIndices {
+            avail_idx,
+            used_idx,
+            avail_event,
+        }
+    }
+
+    /// Observe `r` every 100 µs for `ms` milliseconds; the first time quiet, if ever.
+    fn run(q: &mut Quiescer, r: RingIndices, t0: Instant, ms: u64) -> Option<Duration> {
+        (0..ms * 10).find_map(|i| {
+            let now = t0 + Duration::from_micros(100 * i);
+            q.observe(r, false, now).then(|| now - t0)
+        })
+    }
+
+    #[test]
+    fn plausible_avail_event_is_between_used_and_avail() {
+        assert!(ring(10, 5, 5).avail_event_plausible());
+        assert!(ring(10, 5, 10).avail_event_plausible());
+        assert!(!ring(10, 5, 11).avail_event_plausible());
+        assert!(
+            !ring(10, 5, 4).avail_event_plausible(),
+            "behind used: stale"
+        );
+        assert!(
+            ring(3, 0xfffe, 1).avail_event_plausible(),
+            "across the wrap"
+        );
+        assert!(!ring(3, 0xfffe, 0xfffd).avail_event_plausible());
+    }
+
+    #[test]
+    fn everything_completed_settles_fast() {
+        let t0 = Instant::now();
+        let mut q = Quiescer::new(false);
+        let at = run(&mut q, ring(7, 7, 0), t0, 50).unwrap();
+        assert!(at >= SETTLE_PERIOD && at < QUIET_PERIOD, "{at:?}");
+    }
+
+    #[test]
+    fn trusted_avail_event_waits_for_taken_buffers_only() {
+        let t0 = Instant::now();
+        // Receive queue: 200 posted, the device took 3 and completed them.
+        let mut q = Quiescer::new(true);
+        let at = run(&mut q, ring(200, 3, 3), t0, 50).unwrap();
+        assert!(at < QUIET_PERIOD, "{at:?}");
+        // One taken and not completed: never quiet, however long.
+        let mut q = Quiescer::new(true);
+        assert_eq!(run(&mut q, ring(200, 3, 4), t0, 50), None);
+    }
+
+    #[test]
+    fn stale_avail_event_falls_back_to_the_quiet_period() {
+        let t0 = Instant::now();
+        // A polling backend (DPDK) never writes avail_event: 0 behind a used idx of 1000.
+        let mut q = Quiescer::new(true);
+        let at = run(&mut q, ring(1200, 1000, 0), t0, 50).unwrap();
+        assert!(at >= QUIET_PERIOD, "{at:?}");
+        // Without EVENT_IDX, the same.
+        let mut q = Quiescer::new(false);
+        let at = run(&mut q, ring(1200, 1000, 1100), t0, 50).unwrap();
+        assert!(at >= QUIET_PERIOD, "{at:?}");
+    }
+
+    #[test]
+    fn completions_restart_the_quiet_period() {
+        let t0 = Instant::now();
+        let mut q = Quiescer::new(false);
+        let r = ring(100, 10, 0);
+        for i in 0..40u64 {
+            let now = t0 + Duration::from_micros(250 * i);
+            // A completion signalled every 1 ms.
+            assert!(!q.observe(r, i % 4 == 0, now));
+        }
+        let later = t0 + Duration::from_millis(10) + QUIET_PERIOD;
+        assert!(q.observe(r, false, later));
+        assert!(q.settled());
+    }
+}
