@@ -50,10 +50,9 @@ fn net_dpdk_svqd_passthrough() {
     run("net_dpdk_svqd_passthrough", true, false);
 }
 
+/// Through svqd: passthrough, shadow mode forced with svqctl and back, then a live migration
+/// (shadow mode again, from LOG_ALL) to a destination behind its own svqd.
 #[test]
-#[ignore = "known failure: with DPDK net_vhost behind svqd, guest RX stalls once its queue is \
-            in shadow mode (DPDK takes 1 of 248 shadow RX buffers); passthrough works. See \
-            docs/PEERS-RESULTS.md. Run with --ignored."]
 fn net_dpdk_svqd_passthrough_shadow_and_migration() {
     run("net_dpdk_svqd_passthrough_shadow_and_migration", true, true);
 }

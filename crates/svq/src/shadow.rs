@@ -408,12 +408,26 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
     /// [`ShadowVirtqueue::forward_used`] before handing the guest ring over. This is what lets a
     /// receive queue with buffers posted and no traffic switch back without waiting for packets.
     ///
+    /// With EVENT_IDX the guest's `avail_event` is set to the new guest avail index (and logged
+    /// in `log`): the value the engine wrote last may lie beyond it, and a device that never
+    /// writes the field (a polling one, like DPDK) would leave it there looking like its
+    /// position.
+    ///
     /// Call only with forwarding off and the device stopped. Returns the number of chains taken
-    /// back; on error (a base outside what was published) nothing changes.
-    pub fn reclaim_untaken(&mut self, device_avail_idx: u16) -> Result<u16, QueueError> {
+    /// back; on a base outside what was published nothing changes.
+    pub fn reclaim_untaken<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        log: &SharedLog,
+        device_avail_idx: u16,
+    ) -> Result<u16, QueueError> {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
+        let g = match self.guest.map(mem) {
+            Ok(g) => g,
+            Err(e) => return Err(self.fail(e)),
+        };
         let ids = self.ring.take_back(device_avail_idx)?;
         // Newest first: the last chain forwarded is the last one read from the guest ring, and
         // resubmitted chains were all forwarded before any avail-ring chain.
@@ -426,9 +440,19 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
                 self.last_avail = self.last_avail.wrapping_sub(1);
             }
         }
-        // The guest's avail_event (EVENT_IDX) may now be past chains it will not kick for
-        // again; forget the cached value so a resumed engine re-arms it.
         self.avail_event = None;
+        if self.cfg.event_idx {
+            let res = g.avail_event().and_then(|ev| {
+                if ev != self.last_avail {
+                    g.set_avail_event(self.last_avail)?;
+                    log.mark(self.guest.used_ring() + self.guest.avail_event_offset(), 2);
+                }
+                Ok(())
+            });
+            if let Err(e) = res {
+                return Err(self.fail(e));
+            }
+        }
         Ok(ids.len() as u16)
     }
 

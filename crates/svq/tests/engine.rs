@@ -610,16 +610,21 @@ fn untaken_chains_go_back_to_the_guest_ring() {
     // A base outside what was published is refused and changes nothing.
     for bogus in [6u16, 0xffff, 1u16.wrapping_sub(8)] {
         assert!(matches!(
-            q.e.reclaim_untaken(bogus),
+            q.e.reclaim_untaken(&q.m.guest, &q.log, bogus),
             Err(QueueError::BogusVringBase { .. })
         ));
     }
     assert_eq!(q.e.in_flight(), 5);
 
-    assert_eq!(q.e.reclaim_untaken(base).unwrap(), 3);
+    assert_eq!(q.e.reclaim_untaken(&q.m.guest, &q.log, base).unwrap(), 3);
     assert_eq!(q.e.in_flight(), 2);
     let st = q.e.export_state();
     assert_eq!(st.last_avail_idx, 2, "guest avail index stepped back");
+    let avail_event: u16 = q.m.guest.read_obj(GuestAddress(USED + 4 + 8 * 8)).unwrap();
+    assert_eq!(
+        avail_event, 2,
+        "the guest's avail_event points at the first chain not taken"
+    );
     let mut held: Vec<u16> = st.in_flight.iter().map(|c| c.head).collect();
     held.sort_unstable();
     assert_eq!(held, first);
@@ -652,7 +657,11 @@ fn reclaimed_shadow_descriptors_are_reused_and_forwarding_resumes() {
     q.post(4);
     q.e.forward_avail(&q.m.guest, &q.log).unwrap();
     assert_eq!(q.e.ring().num_free(), 0);
-    assert_eq!(q.e.reclaim_untaken(q.dev.last_avail).unwrap(), 4);
+    assert_eq!(
+        q.e.reclaim_untaken(&q.m.guest, &q.log, q.dev.last_avail)
+            .unwrap(),
+        4
+    );
     assert_eq!(q.e.ring().num_free(), 4);
     q.e.set_forwarding(true);
     let b = q.e.forward_avail(&q.m.guest, &q.log).unwrap();
@@ -684,7 +693,10 @@ fn reclaimed_imported_chains_go_back_to_the_resubmit_list() {
     let log = SharedLog::default();
     assert_eq!(e.forward_avail(&m.guest, &log).unwrap().chains, 3);
     e.set_forwarding(false);
-    assert_eq!(e.reclaim_untaken(e.shadow_base()).unwrap(), 3);
+    assert_eq!(
+        e.reclaim_untaken(&m.guest, &log, e.shadow_base()).unwrap(),
+        3
+    );
     let st = e.export_state();
     assert_eq!(st.last_avail_idx, 1);
     assert_eq!(st.in_flight.len(), 1);

@@ -975,7 +975,8 @@ impl ProxyState {
         // The worker tracks fd replacements the VMM made while it ran.
         self.queues[q].vmm.kick = Some(exit.guest_kick.clone());
         self.queues[q].vmm.call = exit.guest_call.clone();
-        let reclaimed = match exit.engine.reclaim_untaken(base) {
+        let mem = self.mem.shared().snapshot();
+        let reclaimed = match exit.engine.reclaim_untaken(&*mem, &self.active_log, base) {
             Ok(n) => n,
             Err(e) => return Err(self.resume_shadow(q, sq, exit, base, e.to_string())),
         };

@@ -359,7 +359,22 @@ impl Sim {
                 let base = self.dev.last_avail;
                 let taken = self.dev.popped.len();
                 let before = self.engine().in_flight();
-                let back = self.engine().reclaim_untaken(base).unwrap();
+                let avail_event = USED + 4 + 8 * u64::from(self.cfg.guest_size);
+                let old_event = ld16(&self.m.guest, avail_event);
+                let back = self
+                    .engine
+                    .as_mut()
+                    .unwrap()
+                    .reclaim_untaken(&self.m.guest, &self.log, base)
+                    .unwrap();
+                let guest_idx = self.engine().export_state().last_avail_idx;
+                if self.cfg.event_idx {
+                    // The guest's avail_event now asks for a kick at the first chain not taken.
+                    assert_eq!(ld16(&self.m.guest, avail_event), guest_idx);
+                    if old_event != guest_idx {
+                        self.expected_pages.extend(pages(avail_event, 2));
+                    }
+                }
                 // The rest of `before` was completed by the device, not relayed yet.
                 assert!(usize::from(back) + taken <= before);
                 let n = self.dev.popped.len();
