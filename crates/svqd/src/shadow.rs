@@ -25,6 +25,8 @@ pub struct ShadowRegion {
     pub mapping: Arc<MmapRegion>,
     /// Size in bytes (whole pages).
     pub size: u64,
+    /// Entries of the split ring it is laid out for.
+    pub ring_size: u16,
     /// Guest-physical address given to the backend (outside all guest RAM).
     pub gpa: u64,
     /// User address given to the backend (above all of the VMM's); ring addresses use it.
@@ -56,6 +58,7 @@ impl ShadowRegion {
             file: Arc::new(file),
             mapping: Arc::new(mapping),
             size: bytes as u64,
+            ring_size: size,
             gpa: 0,
             uva: 0,
         })

@@ -98,6 +98,11 @@ pub struct QueueSlot {
     pub vmm: VmmVring,
     /// Current mode.
     pub mode: Mode,
+    /// The shadow region of an earlier shadow period, still in the backend's memory table and
+    /// reused by the next one. Adding or removing a region costs a whole memory-table rebuild
+    /// in a backend without CONFIGURE_MEM_SLOTS (DPDK: about 50 ms each, measured), and the
+    /// switch back happens on the VM-stop path of a migration, inside its downtime.
+    pub parked: Option<shadow::ShadowRegion>,
     /// Counters.
     pub stats: Arc<QueueStats>,
 }
@@ -107,6 +112,7 @@ impl QueueSlot {
         QueueSlot {
             vmm: VmmVring::default(),
             mode: Mode::Passthrough,
+            parked: None,
             stats: Arc::new(QueueStats::default()),
         }
     }
@@ -379,8 +385,8 @@ impl ProxyState {
         }
     }
 
-    /// The backend's memory table: the VMM's regions plus every shadow region (for
-    /// SET_MEM_TABLE, which replaces the whole table).
+    /// The backend's memory table: the VMM's regions plus every shadow region, in use or
+    /// parked (for SET_MEM_TABLE, which replaces the whole table).
     pub fn backend_table(
         &self,
         extra: Option<&shadow::ShadowRegion>,
@@ -389,6 +395,9 @@ impl ProxyState {
         for q in &self.queues {
             if let Mode::Shadow(sq) = &q.mode {
                 t.push(sq.region.info());
+            }
+            if let Some(r) = &q.parked {
+                t.push(r.info());
             }
         }
         if let Some(r) = extra {
@@ -423,6 +432,8 @@ impl ProxyState {
                     "enabled": q.vmm.enabled,
                     "size": q.vmm.num,
                     "shadow": shadow,
+                    // A shadow region kept in the backend's table for the next switch.
+                    "parked_region": q.parked.as_ref().map(|r| format!("{:#x}", r.gpa)),
                 })
             })
             .collect();
@@ -795,10 +806,7 @@ impl ProxyState {
             event_idx: self.event_idx(),
             indirect: self.acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0,
         };
-        let mut region = shadow::ShadowRegion::create(q, shadow_size)?;
-        let (gpa, uva) = self.alloc_shadow_space(region.size, region.host_addr())?;
-        region.gpa = gpa;
-        region.uva = uva;
+        let region = self.shadow_region(q, shadow_size)?;
         let start = svq::QueueState {
             last_avail_idx: base,
             used_idx: base,
@@ -807,14 +815,10 @@ impl ProxyState {
         let engine = match region.engine(qcfg, start) {
             Ok(e) => e,
             Err(e) => {
-                self.free_shadow_space(gpa, uva);
+                self.queues[q].parked = Some(region);
                 return Err(e);
             }
         };
-        if let Err(e) = self.add_backend_region(&region) {
-            self.free_shadow_space(gpa, uva);
-            return Err(e);
-        }
         let backend_kick =
             Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?);
         let backend_call =
@@ -830,8 +834,7 @@ impl ProxyState {
             Some(&backend_kick),
         );
         if let Err(e) = res {
-            let _ = self.remove_backend_region(&region);
-            self.free_shadow_space(gpa, uva);
+            self.queues[q].parked = Some(region);
             return Err(e);
         }
         let v = &self.queues[q].vmm;
@@ -858,6 +861,50 @@ impl ProxyState {
         Ok(())
     }
 
+    /// The memory of queue `q`'s shadow ring of `size` entries: the region parked from its last
+    /// shadow period when it fits, else a new one, added to the backend's memory table.
+    fn shadow_region(&mut self, q: usize, size: u16) -> Result<shadow::ShadowRegion, ProxyError> {
+        if let Some(r) = self.queues[q].parked.take() {
+            if r.ring_size == size {
+                return Ok(r);
+            }
+            self.drop_region(r)?;
+        }
+        let mut region = shadow::ShadowRegion::create(q, size)?;
+        let (gpa, uva) = self.alloc_shadow_space(region.size, region.host_addr())?;
+        region.gpa = gpa;
+        region.uva = uva;
+        if let Err(e) = self.add_backend_region(&region) {
+            self.free_shadow_space(gpa, uva);
+            return Err(e);
+        }
+        Ok(region)
+    }
+
+    /// A backend without CONFIGURE_MEM_SLOTS takes [`MAX_TABLE_REGIONS`] regions: forget parked
+    /// regions until the table about to be sent, plus `extra` regions, fits. The SET_MEM_TABLE
+    /// that follows removes them from the backend.
+    fn evict_parked_for(&mut self, extra: usize) {
+        if self.backend.as_ref().is_none_or(|b| b.mem_slots()) {
+            return;
+        }
+        for q in 0..self.queues.len() {
+            if self.backend_table(None).len() + extra <= MAX_TABLE_REGIONS {
+                return;
+            }
+            if let Some(r) = self.queues[q].parked.take() {
+                self.free_shadow_space(r.gpa, r.uva);
+            }
+        }
+    }
+
+    /// Remove a region no ring uses from the backend's table and release its addresses.
+    fn drop_region(&mut self, region: shadow::ShadowRegion) -> Result<(), ProxyError> {
+        let res = self.remove_backend_region(&region);
+        self.free_shadow_space(region.gpa, region.uva);
+        res
+    }
+
     fn add_backend_region(&mut self, region: &shadow::ShadowRegion) -> Result<(), ProxyError> {
         let mem_slots = self.be()?.mem_slots();
         if mem_slots {
@@ -866,6 +913,7 @@ impl ProxyState {
                 .add_mem_region(&region.info())
                 .map_err(|e| ProxyError::Backend("ADD_MEM_REG", e))?;
         } else {
+            self.evict_parked_for(1);
             let table = self.backend_table(Some(region));
             if table.len() > MAX_TABLE_REGIONS {
                 return Err(ProxyError::NotAllowed(format!(
@@ -882,8 +930,8 @@ impl ProxyState {
         Ok(())
     }
 
-    /// Remove `region` from the backend's table. The caller must have removed the queue's shadow
-    /// state from `self.queues` already (SET_MEM_TABLE style rebuilds the table from it).
+    /// Remove `region` from the backend's table. The caller must have removed the region from
+    /// `self.queues` already (SET_MEM_TABLE style rebuilds the table from it).
     fn remove_backend_region(&mut self, region: &shadow::ShadowRegion) -> Result<(), ProxyError> {
         let mem_slots = self.be()?.mem_slots();
         if mem_slots {
@@ -1016,9 +1064,8 @@ impl ProxyState {
             self.restart_passthrough(q, guest_idx)?;
             self.reannounce_other_rings(q)?;
         }
-        let region = sq.region;
-        self.remove_backend_region(&region)?;
-        self.free_shadow_space(region.gpa, region.uva);
+        // The backend no longer uses the region; it stays in its table for the next switch.
+        self.queues[q].parked = Some(sq.region);
         let us = t0.elapsed().as_micros() as u64;
         let st = &self.queues[q].stats;
         QueueStats::add(&st.mode_switches, 1);
@@ -1268,6 +1315,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
         self.refusable = true;
         try_req!(self.mem.set(ctx, files));
+        self.evict_parked_for(0);
         let table = self.backend_table(None);
         if table.len() > MAX_TABLE_REGIONS && !try_req!(self.be()).mem_slots() {
             return fail(ProxyError::NotAllowed(format!(
@@ -1797,8 +1845,10 @@ impl ProxyState {
             {
                 let region = sq.region.clone();
                 sq.abandon();
-                let _ = self.remove_backend_region(&region);
-                self.free_shadow_space(region.gpa, region.uva);
+                let _ = self.drop_region(region);
+            }
+            if let Some(r) = self.queues[q].parked.take() {
+                let _ = self.drop_region(r);
             }
             self.queues[q].vmm = VmmVring::default();
         }

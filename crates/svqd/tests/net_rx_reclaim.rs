@@ -15,8 +15,11 @@ use svq_testkit::guest::GuestWorkload;
 use svq_testkit::vmm::{LogStyle, MemTableStyle, Vmm, VmmOptions};
 use svqd::{ControlTarget, Proxy, ProxyConfig};
 
-/// Run traffic for a moment, then stop transmitting and wait until every echo came back: what
-/// is left outstanding is receive buffers only.
+/// Receive buffers the guest keeps posted (and frames in flight).
+const DEPTH: u16 = 32;
+
+/// Run traffic for a moment, then stop transmitting and wait until every echo came back and the
+/// guest posted its receive buffers again: what is left outstanding is receive buffers only.
 fn go_idle(runner: &GuestRunner<NetGuest>) -> usize {
     runner.with(|w| w.set_posting(true));
     std::thread::sleep(Duration::from_millis(50));
@@ -25,12 +28,13 @@ fn go_idle(runner: &GuestRunner<NetGuest>) -> usize {
     loop {
         let (missing, tx_in_flight, rx) =
             runner.with(|w| (w.echoes_missing(), w.queues()[1].in_flight(), w.rx_posted()));
-        if missing == 0 && tx_in_flight == 0 {
+        if missing == 0 && tx_in_flight == 0 && rx == usize::from(DEPTH) {
             return rx;
         }
         assert!(
             Instant::now() < deadline,
-            "echoes did not come back: {missing} missing, {tx_in_flight} sent in flight"
+            "echoes did not come back: {missing} missing, {tx_in_flight} sent in flight, {rx} \
+             receive buffers posted"
         );
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -81,6 +85,7 @@ fn run(event_idx: bool) {
     let guest = NetGuest::new(
         ram.clone(),
         NetGuestOptions {
+            depth: DEPTH,
             event_idx: vmm.event_idx(),
             indirect: vmm.indirect(),
             ..Default::default()
@@ -92,7 +97,6 @@ fn run(event_idx: bool) {
 
     // 1. Shadow and back with the receive ring idle.
     let rx = go_idle(&runner);
-    assert!(rx > 0, "the guest keeps receive buffers posted");
     ctl.set_shadow(true).unwrap();
     let before = reclaimed(&*ctl, 0);
     let t = Instant::now();
@@ -105,6 +109,17 @@ fn run(event_idx: bool) {
         "every idle receive buffer went back to the guest ring"
     );
     assert_eq!(reclaimed(&*ctl, 1), 0, "the transmit ring had nothing left");
+    // The shadow regions stay in the backend's table, and the next shadow period reuses them.
+    let parked = |ctl: &dyn ControlTarget| -> Vec<String> {
+        ctl.query_status()["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["parked_region"].as_str().unwrap_or("none").to_owned())
+            .collect()
+    };
+    let regions = parked(&*ctl);
+    assert!(regions.iter().all(|r| r != "none"), "{regions:?}");
     eprintln!("switch back with {rx} idle receive buffers: {took:?}");
 
     // 2. The backend fills exactly those buffers in passthrough: every echo arrives, once.
@@ -116,6 +131,13 @@ fn run(event_idx: bool) {
     // 3. VM stop in shadow mode: GET_VRING_BASE answers the guest index before the idle
     //    buffers, which a destination device takes from the guest ring.
     ctl.set_shadow(true).unwrap();
+    let status = ctl.query_status();
+    for (q, region) in regions.iter().enumerate() {
+        assert_eq!(
+            status["queues"][q]["shadow"]["gpa"].as_str(),
+            Some(region.as_str())
+        );
+    }
     runner.pause();
     let (used, avail) = runner.with(|w| {
         let q = &w.queues()[0];
