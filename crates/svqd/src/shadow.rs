@@ -160,7 +160,7 @@ impl ShadowQueue {
     /// Stop the worker at once, dropping the engine (device reset or a connection is gone).
     pub fn abandon(mut self) {
         if let Some(w) = self.worker.take() {
-            let exit = w.stop();
+            let exit = w.abandon();
             if exit.engine.in_flight() > 0 {
                 tracing::warn!(
                     in_flight = exit.engine.in_flight(),

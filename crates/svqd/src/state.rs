@@ -969,7 +969,8 @@ impl ProxyState {
     /// 4. Take the engine back and give the chains the backend never took back to the guest
     ///    ring (`reclaim_untaken`): the guest index steps back over them, so the backend finds
     ///    them in the guest ring.
-    /// 5. Start the backend on the guest ring at that index; remove the shadow region.
+    /// 5. Start the backend on the guest ring at that index; park the shadow region (kept in the
+    ///    backend's table for the next switch, see [`QueueSlot::parked`]).
     ///
     /// On failure after step 1 the queue stays in shadow mode, running again.
     pub fn switch_to_passthrough(&mut self, q: usize, stopped: bool) -> Result<u16, ProxyError> {
@@ -1044,6 +1045,8 @@ impl ProxyState {
             guest_idx,
             "shadow ring stopped"
         );
+        // The backend no longer uses the region; it stays in its table for the next switch.
+        self.queues[q].parked = Some(sq.region);
         if stopped {
             let v = &self.queues[q].vmm;
             let addr = v
@@ -1064,8 +1067,6 @@ impl ProxyState {
             self.restart_passthrough(q, guest_idx)?;
             self.reannounce_other_rings(q)?;
         }
-        // The backend no longer uses the region; it stays in its table for the next switch.
-        self.queues[q].parked = Some(sq.region);
         let us = t0.elapsed().as_micros() as u64;
         let st = &self.queues[q].stats;
         QueueStats::add(&st.mode_switches, 1);

@@ -36,8 +36,8 @@ enum Cmd {
     /// completions and poll the shadow used ring (the backend may complete without calling);
     /// answer once applied.
     Hold(Sender<()>),
-    /// Relay what the backend completed, then stop.
-    Stop,
+    /// Stop; with `true`, relay what the backend completed first.
+    Stop(bool),
 }
 
 /// What a stopped worker hands back.
@@ -128,8 +128,18 @@ impl Worker {
     }
 
     /// Stop the worker and take the engine back, after relaying what the backend completed.
-    pub fn stop(mut self) -> WorkerExit {
-        self.send(Cmd::Stop);
+    pub fn stop(self) -> WorkerExit {
+        self.finish(true)
+    }
+
+    /// Stop the worker at once and take the engine back: the guest ring is being reset, nothing
+    /// may be written into it any more.
+    pub fn abandon(self) -> WorkerExit {
+        self.finish(false)
+    }
+
+    fn finish(mut self, relay: bool) -> WorkerExit {
+        self.send(Cmd::Stop(relay));
         let join = self.join.take().expect("worker joined once");
         match join.join() {
             Ok(exit) => exit,
@@ -269,8 +279,8 @@ fn run(setup: WorkerSetup, rx: Receiver<Cmd>, wake: Arc<EventFd>) -> WorkerExit 
 
     let mut events = vec![EpollEvent::default(); 8];
     let mut holding = false;
-    let mut stopping = false;
-    while !stopping {
+    let mut stopping = None;
+    while stopping.is_none() {
         if holding {
             // The backend may suppress its calls, or signal a call fd svqd replaced meanwhile.
             l.used();
@@ -292,13 +302,16 @@ fn run(setup: WorkerSetup, rx: Receiver<Cmd>, wake: Arc<EventFd>) -> WorkerExit 
                     if k > 0 {
                         QueueStats::add(&l.stats.kicks, 1);
                     }
-                    l.avail();
+                    if stopping.is_none() {
+                        l.avail();
+                    }
                 }
                 TOKEN_BACKEND_CALL => {
                     if drain_eventfd(&l.backend_call) > 0 {
                         QueueStats::add(&l.stats.calls, 1);
                     }
-                    if l.used() {
+                    // Stopped: `stop` relays once more below, `abandon` writes nothing.
+                    if stopping.is_none() && l.used() {
                         l.avail();
                     }
                 }
@@ -330,14 +343,16 @@ fn run(setup: WorkerSetup, rx: Receiver<Cmd>, wake: Arc<EventFd>) -> WorkerExit 
                                 l.engine.set_forwarding(false);
                                 let _ = done.send(());
                             }
-                            Cmd::Stop => stopping = true,
+                            Cmd::Stop(relay) => stopping = Some(relay),
                         }
                     }
                 }
             }
         }
     }
-    l.used();
+    if stopping == Some(true) {
+        l.used();
+    }
     WorkerExit {
         engine: l.engine,
         guest_kick: l.guest_kick,
@@ -351,7 +366,7 @@ fn wait_stop_without_epoll(l: Loop, rx: Receiver<Cmd>) -> WorkerExit {
     let mut guest_call = l.guest_call;
     while let Ok(cmd) = rx.recv() {
         match cmd {
-            Cmd::Stop => break,
+            Cmd::Stop(_) => break,
             Cmd::GuestKick(fd) => guest_kick = fd,
             Cmd::GuestCall(fd) => guest_call = fd,
             Cmd::Forwarding(_) => {}
