@@ -10,6 +10,8 @@ use svq_peers::vm::{compare_ram, net_counters, start_testpmd, Svqd, SvqdOpts, Vm
 use svq_peers::TestDir;
 
 const MEM_MIB: u64 = 256;
+/// Quick shadow on/off round trips under traffic in the full svqd test.
+const TOGGLES: usize = 20;
 
 fn rx(vm: &Vm) -> u64 {
     net_counters(&vm.console_text()).map(|c| c.1).unwrap_or(0)
@@ -116,6 +118,31 @@ fn run(name: &str, via: bool, full: bool) {
         let base = rx(&vm0);
         let r = wait_rx(&mut vm0, &d0, base, 8, "rx back in passthrough");
         eprintln!("net: passthrough again rx={r}");
+
+        // Switches in quick succession while the guest keeps sending: each one stops a ring of
+        // the running port (DPDK tears the device down and brings it up again) and hands the
+        // idle receive buffers back and forth. Traffic must still flow afterwards.
+        for i in 0..TOGGLES {
+            for on in ["on", "off"] {
+                d.ctl(&["set-shadow", on])
+                    .unwrap_or_else(|e| panic!("toggle {i} {on}: {e}{}", logs(&d0)));
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        }
+        let stats = d.ctl(&["query-stats"]).unwrap_or_default();
+        let base = rx(&vm0);
+        let r = wait_rx(&mut vm0, &d0, base, 8, "rx after the toggles");
+        eprintln!("net: {TOGGLES} shadow on/off toggles, then rx={r}; stats: {stats}");
+        let switches: u64 = serde_json::from_str::<serde_json::Value>(&stats)
+            .ok()
+            .and_then(|v| {
+                v["queues"]
+                    .as_array()
+                    .map(|qs| qs.iter().filter_map(|q| q["mode_switches"].as_u64()).sum())
+            })
+            .unwrap_or(0);
+        // Both rings switched 2 + 2 × TOGGLES times (the first round trip included).
+        assert_eq!(switches, 2 * (2 + 2 * TOGGLES as u64), "{stats}");
     }
 
     // Live migration to a second QEMU on the second testpmd port, through its own svqd.
