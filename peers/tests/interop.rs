@@ -1,6 +1,9 @@
 //! Interop without migration: rust-vmm's vhost-device-rng and vhost-device-vsock (which offer no
 //! dirty logging and only a few protocol features) behind svqd, with a QEMU 10 guest using the
-//! device, in passthrough (`--shadow never`) and in forced shadow mode (`--shadow always`).
+//! device, in passthrough (`--shadow never`), in forced shadow mode (`--shadow always`), and for
+//! vsock switched at runtime with svqctl between transfers (its receive ring holds idle buffers
+//! that go back to the guest ring at each switch back, and its three rings are re-announced to a
+//! vhost-user-backend 0.20, which discards kicks on a disabled ring).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -84,7 +87,8 @@ fn rng(s: &Setup, name: &str, shadow: &str) {
     vm.quit();
 }
 
-fn vsock(s: &Setup, name: &str, shadow: &str) {
+/// `toggles`: svqctl set-shadow on/off round trips, each followed by an echo round.
+fn vsock(s: &Setup, name: &str, shadow: &str, toggles: usize) {
     let dir = TestDir::new(name);
     let bin =
         s.fx.vhost_vsock
@@ -120,9 +124,40 @@ fn vsock(s: &Setup, name: &str, shadow: &str) {
             Err(e) => fail(format!("vsock round {round}: {e}"), &d, &be),
         }
     }
+    for i in 0..toggles {
+        for on in ["on", "off"] {
+            if let Err(e) = d.ctl(&["set-shadow", on]) {
+                fail(format!("toggle {i} {on}: {e}"), &d, &be);
+            }
+            match echo_round(&uds, i as u8) {
+                Ok(n) => total += n,
+                Err(e) => fail(format!("vsock after toggle {i} {on}: {e}"), &d, &be),
+            }
+        }
+    }
     let stats = d
         .expect_mode(mode_of(shadow))
         .unwrap_or_else(|e| fail(e, &d, &be));
+    if toggles > 0 {
+        let sum = |key: &str| -> u64 {
+            stats["queues"]
+                .as_array()
+                .map(|qs| qs.iter().filter_map(|q| q[key].as_u64()).sum())
+                .unwrap_or(0)
+        };
+        // rx and tx: QEMU keeps the event queue to itself.
+        let started = 2;
+        assert_eq!(
+            sum("mode_switches"),
+            2 * toggles as u64 * started,
+            "{stats}"
+        );
+        // The guest keeps receive (and event) buffers posted that the backend had not taken.
+        assert!(
+            sum("reclaimed") > 0,
+            "no idle buffer was handed back: {stats}"
+        );
+    }
     eprintln!("{name}: {total} bytes echoed over vsock through svqd --shadow {shadow}; {stats}");
     vm.quit();
 }
@@ -176,13 +211,20 @@ fn rng_through_svqd_forced_shadow() {
 #[test]
 fn vsock_through_svqd_passthrough() {
     if let Some(s) = svq_peers::setup("vsock_through_svqd_passthrough") {
-        vsock(&s, "vsock-never", "never");
+        vsock(&s, "vsock-never", "never", 0);
     }
 }
 
 #[test]
 fn vsock_through_svqd_forced_shadow() {
     if let Some(s) = svq_peers::setup("vsock_through_svqd_forced_shadow") {
-        vsock(&s, "vsock-always", "always");
+        vsock(&s, "vsock-always", "always", 0);
+    }
+}
+
+#[test]
+fn vsock_through_svqd_runtime_switches() {
+    if let Some(s) = svq_peers::setup("vsock_through_svqd_runtime_switches") {
+        vsock(&s, "vsock-toggle", "auto", 10);
     }
 }
