@@ -24,6 +24,9 @@
 //!    bytes of the chain's writable ranges. Then publish the guest used index once, mark the used
 //!    elements and index, and decide once whether to interrupt the guest. With EVENT_IDX, re-arm
 //!    the shadow `used_event` and re-check so no completion is missed.
+//! 4. Switching back, a chain the stopped device never took (a receive buffer with no traffic)
+//!    leaves the shadow ring with [`ShadowVirtqueue::reclaim_untaken`]: the guest avail index
+//!    steps back over it, and the device finds it in the guest ring.
 //!
 //! A violation by the guest or the device breaks only this queue: the error is logged once
 //! (`tracing::warn!`) and returned by every later call, which does no work.
