@@ -401,7 +401,9 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
     }
 
     /// Give the guest ring back the chains a stopped device never took, so that a device
-    /// restarted on the guest ring at [`QueueState::last_avail_idx`] finds them there.
+    /// restarted on the guest ring at [`QueueState::last_avail_idx`] finds them there (chains
+    /// that came from an imported state cannot go back there: they return to the resubmit list
+    /// and stay in [`QueueState::in_flight`]).
     ///
     /// `device_avail_idx` is the shadow ring's vring base as the stopped device reports it
     /// (GET_VRING_BASE): the chains published from that position on were never taken. They are

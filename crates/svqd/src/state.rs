@@ -502,7 +502,7 @@ impl ProxyState {
             }
             return Err(e);
         }
-        self.reannounce_other_rings(q)?;
+        self.reannounce_after_switch(q);
         let us = t0.elapsed().as_micros() as u64;
         let st = &self.queues[q].stats;
         QueueStats::add(&st.mode_switches, 1);
@@ -785,6 +785,14 @@ impl ProxyState {
         Ok(())
     }
 
+    /// [`Self::reannounce_other_rings`] after a switch that succeeded: a failure there does not
+    /// undo the switch (the backend connection is broken then, which the proxy notices).
+    fn reannounce_after_switch(&mut self, q: usize) {
+        if let Err(e) = self.reannounce_other_rings(q) {
+            tracing::error!(queue = q, error = %e, "re-announcing the other rings failed");
+        }
+    }
+
     /// Build the shadow ring for queue `q` at guest index `base` and start the backend and the
     /// worker on it.
     fn start_shadow(&mut self, q: usize, base: u16) -> Result<(), ProxyError> {
@@ -840,16 +848,20 @@ impl ProxyState {
         let v = &self.queues[q].vmm;
         let guest_kick = v.kick.clone().expect("running ring has a kick fd");
         let guest_call = v.call.clone();
-        let worker = self
-            .spawn_worker(
-                q,
-                engine,
-                guest_kick,
-                guest_call,
-                &backend_kick,
-                &backend_call,
-            )
-            .map_err(|e| ProxyError::Io("spawn worker", e))?;
+        let worker = match self.spawn_worker(
+            q,
+            engine,
+            guest_kick,
+            guest_call,
+            &backend_kick,
+            &backend_call,
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                self.queues[q].parked = Some(region);
+                return Err(ProxyError::Io("spawn worker", e));
+            }
+        };
         self.queues[q].mode = Mode::Shadow(Box::new(ShadowQueue {
             region,
             worker: Some(worker),
@@ -881,13 +893,10 @@ impl ProxyState {
         Ok(region)
     }
 
-    /// A backend without CONFIGURE_MEM_SLOTS takes [`MAX_TABLE_REGIONS`] regions: forget parked
-    /// regions until the table about to be sent, plus `extra` regions, fits. The SET_MEM_TABLE
-    /// that follows removes them from the backend.
+    /// A SET_MEM_TABLE carries [`MAX_TABLE_REGIONS`] regions at most: forget parked regions
+    /// until the table about to be sent, plus `extra` regions, fits. The SET_MEM_TABLE that
+    /// follows removes them from the backend.
     fn evict_parked_for(&mut self, extra: usize) {
-        if self.backend.as_ref().is_none_or(|b| b.mem_slots()) {
-            return;
-        }
         for q in 0..self.queues.len() {
             if self.backend_table(None).len() + extra <= MAX_TABLE_REGIONS {
                 return;
@@ -898,11 +907,36 @@ impl ProxyState {
         }
     }
 
-    /// Remove a region no ring uses from the backend's table and release its addresses.
+    /// Remove a region no ring uses from the backend's table and release its addresses (only
+    /// once the backend let go of it: they must not be handed out again while it maps them).
     fn drop_region(&mut self, region: shadow::ShadowRegion) -> Result<(), ProxyError> {
-        let res = self.remove_backend_region(&region);
+        self.remove_backend_region(&region)?;
         self.free_shadow_space(region.gpa, region.uva);
-        res
+        Ok(())
+    }
+
+    /// Drop the parked regions that overlap guest memory the VMM just added (a region above the
+    /// ones the shadow address space was derived from), in guest-physical or user addresses.
+    fn evict_parked_overlapping(&mut self, gpa: u64, uva: u64, size: u64) {
+        let overlaps =
+            |a: u64, b: u64, len: u64| a < b.saturating_add(len) && b < a.saturating_add(size);
+        for q in 0..self.queues.len() {
+            let hit = self.queues[q]
+                .parked
+                .as_ref()
+                .is_some_and(|r| overlaps(gpa, r.gpa, r.size) || overlaps(uva, r.uva, r.size));
+            if hit {
+                let r = self.queues[q].parked.take().expect("checked");
+                tracing::warn!(
+                    queue = q,
+                    gpa = r.gpa,
+                    "guest memory overlaps a parked shadow region; dropping it"
+                );
+                if let Err(e) = self.drop_region(r) {
+                    tracing::error!(queue = q, error = %e, "cannot remove the parked shadow region");
+                }
+            }
+        }
     }
 
     fn add_backend_region(&mut self, region: &shadow::ShadowRegion) -> Result<(), ProxyError> {
@@ -972,7 +1006,9 @@ impl ProxyState {
     /// 5. Start the backend on the guest ring at that index; park the shadow region (kept in the
     ///    backend's table for the next switch, see [`QueueSlot::parked`]).
     ///
-    /// On failure after step 1 the queue stays in shadow mode, running again.
+    /// On a failure in steps 3–4 the queue stays in shadow mode, running again. A failure to
+    /// start the backend on the guest ring in step 5 is reported as it is: the buffers are all in
+    /// the guest ring by then, and the backend connection is broken.
     pub fn switch_to_passthrough(&mut self, q: usize, stopped: bool) -> Result<u16, ProxyError> {
         let t0 = Instant::now();
         let Mode::Shadow(mut sq) = std::mem::replace(&mut self.queues[q].mode, Mode::Passthrough)
@@ -1029,14 +1065,17 @@ impl ProxyState {
             Ok(n) => n,
             Err(e) => return Err(self.resume_shadow(q, sq, exit, base, e.to_string())),
         };
-        if exit.engine.in_flight() > 0 {
+        let state = exit.engine.export_state();
+        if !state.in_flight.is_empty() {
+            // Chains taken and not relayed, or imported chains waiting to be resubmitted: a
+            // device on the guest ring would never see them.
             let reason = format!(
-                "{} requests taken by the backend were not relayed",
-                exit.engine.in_flight()
+                "{} requests would be lost by the switch",
+                state.in_flight.len()
             );
             return Err(self.resume_shadow(q, sq, exit, base, reason));
         }
-        let guest_idx = exit.engine.export_state().last_avail_idx;
+        let guest_idx = state.last_avail_idx;
         drop(exit);
         tracing::debug!(
             queue = q,
@@ -1065,7 +1104,7 @@ impl ProxyState {
                 .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
         } else {
             self.restart_passthrough(q, guest_idx)?;
-            self.reannounce_other_rings(q)?;
+            self.reannounce_after_switch(q);
         }
         let us = t0.elapsed().as_micros() as u64;
         let st = &self.queues[q].stats;
@@ -1137,7 +1176,10 @@ impl ProxyState {
         tracing::error!(queue = q, %reason, ring = %sq.region.ring_indices(sq.shadow_size), "switch to passthrough failed; shadowing again");
         let ring = shadow_vring_config(&exit.engine);
         let (call, kick) = (sq.backend_call.clone(), sq.backend_kick.clone());
-        if let Err(e) = self.start_backend_ring(q, base, &ring, &call, true, Some(&kick)) {
+        if let Err(e) = self
+            .start_backend_ring(q, base, &ring, &call, true, Some(&kick))
+            .and_then(|()| self.reannounce_other_rings(q))
+        {
             tracing::error!(queue = q, error = %e, "cannot restart the shadow ring");
         }
         self.respawn_shadow(q, sq, exit);
@@ -1242,20 +1284,20 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
 
     fn reset_owner(&mut self) -> VhostResult<()> {
         self.refusable = true;
-        self.reset_rings();
+        let regions = self.reset_rings();
         let be = try_req!(self.be());
-        be.fe
-            .reset_owner()
-            .map_err(|e| ProxyError::Backend("RESET_OWNER", e).into())
+        let res = be.fe.reset_owner();
+        self.drop_regions(regions);
+        res.map_err(|e| ProxyError::Backend("RESET_OWNER", e).into())
     }
 
     fn reset_device(&mut self) -> VhostResult<()> {
         self.refusable = true;
-        self.reset_rings();
+        let regions = self.reset_rings();
         let be = try_req!(self.be());
-        be.fe
-            .reset_device()
-            .map_err(|e| ProxyError::Backend("RESET_DEVICE", e).into())
+        let res = be.fe.reset_device();
+        self.drop_regions(regions);
+        res.map_err(|e| ProxyError::Backend("RESET_DEVICE", e).into())
     }
 
     fn get_features(&mut self) -> VhostResult<u64> {
@@ -1316,6 +1358,15 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
         self.refusable = true;
         try_req!(self.mem.set(ctx, files));
+        let added: Vec<(u64, u64, u64)> = self
+            .mem
+            .regions()
+            .iter()
+            .map(|r| (r.gpa, r.uva, r.size))
+            .collect();
+        for (gpa, uva, size) in added {
+            self.evict_parked_overlapping(gpa, uva, size);
+        }
         self.evict_parked_for(0);
         let table = self.backend_table(None);
         if table.len() > MAX_TABLE_REGIONS && !try_req!(self.be()).mem_slots() {
@@ -1665,6 +1716,7 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
                 .max(1) as usize
         };
         let r = try_req!(self.mem.add(region, fd, limit));
+        self.evict_parked_overlapping(r.gpa, r.uva, r.size);
         if let Some(space) = &self.space {
             let (first, _) = space.gpa.range();
             if r.gpa + r.size > first {
@@ -1839,19 +1891,45 @@ impl ProxyState {
     }
 
     /// Device reset: the rings' contents are discarded by definition, so stop shadowing without
-    /// draining.
-    fn reset_rings(&mut self) {
+    /// draining. Returns the shadow regions (in use or parked), to drop once the backend has
+    /// reset its rings (it may still be running one on them until then).
+    fn reset_rings(&mut self) -> Vec<shadow::ShadowRegion> {
+        let mut regions = Vec::new();
         for q in 0..self.queues.len() {
             if let Mode::Shadow(sq) = std::mem::replace(&mut self.queues[q].mode, Mode::Passthrough)
             {
-                let region = sq.region.clone();
+                regions.push(sq.region.clone());
                 sq.abandon();
-                let _ = self.drop_region(region);
             }
-            if let Some(r) = self.queues[q].parked.take() {
-                let _ = self.drop_region(r);
-            }
+            regions.extend(self.queues[q].parked.take());
             self.queues[q].vmm = VmmVring::default();
+        }
+        regions
+    }
+
+    /// Remove `regions` (no longer in `self.queues`) from the backend: one REM_MEM_REG each, or
+    /// one SET_MEM_TABLE for all of them.
+    fn drop_regions(&mut self, regions: Vec<shadow::ShadowRegion>) {
+        if regions.is_empty() {
+            return;
+        }
+        let table_style = self.backend.as_ref().is_some_and(|b| !b.mem_slots());
+        if table_style {
+            // `remove_backend_region` sends the table without every region svqd no longer
+            // holds: once is enough.
+            if let Err(e) = self.remove_backend_region(&regions[0]) {
+                tracing::warn!(error = %e, "cannot remove the shadow regions after a reset");
+                return;
+            }
+            for r in regions {
+                self.free_shadow_space(r.gpa, r.uva);
+            }
+            return;
+        }
+        for r in regions {
+            if let Err(e) = self.drop_region(r) {
+                tracing::warn!(error = %e, "cannot remove a shadow region after a reset");
+            }
         }
     }
 

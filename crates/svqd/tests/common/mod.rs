@@ -32,6 +32,8 @@ pub struct RigOptions {
     pub backend_mem_slots: bool,
     /// Drop the connection when a completion must signal a closed call fd (qemu-storage-daemon).
     pub qsd_like: bool,
+    /// svqd's --drain-timeout.
+    pub drain_timeout: Duration,
 }
 
 impl Default for RigOptions {
@@ -45,6 +47,7 @@ impl Default for RigOptions {
             disk_mib: 8,
             backend_mem_slots: true,
             qsd_like: false,
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -85,7 +88,7 @@ impl Rig {
         cfg.shadow = o.policy;
         cfg.log_enabled = o.log_enabled;
         cfg.backend_mem_slots = o.backend_mem_slots;
-        cfg.drain_timeout = Duration::from_secs(5);
+        cfg.drain_timeout = o.drain_timeout;
         let proxy = Proxy::new(cfg).unwrap().spawn().unwrap();
         Rig {
             dir,

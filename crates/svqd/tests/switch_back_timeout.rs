@@ -1,0 +1,97 @@
+//! A switch back to passthrough whose backend does not complete the requests it took within
+//! --drain-timeout (after GET_VRING_BASE stopped the shadow ring) must leave the queue in shadow
+//! mode, running: nothing lost or doubled, and a later switch back succeeds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Rig, RigOptions};
+use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions, BLOCK};
+use svq_testkit::guest::ram::GuestRam;
+use svq_testkit::guest::runner::GuestRunner;
+use svq_testkit::guest::GuestWorkload;
+use svq_testkit::vmm::{LogStyle, MemTableStyle};
+
+/// Pause the guest and wait until the backend holds no request.
+fn quiet(rig: &Rig, runner: &GuestRunner<BlkGuest>) {
+    runner.pause();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.backend.stats().in_flight > 0 {
+        assert!(Instant::now() < deadline, "backend never went idle");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn slow_requests_keep_the_queue_in_shadow_mode_and_lose_nothing() {
+    let rig = Rig::new(RigOptions {
+        // Every request takes 150-250 ms in the backend; svqd waits 40 ms at most.
+        delay: Some((150_000, 250_000)),
+        drain_timeout: Duration::from_millis(40),
+        ..Default::default()
+    });
+    let ram = GuestRam::new("guest", 32 << 20).unwrap();
+    let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
+    let guest = BlkGuest::new(
+        ram.clone(),
+        BlkGuestOptions {
+            event_idx: vmm.event_idx(),
+            indirect: vmm.indirect(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    vmm.start_queues(guest.queues()).unwrap();
+    let runner = GuestRunner::spawn(guest).unwrap();
+    let ctl = rig.proxy.control();
+
+    // Into shadow mode while nothing is in flight (a passthrough drain would time out too).
+    std::thread::sleep(Duration::from_millis(300));
+    quiet(&rig, &runner);
+    ctl.set_shadow(true).unwrap();
+    assert_eq!(rig.modes(), ["shadow"]);
+    runner.resume();
+
+    // Requests in flight for longer than the drain timeout: the switch back must fail cleanly.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(rig.backend.stats().in_flight > 0);
+    let err = ctl
+        .set_shadow(false)
+        .expect_err("the backend cannot complete its requests within 40 ms");
+    assert!(err.contains("in flight"), "{err}");
+    assert_eq!(rig.modes(), ["shadow"], "the queue keeps shadowing");
+    let late = ctl.query_stats()["queues"][0]["late_completions"]
+        .as_u64()
+        .unwrap();
+    assert!(late > 0, "the stop found taken requests");
+
+    // The guest keeps going through the shadow ring, then the switch back succeeds.
+    std::thread::sleep(Duration::from_millis(500));
+    quiet(&rig, &runner);
+    ctl.set_shadow(false).unwrap();
+    assert_eq!(rig.modes(), ["passthrough"]);
+    runner.resume();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        runner.drain(Duration::from_secs(10)),
+        0,
+        "requests left in flight"
+    );
+
+    let w = runner.stop();
+    let w = w.lock().unwrap();
+    let ledger = w.ledger();
+    assert!(w.anomalies().is_empty(), "{:?}", w.anomalies());
+    assert_eq!(ledger.duplicates, 0);
+    assert_eq!(ledger.completed, ledger.issued, "{ledger:?}");
+    let st = rig.backend.stats();
+    assert_eq!(st.popped, ledger.issued, "backend saw every request once");
+    assert_eq!(st.completed, ledger.issued);
+    assert_eq!(rig.backend.connections(), 1);
+    let mut buf = vec![0u8; BLOCK as usize];
+    for b in 0..1024u64 {
+        rig.backend.disk().read_at(&mut buf, b * BLOCK).unwrap();
+        assert_eq!(buf, w.expected_block(b), "block {b}");
+    }
+}
