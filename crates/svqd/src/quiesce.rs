@@ -16,6 +16,13 @@ use std::time::{Duration, Instant};
 /// Without a trustworthy position in memory: how long nothing may complete.
 pub const QUIET_PERIOD: Duration = Duration::from_millis(5);
 
+/// Longest quiesce before the switch goes on to GET_VRING_BASE anyway (what is then still in
+/// flight is verified and waited for after it).
+pub const QUIESCE_LIMIT: Duration = Duration::from_secs(2);
+
+/// How often a ring in memory is looked at while waiting.
+const POLL: Duration = Duration::from_micros(100);
+
 /// With a trustworthy `avail_event`: how long it must stay equal to `used.idx` (it can be stale
 /// inside a vhost-user-backend pop loop, which refreshes it only when re-enabling notifications).
 const SETTLE_PERIOD: Duration = Duration::from_millis(1);
@@ -99,6 +106,25 @@ impl Quiescer {
         self.settled
     }
 
+    /// Observe every 100 µs until the ring is quiet or `limit` passed since observing started.
+    /// `look` gives the ring's indices and whether the backend signalled a completion since the
+    /// last look (`None`: nothing to observe this time). Returns whether the ring is quiet.
+    pub fn wait(
+        &mut self,
+        limit: Duration,
+        mut look: impl FnMut() -> Option<(RingIndices, bool)>,
+    ) -> bool {
+        let deadline = self.start + limit;
+        loop {
+            let quiet =
+                look().is_some_and(|(r, signalled)| self.observe(r, signalled, Instant::now()));
+            if quiet || Instant::now() >= deadline {
+                return quiet;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// Whether the last observation found the ring quiet.
     pub fn settled(&self) -> bool {
         self.settled
@@ -107,6 +133,26 @@ impl Quiescer {
     /// Time since observing started.
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
+    }
+}
+
+/// After GET_VRING_BASE answered `base`: poll the used index (`used`; `None` counts as
+/// reached) until it is `base` or `deadline` passes. On timeout, how many requests the backend
+/// still holds.
+pub fn wait_for_used(
+    deadline: Instant,
+    base: u16,
+    mut used: impl FnMut() -> Option<u16>,
+) -> Result<(), u16> {
+    loop {
+        let now = used().unwrap_or(base);
+        if now == base {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(base.wrapping_sub(now));
+        }
+        std::thread::sleep(POLL);
     }
 }
 

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 use svq::{DirtyLog, IovaTree, SharedLog};
@@ -18,7 +18,9 @@ use vhost::vhost_user::message::{
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
     VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut, VhostUserFrontend};
+use vhost::vhost_user::{
+    Backend, Frontend, GpuBackend, VhostUserBackendReqHandlerMut, VhostUserFrontend,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionBase, VringConfigData};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -30,7 +32,7 @@ use crate::features::{
     self, VHOST_F_LOG_ALL, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::memory::{MemoryTable, MAX_TABLE_REGIONS};
-use crate::quiesce::{Quiescer, RingIndices};
+use crate::quiesce::{wait_for_used, Quiescer, RingIndices, QUIESCE_LIMIT};
 use crate::shadow::{self, ShadowQueue};
 use crate::stats::QueueStats;
 use crate::worker::{Engine, Worker, WorkerExit, WorkerSetup};
@@ -494,10 +496,7 @@ impl ProxyState {
         let base = self.drain_passthrough(q)?;
         if let Err(e) = self.start_shadow(q, base) {
             tracing::error!(queue = q, error = %e, "cannot start shadow ring; back to passthrough");
-            if let Err(e2) = self
-                .restart_passthrough(q, base)
-                .and_then(|()| self.reannounce_other_rings(q))
-            {
+            if let Err(e2) = self.restart_stopped_ring(q, base) {
                 tracing::error!(queue = q, error = %e2, "restarting the guest ring failed too");
             }
             return Err(e);
@@ -539,10 +538,17 @@ impl ProxyState {
     ///    base before the ring moves. Only then is the backend's state fully in guest memory.
     fn drain_passthrough(&mut self, q: usize) -> Result<u16, ProxyError> {
         let mut ctx = self.drain_begin(q)?;
-        let deadline = Instant::now() + self.cfg.drain_timeout.min(Duration::from_secs(2));
-        while !self.drain_poll(q, &mut ctx) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(100));
-        }
+        // Step 4: relay each completion signal to the guest while observing.
+        let DrainCtx {
+            drain_call, quiet, ..
+        } = &mut ctx;
+        quiet.wait(self.cfg.drain_timeout.min(QUIESCE_LIMIT), || {
+            let signalled = drain_call.read().is_ok();
+            if signalled {
+                self.notify_guest(q);
+            }
+            self.guest_indices(q).map(|r| (r, signalled))
+        });
         self.drain_finish(q, ctx)
     }
 
@@ -601,19 +607,6 @@ impl ProxyState {
         })
     }
 
-    /// Step 4 of [`Self::drain_passthrough`], one observation: relays a completion signal, and
-    /// returns whether the ring is quiet.
-    fn drain_poll(&self, q: usize, c: &mut DrainCtx) -> bool {
-        let signalled = c.drain_call.read().is_ok();
-        if signalled {
-            self.notify_guest(q);
-        }
-        match self.guest_indices(q) {
-            Some(r) => c.quiet.observe(r, signalled, Instant::now()),
-            None => false,
-        }
-    }
-
     /// Step 5 of [`Self::drain_passthrough`]: GET_VRING_BASE, verified, late completions waited
     /// for. Returns the base.
     fn drain_finish(&mut self, q: usize, c: DrainCtx) -> Result<u16, ProxyError> {
@@ -638,9 +631,7 @@ impl ProxyState {
             let reason = format!(
                 "backend reports base {base} but the guest used idx is {used} (queue size {num})"
             );
-            let _ = self
-                .restart_passthrough(q, base)
-                .and_then(|()| self.reannounce_other_rings(q));
+            let _ = self.restart_stopped_ring(q, base);
             return Err(ProxyError::Switch { queue: q, reason });
         }
         if in_flight > 0 {
@@ -658,29 +649,25 @@ impl ProxyState {
                 "waiting for late completions after GET_VRING_BASE"
             );
             let deadline = Instant::now() + drain_timeout;
-            loop {
-                let now_used = self.guest_used_idx(q).unwrap_or(base);
-                if now_used == base {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    let reason = format!(
-                        "{} requests still in flight in the backend after {:?}",
-                        base.wrapping_sub(now_used),
-                        drain_timeout
-                    );
-                    let _ = self
-                        .restart_passthrough(q, base)
-                        .and_then(|()| self.reannounce_other_rings(q));
-                    return Err(ProxyError::Switch { queue: q, reason });
-                }
-                std::thread::sleep(Duration::from_micros(100));
+            if let Err(left) = wait_for_used(deadline, base, || self.guest_used_idx(q)) {
+                let reason = format!(
+                    "{left} requests still in flight in the backend after {drain_timeout:?}"
+                );
+                let _ = self.restart_stopped_ring(q, base);
+                return Err(ProxyError::Switch { queue: q, reason });
             }
         }
         // Notifications of late completions went to a closed fd: interrupt the guest ourselves
         // (a spurious interrupt is harmless, a lost one hangs the guest).
         self.notify_guest(q);
         Ok(base)
+    }
+
+    /// Put the backend back on the guest ring at `base` after svqd stopped it (a failed switch),
+    /// and re-announce the other rings (see [`Self::reannounce_other_rings`]).
+    fn restart_stopped_ring(&mut self, q: usize, base: u16) -> Result<(), ProxyError> {
+        self.restart_passthrough(q, base)?;
+        self.reannounce_other_rings(q)
     }
 
     /// Put the backend back on the guest ring at `base`, as the VMM configured it.
@@ -716,16 +703,8 @@ impl ProxyState {
         enabled: bool,
         kick: Option<&EventFd>,
     ) -> Result<(), ProxyError> {
+        self.configure_backend_ring(q, base, ring)?;
         let be = self.be()?;
-        be.fe
-            .set_vring_num(q, ring.queue_size)
-            .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e))?;
-        be.fe
-            .set_vring_base(q, base)
-            .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e))?;
-        be.fe
-            .set_vring_addr(q, ring)
-            .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
         be.fe
             .set_vring_call(q, call)
             .map_err(|e| ProxyError::Backend("SET_VRING_CALL", e))?;
@@ -737,6 +716,26 @@ impl ProxyState {
         if let Some(kick) = kick {
             be.hand_over_kick(q, kick)?;
         }
+        Ok(())
+    }
+
+    /// Point the stopped backend ring `q` at `ring`, index `base` (the ring does not start).
+    fn configure_backend_ring(
+        &mut self,
+        q: usize,
+        base: u16,
+        ring: &VringConfigData,
+    ) -> Result<(), ProxyError> {
+        let be = self.be()?;
+        be.fe
+            .set_vring_num(q, ring.queue_size)
+            .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e))?;
+        be.fe
+            .set_vring_base(q, base)
+            .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e))?;
+        be.fe
+            .set_vring_addr(q, ring)
+            .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
         Ok(())
     }
 
@@ -1026,13 +1025,10 @@ impl ProxyState {
         worker.hold();
         let size = sq.shadow_size;
         let mut quiet = Quiescer::new(self.event_idx());
-        let deadline = Instant::now() + self.cfg.drain_timeout.min(Duration::from_secs(2));
-        while let Some(r) = sq.region.indices(size) {
-            if quiet.observe(r, false, Instant::now()) || Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
+        // The worker consumes the backend's calls; completions show in the used index.
+        quiet.wait(self.cfg.drain_timeout.min(QUIESCE_LIMIT), || {
+            sq.region.indices(size).map(|r| (r, false))
+        });
         tracing::debug!(
             queue = q,
             settled = quiet.settled(),
@@ -1092,16 +1088,7 @@ impl ProxyState {
                 .addr
                 .ok_or_else(|| ProxyError::NotAllowed("ring has no address".into()))?;
             let ring = guest_vring_config(v.num, &addr);
-            let be = self.be()?;
-            be.fe
-                .set_vring_num(q, ring.queue_size)
-                .map_err(|e| ProxyError::Backend("SET_VRING_NUM", e))?;
-            be.fe
-                .set_vring_base(q, guest_idx)
-                .map_err(|e| ProxyError::Backend("SET_VRING_BASE", e))?;
-            be.fe
-                .set_vring_addr(q, &ring)
-                .map_err(|e| ProxyError::Backend("SET_VRING_ADDR", e))?;
+            self.configure_backend_ring(q, guest_idx, &ring)?;
         } else {
             self.restart_passthrough(q, guest_idx)?;
             self.reannounce_after_switch(q);
@@ -1145,21 +1132,11 @@ impl ProxyState {
         if let Ok(be) = self.be() {
             let _ = be.fe.set_vring_call(q, &sq.backend_call);
         }
-        let deadline = Instant::now() + self.cfg.drain_timeout;
-        loop {
-            let used = sq.region.indices(size).map_or(base, |r| r.used_idx);
-            if used == base {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "{} requests still in flight in the backend after {:?}",
-                    base.wrapping_sub(used),
-                    self.cfg.drain_timeout
-                ));
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
+        let timeout = self.cfg.drain_timeout;
+        wait_for_used(Instant::now() + timeout, base, || {
+            sq.region.indices(size).map(|r| r.used_idx)
+        })
+        .map_err(|left| format!("{left} requests still in flight in the backend after {timeout:?}"))
     }
 
     /// A switch to passthrough failed after the backend stopped the shadow ring at `base`:
@@ -1283,21 +1260,11 @@ impl VhostUserBackendReqHandlerMut for ProxyState {
     }
 
     fn reset_owner(&mut self) -> VhostResult<()> {
-        self.refusable = true;
-        let regions = self.reset_rings();
-        let be = try_req!(self.be());
-        let res = be.fe.reset_owner();
-        self.drop_regions(regions);
-        res.map_err(|e| ProxyError::Backend("RESET_OWNER", e).into())
+        self.forward_reset("RESET_OWNER", |fe| fe.reset_owner())
     }
 
     fn reset_device(&mut self) -> VhostResult<()> {
-        self.refusable = true;
-        let regions = self.reset_rings();
-        let be = try_req!(self.be());
-        let res = be.fe.reset_device();
-        self.drop_regions(regions);
-        res.map_err(|e| ProxyError::Backend("RESET_DEVICE", e).into())
+        self.forward_reset("RESET_DEVICE", |fe| fe.reset_device())
     }
 
     fn get_features(&mut self) -> VhostResult<u64> {
@@ -1890,6 +1857,21 @@ impl ProxyState {
         Ok(())
     }
 
+    /// RESET_OWNER / RESET_DEVICE: stop shadowing, forward the reset, then drop the shadow
+    /// regions.
+    fn forward_reset(
+        &mut self,
+        what: &'static str,
+        send: impl FnOnce(&mut Frontend) -> vhost::Result<()>,
+    ) -> VhostResult<()> {
+        self.refusable = true;
+        let regions = self.reset_rings();
+        let be = try_req!(self.be());
+        let res = send(&mut be.fe);
+        self.drop_regions(regions);
+        res.map_err(|e| ProxyError::Backend(what, e).into())
+    }
+
     /// Device reset: the rings' contents are discarded by definition, so stop shadowing without
     /// draining. Returns the shadow regions (in use or parked), to drop once the backend has
     /// reset its rings (it may still be running one on them until then).
@@ -1946,17 +1928,14 @@ impl ProxyState {
         }
         QueueStats::add(&self.queues[q].stats.late_completions, behind.into());
         let deadline = Instant::now() + self.cfg.drain_timeout;
-        while Instant::now() < deadline {
-            if self.guest_used_idx(q) == Some(base) {
-                self.notify_guest(q);
-                return;
-            }
-            std::thread::sleep(Duration::from_micros(200));
+        match wait_for_used(deadline, base, || self.guest_used_idx(q)) {
+            Ok(()) => self.notify_guest(q),
+            Err(left) => tracing::warn!(
+                queue = q,
+                base,
+                left,
+                "backend still has requests in flight after GET_VRING_BASE"
+            ),
         }
-        tracing::warn!(
-            queue = q,
-            base,
-            "backend still has requests in flight after GET_VRING_BASE"
-        );
     }
 }

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Rig, RigOptions};
-use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions, BLOCK};
+use common::{check_blk_run, Rig, RigOptions};
+use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
 use svq_testkit::guest::runner::GuestRunner;
 use svq_testkit::guest::GuestWorkload;
@@ -73,25 +73,5 @@ fn slow_requests_keep_the_queue_in_shadow_mode_and_lose_nothing() {
     assert_eq!(rig.modes(), ["passthrough"]);
     runner.resume();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        runner.drain(Duration::from_secs(10)),
-        0,
-        "requests left in flight"
-    );
-
-    let w = runner.stop();
-    let w = w.lock().unwrap();
-    let ledger = w.ledger();
-    assert!(w.anomalies().is_empty(), "{:?}", w.anomalies());
-    assert_eq!(ledger.duplicates, 0);
-    assert_eq!(ledger.completed, ledger.issued, "{ledger:?}");
-    let st = rig.backend.stats();
-    assert_eq!(st.popped, ledger.issued, "backend saw every request once");
-    assert_eq!(st.completed, ledger.issued);
-    assert_eq!(rig.backend.connections(), 1);
-    let mut buf = vec![0u8; BLOCK as usize];
-    for b in 0..1024u64 {
-        rig.backend.disk().read_at(&mut buf, b * BLOCK).unwrap();
-        assert_eq!(buf, w.expected_block(b), "block {b}");
-    }
+    check_blk_run(&rig, runner);
 }

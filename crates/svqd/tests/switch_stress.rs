@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Rig, RigOptions};
-use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions, BLOCK};
+use common::{check_blk_run, Rig, RigOptions};
+use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
 use svq_testkit::guest::runner::GuestRunner;
 use svq_testkit::guest::GuestWorkload;
@@ -95,35 +95,8 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         assert!(rig.modes().iter().all(|m| m == "passthrough"), "switch {i}");
         std::thread::sleep(Duration::from_millis(1 + (i % 3) as u64));
     }
-    assert_eq!(
-        runner.drain(Duration::from_secs(10)),
-        0,
-        "requests left in flight"
-    );
-    let w = runner.stop();
-    let w = w.lock().unwrap();
-    let ledger = w.ledger();
-    assert!(w.anomalies().is_empty(), "{:?}", w.anomalies());
-    assert_eq!(ledger.duplicates, 0);
-    assert_eq!(ledger.completed, ledger.issued, "{ledger:?}");
+    let ledger = check_blk_run(&rig, runner);
     assert!(ledger.issued > 50, "too little I/O: {ledger:?}");
-    let st = rig.backend.stats();
-    assert_eq!(st.in_flight, 0);
-    assert_eq!(
-        rig.backend.connections(),
-        1,
-        "the backend connection survived every switch"
-    );
-    assert_eq!(
-        st.popped, ledger.issued,
-        "backend saw every request exactly once"
-    );
-    assert_eq!(st.completed, ledger.issued);
-    let mut buf = vec![0u8; BLOCK as usize];
-    for b in 0..1024u64 {
-        rig.backend.disk().read_at(&mut buf, b * BLOCK).unwrap();
-        assert_eq!(buf, w.expected_block(b), "block {b}");
-    }
     let stats = ctl.query_stats();
     let late: u64 = stats["queues"]
         .as_array()

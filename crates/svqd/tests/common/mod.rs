@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use svq_testkit::backend::blk::{serve_blk, BlkDisk, BlkHandle, BlkOptions, CompletionDelay};
+use svq_testkit::guest::blk::{BlkGuest, BLOCK};
 use svq_testkit::guest::ram::GuestRam;
+use svq_testkit::guest::runner::GuestRunner;
+use svq_testkit::guest::{GuestWorkload, Ledger};
 use svq_testkit::vmm::{LogStyle, MemTableStyle, Vmm, VmmOptions};
 use svqd::{Proxy, ProxyConfig, ProxyThread, ShadowPolicy};
 
@@ -127,4 +130,39 @@ impl Rig {
             .map(|q| q["mode"].as_str().unwrap().to_owned())
             .collect()
     }
+}
+
+/// End of a block run: drain the guest (nothing may stay in flight), then check that every
+/// request completed exactly once, the backend saw each once on one connection, and the disk
+/// holds what the guest wrote. Returns the guest's ledger.
+pub fn check_blk_run(rig: &Rig, runner: GuestRunner<BlkGuest>) -> Ledger {
+    assert_eq!(
+        runner.drain(Duration::from_secs(10)),
+        0,
+        "requests left in flight"
+    );
+    let w = runner.stop();
+    let w = w.lock().unwrap();
+    let ledger = w.ledger();
+    assert!(w.anomalies().is_empty(), "{:?}", w.anomalies());
+    assert_eq!(ledger.duplicates, 0);
+    assert_eq!(ledger.completed, ledger.issued, "{ledger:?}");
+    let st = rig.backend.stats();
+    assert_eq!(st.in_flight, 0);
+    assert_eq!(
+        rig.backend.connections(),
+        1,
+        "the backend connection survived every switch"
+    );
+    assert_eq!(
+        st.popped, ledger.issued,
+        "backend saw every request exactly once"
+    );
+    assert_eq!(st.completed, ledger.issued);
+    let mut buf = vec![0u8; BLOCK as usize];
+    for b in 0..1024u64 {
+        rig.backend.disk().read_at(&mut buf, b * BLOCK).unwrap();
+        assert_eq!(buf, w.expected_block(b), "block {b}");
+    }
+    ledger
 }
