@@ -476,10 +476,7 @@ impl Svqd {
             }
         }
         if mode == "shadow" {
-            let descs: u64 = stats["queues"]
-                .as_array()
-                .map(|qs| qs.iter().filter_map(|q| q["descriptors"].as_u64()).sum())
-                .unwrap_or(0);
+            let descs = stats_sum(&stats, "descriptors");
             if descs == 0 {
                 return Err(format!(
                     "no descriptor went through the shadow rings: {stats}"
@@ -508,6 +505,14 @@ impl Svqd {
         }
         Ok(so)
     }
+}
+
+/// One counter of svqd's `query-stats`, summed over all queues (0 if absent).
+pub fn stats_sum(stats: &Value, key: &str) -> u64 {
+    stats["queues"]
+        .as_array()
+        .map(|qs| qs.iter().filter_map(|q| q[key].as_u64()).sum())
+        .unwrap_or(0)
 }
 
 /// DPDK testpmd as a vhost-user-net backend: one `net_vhost` port per socket (testpmd is the

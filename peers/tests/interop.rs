@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use svq_peers::guest;
 use svq_peers::proc::{connect_retry, Proc};
-use svq_peers::vm::{Svqd, SvqdOpts, Vm, VmSpec};
+use svq_peers::vm::{stats_sum, Svqd, SvqdOpts, Vm, VmSpec};
 use svq_peers::{Setup, TestDir};
 
 const MEM_MIB: u64 = 256;
@@ -139,12 +139,7 @@ fn vsock(s: &Setup, name: &str, shadow: &str, toggles: usize) {
         .expect_mode(mode_of(shadow))
         .unwrap_or_else(|e| fail(e, &d, &be));
     if toggles > 0 {
-        let sum = |key: &str| -> u64 {
-            stats["queues"]
-                .as_array()
-                .map(|qs| qs.iter().filter_map(|q| q[key].as_u64()).sum())
-                .unwrap_or(0)
-        };
+        let sum = |key: &str| stats_sum(&stats, key);
         // rx and tx: QEMU keeps the event queue to itself.
         let started = 2;
         assert_eq!(

@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use svq_peers::guest;
-use svq_peers::vm::{compare_ram, net_counters, start_testpmd, Svqd, SvqdOpts, Vm, VmSpec};
+use svq_peers::vm::{
+    compare_ram, net_counters, start_testpmd, stats_sum, Svqd, SvqdOpts, Vm, VmSpec,
+};
 use svq_peers::TestDir;
 
 const MEM_MIB: u64 = 256;
@@ -172,14 +174,7 @@ fn run(name: &str, plan: Plan) {
         let base = rx(&vm0);
         let r = wait_rx(&mut vm0, &d0, base, 8, "rx after the toggles");
         eprintln!("net: {TOGGLES} shadow on/off toggles, then rx={r}; stats: {stats}");
-        let switches: u64 = serde_json::from_str::<serde_json::Value>(&stats)
-            .ok()
-            .and_then(|v| {
-                v["queues"]
-                    .as_array()
-                    .map(|qs| qs.iter().filter_map(|q| q["mode_switches"].as_u64()).sum())
-            })
-            .unwrap_or(0);
+        let switches = serde_json::from_str(&stats).map_or(0, |v| stats_sum(&v, "mode_switches"));
         // Both rings switched 2 + 2 × TOGGLES times (the first round trip included).
         assert_eq!(switches, 2 * (2 + 2 * TOGGLES as u64), "{stats}");
     }
