@@ -1,4 +1,4 @@
-//! `svqd demo`'s engine, run in-process with a short I/O phase: it must verify and say so.
+//! `svq-demo`'s engine, run in-process with a short I/O phase: it must verify and say so.
 
 use svq_e2e::{init_tracing, svqd_launcher, SvqdSettings};
 use svq_testkit::demo::{run, DemoDevice, DemoError, DemoOptions};

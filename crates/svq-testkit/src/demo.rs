@@ -1,4 +1,4 @@
-//! `svqd demo`: a self-contained live migration through a proxy, with a report a person can read.
+//! `svq-demo`: a self-contained live migration through a proxy, with a report a person can read.
 //!
 //! A reference backend that cannot log (virtio-blk by default), the proxy (injected: the caller
 //! passes a [`ProxyLauncher`], so this crate stays independent of svqd), and the simulated guest
@@ -36,10 +36,10 @@ pub enum DemoVmm {
     CloudHypervisor,
 }
 
-/// Options of the demo (`svqd demo --help`).
+/// Options of the demo (`svq-demo --help`).
 #[derive(Debug, Clone, Parser)]
 #[command(
-    name = "svqd demo",
+    name = "svq-demo",
     about = "Live-migrate a simulated guest through svqd's shadow virtqueue and verify it"
 )]
 pub struct DemoOptions {
@@ -68,7 +68,7 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions::parse_from(["svqd demo"])
+        DemoOptions::parse_from(["svq-demo"])
     }
 }
 
@@ -303,7 +303,7 @@ pub fn cli_main(
     args: impl IntoIterator<Item = String>,
     launcher: &mut ProxyLauncher<'_>,
 ) -> std::process::ExitCode {
-    let argv = std::iter::once("svqd demo".to_owned()).chain(args);
+    let argv = std::iter::once("svq-demo".to_owned()).chain(args);
     let opts = match DemoOptions::try_parse_from(argv) {
         Ok(o) => o,
         Err(e) => {
@@ -315,11 +315,11 @@ pub fn cli_main(
     match run(&opts, launcher, &mut out) {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(DemoError::Usage(e)) => {
-            eprintln!("svqd demo: {e}");
+            eprintln!("svq-demo: {e}");
             std::process::ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("svqd demo: {e}");
+            eprintln!("svq-demo: {e}");
             std::process::ExitCode::FAILURE
         }
     }

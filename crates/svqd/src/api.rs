@@ -1,6 +1,6 @@
 //! The seam between the daemon and its control plane.
 //!
-//! The control socket ([`crate::control`]) and in-process users (tests, `svqd demo`) drive a
+//! The control socket ([`crate::control`]) and in-process users (tests, `svq-demo`) drive a
 //! running proxy only through [`ControlTarget`]; they never see the proxy's internals.
 
 /// What the control plane may ask of a running proxy.

@@ -8,8 +8,6 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use svqd::{Proxy, ProxyConfig, ShadowPolicy};
 
-mod demo;
-
 /// vhost-user proxy that makes backends without dirty logging live-migratable.
 ///
 /// svqd listens on --socket for the VMM and connects to the backend at --backend. Queues run in
@@ -128,10 +126,6 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    // `svqd demo [OPTIONS]`: the README's demonstration (crates/svqd/src/demo.rs).
-    if std::env::args().nth(1).as_deref() == Some("demo") {
-        return demo::main(std::env::args().skip(2));
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

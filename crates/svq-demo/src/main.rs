@@ -1,6 +1,6 @@
-//! `svqd demo`: the self-contained demonstration (see `svq_testkit::demo`). This module only
-//! injects the real proxy; the scenario, the simulated guest and VMM, the reference backend and
-//! the oracle live in svq-testkit, which never depends on svqd.
+//! `svq-demo`: the README's self-contained demonstration (see `svq_testkit::demo`). This binary
+//! only injects the real proxy; the scenario, the simulated guest and VMM, the reference backend
+//! and the oracle live in svq-testkit, which never depends on svqd and which svqd never links.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use svq_testkit::scenario::{FnProxy, Proxy as TestProxy};
 use svqd::{Proxy, ProxyConfig};
 
-/// Runs `svqd demo ARGS...` and returns the exit code (non-zero on any mismatch).
-pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
+/// Runs the demo with the command line's options; non-zero exit code on any mismatch.
+fn main() -> ExitCode {
+    let args = std::env::args().skip(1);
     // svqd's own log lines would interleave with the report: warnings and errors only.
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -26,7 +27,7 @@ pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
             move |on| control.set_shadow(on),
             move || {
                 if let Err(e) = thread.stop() {
-                    eprintln!("svqd demo: proxy stopped with an error: {e}");
+                    eprintln!("svq-demo: proxy stopped with an error: {e}");
                 }
             },
         ))
