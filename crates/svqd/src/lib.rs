@@ -25,6 +25,7 @@ pub mod quiesce;
 pub mod shadow;
 pub mod state;
 pub mod stats;
+pub mod vdpa;
 pub mod worker;
 
 pub use api::ControlTarget;
