@@ -20,7 +20,7 @@ pub struct SvqdProxy {
 impl SvqdProxy {
     /// Per-queue statistics as svqd reports them.
     pub fn stats(&self) -> String {
-        self.control.query_stats().to_string()
+        format!("{:?}", self.control.query_stats())
     }
 }
 

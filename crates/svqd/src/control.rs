@@ -181,6 +181,12 @@ pub fn handle_line(line: &[u8], target: &dyn ControlTarget) -> Value {
     }
 }
 
+/// A typed answer ([`crate::report`]) as the JSON of a reply.
+fn to_reply(answer: impl serde::Serialize) -> Result<Value, (&'static str, String)> {
+    serde_json::to_value(answer)
+        .map_err(|e| ("GenericError", format!("cannot encode the answer: {e}")))
+}
+
 fn execute(request: &Request, target: &dyn ControlTarget) -> Result<Value, (&'static str, String)> {
     let no_arguments = |name: &str| match &request.arguments {
         None => Ok(()),
@@ -190,11 +196,11 @@ fn execute(request: &Request, target: &dyn ControlTarget) -> Result<Value, (&'st
     match request.execute.as_str() {
         "query-status" => {
             no_arguments("query-status")?;
-            Ok(target.query_status())
+            to_reply(target.query_status())
         }
         "query-stats" => {
             no_arguments("query-stats")?;
-            Ok(target.query_stats())
+            to_reply(target.query_stats())
         }
         "set-shadow" => {
             let arguments = request.arguments.clone().ok_or((
@@ -262,6 +268,8 @@ impl ControlClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::{FeatureSet, QueueCounters, QueueStatsReport, QueueStatus};
+    use crate::{StatsReport, StatusReport};
     use std::sync::Mutex;
 
     #[derive(Default)]
@@ -270,8 +278,34 @@ mod tests {
     }
 
     impl ControlTarget for FakeTarget {
-        fn query_status(&self) -> Value {
-            json!({ "queues": [{ "index": 0, "mode": "passthrough" }] })
+        fn query_status(&self) -> StatusReport {
+            let features = FeatureSet {
+                backend: "0x0".into(),
+                offered: "0x0".into(),
+                acked: "0x0".into(),
+            };
+            StatusReport {
+                socket: "vmm.sock".into(),
+                backend: "backend.sock".into(),
+                backend_connected: true,
+                vmm_connected: false,
+                policy: "auto".into(),
+                forced: false,
+                log_all: false,
+                logging: false,
+                log_bytes: None,
+                features: features.clone(),
+                protocol_features: features,
+                queues: vec![QueueStatus {
+                    index: 0,
+                    mode: "passthrough".into(),
+                    started: false,
+                    enabled: false,
+                    size: 0,
+                    shadow: None,
+                    parked_region: None,
+                }],
+            }
         }
         fn set_shadow(&self, enable: bool) -> Result<(), String> {
             if !enable && self.shadow.lock().unwrap().is_empty() {
@@ -280,8 +314,17 @@ mod tests {
             self.shadow.lock().unwrap().push(enable);
             Ok(())
         }
-        fn query_stats(&self) -> Value {
-            json!({ "queues": [{ "index": 0, "kicks": 3 }] })
+        fn query_stats(&self) -> StatsReport {
+            StatsReport {
+                queues: vec![QueueStatsReport {
+                    index: 0,
+                    mode: "passthrough".into(),
+                    counters: QueueCounters {
+                        kicks: 3,
+                        ..Default::default()
+                    },
+                }],
+            }
         }
     }
 

@@ -7,9 +7,9 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
-use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use crate::backend::DeviceRegion;
 use crate::error::ProxyError;
 
 /// Most regions a SET_MEM_TABLE may carry (VHOST_MEMORY_BASELINE_NREGIONS: what QEMU and
@@ -79,14 +79,15 @@ impl VmmRegion {
         gpa || uva
     }
 
-    /// The region as the vhost crate's frontend wants it (borrowing our fd).
-    pub fn info(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: self.gpa,
-            memory_size: self.size,
-            userspace_addr: self.uva,
+    /// The region as the device's memory table holds it (borrowing our fd).
+    pub fn device_region(&self) -> DeviceRegion {
+        DeviceRegion {
+            gpa: self.gpa,
+            size: self.size,
+            uva: self.uva,
             mmap_offset: self.mmap_offset,
-            mmap_handle: self.file.as_raw_fd(),
+            fd: self.file.as_raw_fd(),
+            host_addr: self.mapping.as_ptr() as u64,
         }
     }
 }

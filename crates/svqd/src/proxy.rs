@@ -5,21 +5,21 @@ use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use serde_json::Value;
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::ControlTarget;
-use crate::backend::BackendConn;
+use crate::backend::{BackendDevice, VhostUserDevice};
 use crate::config::{ProxyConfig, ShadowPolicy};
 use crate::early_enable::EarlyEnable;
 use crate::error::ProxyError;
-use crate::state::ProxyState;
+use crate::report::{StatsReport, StatusReport};
+use crate::session::Session;
 
 /// Shared handle on the proxy state.
-pub type SharedState = Arc<Mutex<ProxyState>>;
+pub type SharedState = Arc<Mutex<Session>>;
 
-fn lock(state: &SharedState) -> MutexGuard<'_, ProxyState> {
+fn lock(state: &SharedState) -> MutexGuard<'_, Session> {
     // A panic in a request handler poisons the lock; the state is still consistent enough to
     // report and to be reset by the next session.
     state.lock().unwrap_or_else(|e| e.into_inner())
@@ -103,15 +103,15 @@ impl Proxy {
                 path: cfg.socket.display().to_string(),
                 source: e,
             })?;
-        let backend = match BackendConn::connect(&cfg.backend, cfg.backend_connect_timeout) {
-            Ok(b) => b,
+        let device = match connect_device(&cfg) {
+            Ok(d) => d,
             Err(e) => {
                 let _ = std::fs::remove_file(&cfg.socket);
                 return Err(e);
             }
         };
-        let mut st = ProxyState::new(cfg.clone());
-        st.attach(backend);
+        let mut st = Session::new(cfg.clone());
+        st.attach(device);
         let shutdown =
             Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?);
         tracing::info!(socket = %cfg.socket.display(), policy = cfg.shadow.as_str(), "listening for the VMM");
@@ -175,9 +175,9 @@ impl Proxy {
                 Ready::Other => {
                     // Only the backend can be watched here: reconnect if it went away while idle.
                     let mut st = lock(&self.state);
-                    if st.backend.as_ref().is_some_and(|b| b.hung_up()) {
+                    if st.device.as_ref().is_some_and(|d| d.hung_up()) {
                         tracing::warn!("backend closed the connection while no VMM was connected");
-                        st.backend = None;
+                        st.device = None;
                     }
                     continue;
                 }
@@ -192,10 +192,9 @@ impl Proxy {
             };
             {
                 let mut st = lock(&self.state);
-                if st.backend.is_none() {
-                    match BackendConn::connect(&self.cfg.backend, self.cfg.backend_connect_timeout)
-                    {
-                        Ok(b) => st.attach(b),
+                if st.device.is_none() {
+                    match connect_device(&self.cfg) {
+                        Ok(d) => st.attach(d),
                         Err(e) => {
                             tracing::error!(error = %e, "backend unavailable; refusing the VMM");
                             drop(stream);
@@ -217,15 +216,15 @@ impl Proxy {
             let mut handler = BackendReqHandler::from_stream(handler_stream, self.state.clone());
             // Works around the vhost crate refusing SET_VRING_ENABLE before SET_FEATURES.
             let mut early = EarlyEnable::default();
-            let backend_fd = lock(&self.state).backend.as_ref().map(|b| b.raw_fd());
+            let backend_fd = lock(&self.state).device.as_ref().and_then(|d| d.watch_fd());
             let outcome = loop {
                 match poll2(vmm_fd, libc::POLLIN, self.shutdown.as_raw_fd(), backend_fd)? {
                     Ready::Shutdown => break Outcome::Shutdown,
                     Ready::Other => {
                         if lock(&self.state)
-                            .backend
+                            .device
                             .as_ref()
-                            .is_none_or(|b| b.hung_up())
+                            .is_none_or(|d| d.hung_up())
                         {
                             break Outcome::BackendGone;
                         }
@@ -247,7 +246,7 @@ impl Proxy {
                             }
                             Err(e) => {
                                 let st = lock(&self.state);
-                                if st.backend.as_ref().is_none_or(|b| b.hung_up()) {
+                                if st.device.as_ref().is_none_or(|d| d.hung_up()) {
                                     break Outcome::BackendGone;
                                 }
                                 if !st.refusable {
@@ -280,8 +279,8 @@ impl Proxy {
             // The backend resets its state on disconnect; the next VMM starts from scratch on a
             // fresh connection, made now so a backend that is gone for good is reported at once.
             st.reset_session();
-            match BackendConn::connect(&self.cfg.backend, self.cfg.backend_connect_timeout) {
-                Ok(b) => st.attach(b),
+            match connect_device(&self.cfg) {
+                Ok(d) => st.attach(d),
                 Err(e) => {
                     tracing::error!(error = %e, "backend unavailable");
                     return Err(e);
@@ -289,6 +288,15 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Connect to the configured backend.
+fn connect_device(cfg: &ProxyConfig) -> Result<Box<dyn BackendDevice>, ProxyError> {
+    let mut device = VhostUserDevice::connect(&cfg.backend, cfg.backend_connect_timeout)?;
+    if !cfg.backend_mem_slots {
+        device = device.without_mem_slots();
+    }
+    Ok(Box::new(device))
 }
 
 enum Outcome {
@@ -353,8 +361,8 @@ pub struct ProxyControl {
 }
 
 impl ControlTarget for ProxyControl {
-    fn query_status(&self) -> Value {
-        lock(&self.state).status_json()
+    fn query_status(&self) -> StatusReport {
+        StatusReport::of(&lock(&self.state))
     }
 
     fn set_shadow(&self, enable: bool) -> Result<(), String> {
@@ -373,7 +381,7 @@ impl ControlTarget for ProxyControl {
         res.map_err(|e| e.to_string())
     }
 
-    fn query_stats(&self) -> Value {
-        lock(&self.state).stats_json()
+    fn query_stats(&self) -> StatsReport {
+        StatsReport::of(&lock(&self.state))
     }
 }

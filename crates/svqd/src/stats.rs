@@ -1,8 +1,7 @@
-//! Per-queue counters, readable at any time without locks.
+//! Per-queue counters, readable at any time without locks (reported by
+//! [`crate::report::QueueCounters`]).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-
-use serde_json::{json, Value};
 
 /// Counters of one queue. Written by the queue's worker thread and by the switch code, read by the
 /// control plane.
@@ -44,26 +43,5 @@ impl QueueStats {
     /// Add `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
-    }
-
-    /// The counters as JSON.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "chains": self.chains.load(Relaxed),
-            "descriptors": self.descriptors.load(Relaxed),
-            "bytes": self.bytes.load(Relaxed),
-            "bytes_written": self.bytes_written.load(Relaxed),
-            "completed": self.completed.load(Relaxed),
-            "kicks": self.kicks.load(Relaxed),
-            "calls": self.calls.load(Relaxed),
-            "backend_kicks": self.backend_kicks.load(Relaxed),
-            "guest_notifies": self.guest_notifies.load(Relaxed),
-            "dirty_pages": self.dirty_pages.load(Relaxed),
-            "mode_switches": self.mode_switches.load(Relaxed),
-            "last_switch_to_shadow_us": self.last_switch_to_shadow_us.load(Relaxed),
-            "last_switch_to_passthrough_us": self.last_switch_to_passthrough_us.load(Relaxed),
-            "late_completions": self.late_completions.load(Relaxed),
-            "reclaimed": self.reclaimed.load(Relaxed),
-        })
     }
 }

@@ -206,7 +206,7 @@ fn log_regions_past_their_file_are_refused() {
     let (fe, _ram) = raw_vmm(&rig);
     fe.set_log_base(0, Some(region(4096))).unwrap();
     let st = rig.proxy.control().query_status();
-    assert_eq!(st["log_bytes"], 4096);
+    assert_eq!(st.log_bytes, Some(4096));
     // Replaced at any time (Cloud Hypervisor installs a fresh one per read).
     let log2 = memfd(8192);
     fe.set_log_base(
@@ -219,7 +219,7 @@ fn log_regions_past_their_file_are_refused() {
     )
     .unwrap();
     let st = rig.proxy.control().query_status();
-    assert_eq!(st["log_bytes"], 8192);
+    assert_eq!(st.log_bytes, Some(8192));
 }
 
 #[test]

@@ -61,9 +61,7 @@ fn slow_requests_keep_the_queue_in_shadow_mode_and_lose_nothing() {
         .expect_err("the backend cannot complete its requests within 40 ms");
     assert!(err.contains("in flight"), "{err}");
     assert_eq!(rig.modes(), ["shadow"], "the queue keeps shadowing");
-    let late = ctl.query_stats()["queues"][0]["late_completions"]
-        .as_u64()
-        .unwrap();
+    let late = ctl.query_stats().queues[0].counters.late_completions;
     assert!(late > 0, "the stop found taken requests");
 
     // The guest keeps going through the shadow ring, then the switch back succeeds.

@@ -71,7 +71,7 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         };
         if let Err(e) = r {
             panic!(
-                "switch {i} to shadow: {e}; backend {:?}; svqd {}",
+                "switch {i} to shadow: {e}; backend {:?}; svqd {:?}",
                 rig.backend.stats(),
                 ctl.query_status()
             );
@@ -86,7 +86,7 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         };
         if let Err(e) = r {
             panic!(
-                "switch {i} to passthrough: {e}; backend {:?}; svqd {}",
+                "switch {i} to passthrough: {e}; backend {:?}; svqd {:?}",
                 rig.backend.stats(),
                 ctl.query_status()
             );
@@ -98,11 +98,10 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
     let ledger = check_blk_run(&rig, runner);
     assert!(ledger.issued > 50, "too little I/O: {ledger:?}");
     let stats = ctl.query_stats();
-    let late: u64 = stats["queues"]
-        .as_array()
-        .unwrap()
+    let late: u64 = stats
+        .queues
         .iter()
-        .map(|q| q["late_completions"].as_u64().unwrap())
+        .map(|q| q.counters.late_completions)
         .sum();
     eprintln!(
         "switch times (event_idx={event_idx}, queues={queues}, {switches} round trips, {} requests, \

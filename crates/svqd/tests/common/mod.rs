@@ -123,12 +123,7 @@ impl Rig {
 
     pub fn modes(&self) -> Vec<String> {
         let st = self.proxy.control().query_status();
-        st["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| q["mode"].as_str().unwrap().to_owned())
-            .collect()
+        st.queues.iter().map(|q| q.mode.clone()).collect()
     }
 }
 
