@@ -260,3 +260,131 @@ impl StatsReport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::backend::recording::RecordingDevice;
+    use crate::config::ProxyConfig;
+
+    fn keys(v: &Value) -> BTreeSet<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
+    fn set(names: &[&'static str]) -> BTreeSet<&'static str> {
+        names.iter().copied().collect()
+    }
+
+    /// The JSON on the control socket is what it was before the answers were typed (the
+    /// members the hand-built `json!` objects had, with the same value types).
+    #[test]
+    fn wire_format_is_unchanged() {
+        let mut s = Session::new(Arc::new(ProxyConfig::new("vmm.sock", "be.sock")));
+        s.attach(Box::new(RecordingDevice::new(2, true)));
+        let status = serde_json::to_value(StatusReport::of(&s)).unwrap();
+        assert_eq!(
+            keys(&status),
+            set(&[
+                "socket",
+                "backend",
+                "backend_connected",
+                "vmm_connected",
+                "policy",
+                "forced",
+                "log_all",
+                "logging",
+                "log_bytes",
+                "features",
+                "protocol_features",
+                "queues"
+            ])
+        );
+        for f in ["features", "protocol_features"] {
+            assert_eq!(keys(&status[f]), set(&["backend", "offered", "acked"]));
+        }
+        assert_eq!(status["features"]["backend"], "0x100000000");
+        assert_eq!(status["policy"], "auto");
+        assert_eq!(status["log_bytes"], Value::Null);
+        let q = &status["queues"][1];
+        assert_eq!(
+            keys(q),
+            set(&[
+                "index",
+                "mode",
+                "started",
+                "enabled",
+                "size",
+                "shadow",
+                "parked_region"
+            ])
+        );
+        assert_eq!(q["index"], 1);
+        assert_eq!(q["mode"], "passthrough");
+        assert_eq!(q["shadow"], Value::Null);
+        assert_eq!(q["parked_region"], Value::Null);
+
+        let shadow = serde_json::to_value(ShadowStatus {
+            size: 256,
+            gpa: hex(1 << 40),
+            uva: hex(1 << 30),
+            bytes: 12288,
+            ring: Some(ShadowRingState {
+                avail_flags: 0,
+                avail_idx: 5,
+                used_event: 0,
+                used_flags: 1,
+                used_idx: 4,
+                avail_event: 5,
+            }),
+            seconds: 1.5,
+        })
+        .unwrap();
+        assert_eq!(
+            keys(&shadow),
+            set(&["size", "gpa", "uva", "bytes", "ring", "seconds"])
+        );
+        assert_eq!(shadow["gpa"], "0x10000000000");
+        assert_eq!(
+            shadow["ring"],
+            json!({"avail_flags": 0, "avail_idx": 5, "used_event": 0, "used_flags": 1,
+                   "used_idx": 4, "avail_event": 5})
+        );
+
+        s.queues[0].stats.kicks.store(3, Relaxed);
+        let stats = serde_json::to_value(StatsReport::of(&s)).unwrap();
+        assert_eq!(keys(&stats), set(&["queues"]));
+        let q = &stats["queues"][0];
+        assert_eq!(
+            keys(q),
+            set(&[
+                "index",
+                "mode",
+                "chains",
+                "descriptors",
+                "bytes",
+                "bytes_written",
+                "completed",
+                "kicks",
+                "calls",
+                "backend_kicks",
+                "guest_notifies",
+                "dirty_pages",
+                "mode_switches",
+                "last_switch_to_shadow_us",
+                "last_switch_to_passthrough_us",
+                "late_completions",
+                "reclaimed"
+            ])
+        );
+        assert_eq!(q["kicks"], 3);
+        assert_eq!(q["mode"], "passthrough");
+        // Clients can read the answers back into the types.
+        let back: StatsReport = serde_json::from_value(stats).unwrap();
+        assert_eq!(back.queues[0].counters.kicks, 3);
+    }
+}

@@ -300,3 +300,212 @@ impl ShadowSpace {
         ctx.device.set_mem_table(&table)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+
+    use vhost::vhost_user::message::VhostUserMemoryRegion;
+
+    use super::*;
+    use crate::backend::recording::{RecordingDevice, Request};
+
+    const MIB: u64 = 1 << 20;
+
+    fn memfd(size: u64) -> File {
+        // SAFETY: memfd_create with a valid NUL-terminated name; the fd is owned by the File.
+        let f = unsafe {
+            let fd = libc::memfd_create(c"svqd-space-test".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            File::from_raw_fd(fd)
+        };
+        f.set_len(size).unwrap();
+        f
+    }
+
+    /// A guest of `n` regions of 1 MiB, at GPA i * 2 MiB, user address 0x7f00_0000_0000 + ...
+    fn guest(n: u64) -> MemoryTable {
+        let mut t = MemoryTable::default();
+        let regions: Vec<_> = (0..n)
+            .map(|i| {
+                VhostUserMemoryRegion::new(i * 2 * MIB, MIB, 0x7f00_0000_0000 + i * 2 * MIB, 0)
+            })
+            .collect();
+        t.set(&regions, (0..n).map(|_| memfd(MIB)).collect())
+            .unwrap();
+        t
+    }
+
+    fn queues(n: usize) -> Vec<QueueSlot> {
+        (0..n).map(|_| QueueSlot::new()).collect()
+    }
+
+    fn ctx<'a>(
+        dev: &'a mut RecordingDevice,
+        mem: &'a MemoryTable,
+        queues: &'a [QueueSlot],
+    ) -> TableCtx<'a> {
+        TableCtx {
+            device: dev,
+            mem,
+            queues,
+        }
+    }
+
+    #[test]
+    fn regions_are_placed_outside_guest_memory_and_reused_when_parked() {
+        let mem = guest(2);
+        let qs = queues(2);
+        let mut dev = RecordingDevice::new(2, true);
+        let mut space = ShadowSpace::default();
+        let r0 = space.region_for(ctx(&mut dev, &mem, &qs), 0, 256).unwrap();
+        let r1 = space.region_for(ctx(&mut dev, &mem, &qs), 1, 256).unwrap();
+        assert!(
+            r0.gpa >= SHADOW_GPA_FLOOR && r0.gpa % GIB == 0,
+            "{:#x}",
+            r0.gpa
+        );
+        assert!(r0.uva >= mem.uva_end(), "{:#x}", r0.uva);
+        assert!(r1.gpa >= r0.gpa + r0.size, "regions do not overlap");
+        assert_eq!(
+            dev.take(),
+            [
+                Request::AddMemRegion(r0.gpa, r0.size),
+                Request::AddMemRegion(r1.gpa, r1.size)
+            ]
+        );
+        assert_eq!(space.gpa_floor(), Some(r0.gpa));
+        // Parked, it stays in the table and comes back without a request.
+        let gpa = r0.gpa;
+        space.park(0, r0);
+        assert_eq!(space.parked(0).map(|r| r.gpa), Some(gpa));
+        assert_eq!(space.device_table(&mem, &qs, None).len(), 3);
+        let again = space.region_for(ctx(&mut dev, &mem, &qs), 0, 256).unwrap();
+        assert_eq!(again.gpa, gpa);
+        assert!(dev.take().is_empty(), "a parked region is reused as it is");
+        // Another ring size: the parked region goes, a new one comes.
+        space.park(0, again);
+        let bigger = space.region_for(ctx(&mut dev, &mem, &qs), 0, 1024).unwrap();
+        let log = dev.take();
+        assert!(
+            matches!(log[0], Request::RemoveMemRegion(g, _) if g == gpa),
+            "{log:?}"
+        );
+        assert!(
+            matches!(log[1], Request::AddMemRegion(g, s) if g == bigger.gpa && s == bigger.size)
+        );
+        // Dropping every region releases the address space; the next one is derived afresh.
+        space.drop_region(ctx(&mut dev, &mem, &qs), bigger).unwrap();
+        space.drop_region(ctx(&mut dev, &mem, &qs), r1).unwrap();
+        assert_eq!(space.gpa_floor(), None);
+    }
+
+    #[test]
+    fn whole_table_devices_get_the_table_with_guest_and_shadow_regions() {
+        let mem = guest(2);
+        let qs = queues(1);
+        let mut dev = RecordingDevice::new(1, false);
+        let mut space = ShadowSpace::default();
+        let r = space.region_for(ctx(&mut dev, &mem, &qs), 0, 64).unwrap();
+        assert_eq!(
+            dev.take(),
+            [Request::SetMemTable(vec![
+                (0, MIB),
+                (2 * MIB, MIB),
+                (r.gpa, r.size)
+            ])]
+        );
+        space.drop_region(ctx(&mut dev, &mem, &qs), r).unwrap();
+        assert_eq!(
+            dev.take(),
+            [Request::SetMemTable(vec![(0, MIB), (2 * MIB, MIB)])]
+        );
+    }
+
+    #[test]
+    fn a_full_table_evicts_parked_regions_first() {
+        // 7 guest regions + 1 parked = the 8 a whole-table device takes.
+        let mem = guest(7);
+        let qs = queues(2);
+        let mut dev = RecordingDevice::new(2, false);
+        let mut space = ShadowSpace::default();
+        let r0 = space.region_for(ctx(&mut dev, &mem, &qs), 0, 64).unwrap();
+        space.park(0, r0);
+        dev.take();
+        // Queue 1 needs a region: queue 0's parked one must give way.
+        let r1 = space.region_for(ctx(&mut dev, &mem, &qs), 1, 64).unwrap();
+        assert!(space.parked(0).is_none());
+        let log = dev.take();
+        let [Request::SetMemTable(t)] = &log[..] else {
+            panic!("{log:?}")
+        };
+        assert_eq!(t.len(), 8);
+        assert_eq!(t[7], (r1.gpa, r1.size));
+        // With 8 guest regions nothing fits: a clear error, nothing sent.
+        let mem8 = guest(8);
+        let mut space = ShadowSpace::default();
+        let Err(err) = space.region_for(ctx(&mut dev, &mem8, &qs), 0, 64) else {
+            panic!("a ninth region was accepted");
+        };
+        assert!(
+            err.to_string().contains("no free memory-table slot"),
+            "{err}"
+        );
+        assert!(dev.take().is_empty());
+        assert_eq!(space.gpa_floor(), None, "the addresses were released");
+    }
+
+    #[test]
+    fn guest_memory_over_a_parked_region_drops_it() {
+        let mem = guest(1);
+        let qs = queues(1);
+        let mut dev = RecordingDevice::new(1, true);
+        let mut space = ShadowSpace::default();
+        let r = space.region_for(ctx(&mut dev, &mem, &qs), 0, 64).unwrap();
+        let (gpa, size) = (r.gpa, r.size);
+        space.park(0, r);
+        dev.take();
+        // Unrelated memory: nothing happens.
+        space.evict_parked_overlapping(ctx(&mut dev, &mem, &qs), 0x100_0000, 0x7e00_0000_0000, MIB);
+        assert!(space.parked(0).is_some());
+        // Memory over the region's GPA: dropped, removed from the device.
+        space.evict_parked_overlapping(
+            ctx(&mut dev, &mem, &qs),
+            gpa - 4096,
+            0x7e00_0000_0000,
+            8192,
+        );
+        assert!(space.parked(0).is_none());
+        assert_eq!(dev.take(), [Request::RemoveMemRegion(gpa, size)]);
+    }
+
+    #[test]
+    fn a_refused_region_releases_its_addresses() {
+        let mem = guest(1);
+        let qs = queues(1);
+        let mut dev = RecordingDevice::new(1, true);
+        dev.fail = Some("ADD_MEM_REG");
+        let mut space = ShadowSpace::default();
+        assert!(space.region_for(ctx(&mut dev, &mem, &qs), 0, 64).is_err());
+        assert_eq!(space.gpa_floor(), None);
+    }
+
+    #[test]
+    fn a_reset_drops_every_region_in_one_table() {
+        let mem = guest(1);
+        let qs = queues(2);
+        let mut dev = RecordingDevice::new(2, false);
+        let mut space = ShadowSpace::default();
+        for q in 0..2 {
+            let r = space.region_for(ctx(&mut dev, &mem, &qs), q, 64).unwrap();
+            space.park(q, r);
+        }
+        dev.take();
+        let regions = space.take_parked();
+        assert_eq!(regions.len(), 2);
+        space.drop_regions(ctx(&mut dev, &mem, &qs), regions);
+        assert_eq!(dev.take(), [Request::SetMemTable(vec![(0, MIB)])]);
+        assert_eq!(space.gpa_floor(), None);
+    }
+}

@@ -13,6 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::ProxyError;
 
+#[cfg(test)]
+pub mod recording;
 pub mod vhost_user;
 
 pub use vhost_user::VhostUserDevice;
