@@ -90,8 +90,7 @@ fn run(event_idx: bool) {
         },
     )
     .unwrap();
-    vmm.start_queues(guest.queues()).unwrap();
-    let runner = GuestRunner::spawn(guest).unwrap();
+    let runner = vmm.run_guest(guest).unwrap();
 
     // 1. Shadow and back with the receive ring idle.
     let rx = go_idle(&runner);

@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use common::{check_blk_run, Rig, RigOptions};
 use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
-use svq_testkit::guest::runner::GuestRunner;
-use svq_testkit::guest::GuestWorkload;
 use svq_testkit::vmm::{LogStyle, MemTableStyle};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -57,8 +55,7 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         },
     )
     .unwrap();
-    vmm.start_queues(guest.queues()).unwrap();
-    let runner = GuestRunner::spawn(guest).unwrap();
+    let runner = vmm.run_guest(guest).unwrap();
     let ctl = rig.proxy.control();
     let mut to_shadow = Vec::new();
     let mut to_pass = Vec::new();

@@ -55,15 +55,7 @@ impl Default for RigOptions {
     }
 }
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-}
+pub use svq_testkit::init_test_tracing as init_tracing;
 
 impl Rig {
     pub fn new(o: RigOptions) -> Rig {
