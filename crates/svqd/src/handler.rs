@@ -24,7 +24,7 @@ use crate::error::ProxyError;
 use crate::features::{self, VHOST_F_LOG_ALL};
 use crate::memory::MAX_TABLE_REGIONS;
 use crate::queue::{Mode, QueueSlot, VringAddr};
-use crate::session::Session;
+use crate::session::{no_device, Session};
 use crate::space::reserved_slots;
 
 type VhostResult<T> = vhost::vhost_user::Result<T>;
@@ -112,25 +112,8 @@ impl VhostUserBackendReqHandlerMut for Session {
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
         self.refusable = true;
         try_req!(self.mem.set(ctx, files));
-        let added: Vec<(u64, u64, u64)> = self
-            .mem
-            .regions()
-            .iter()
-            .map(|r| (r.gpa, r.uva, r.size))
-            .collect();
-        let (space, mut table) = try_req!(self.table());
-        for (gpa, uva, size) in added {
-            space.evict_parked_overlapping(table.reborrow(), gpa, uva, size);
-        }
-        space.evict_parked_for(table.mem, table.queues, 0);
-        let regions = space.device_table(table.mem, table.queues, None);
-        if regions.len() > MAX_TABLE_REGIONS && !table.device.incremental_memory() {
-            return fail(ProxyError::NotAllowed(format!(
-                "memory table of {} regions plus shadow rings exceeds {MAX_TABLE_REGIONS}",
-                ctx.len()
-            )));
-        }
-        try_req!(table.device.set_mem_table(&regions));
+        let (space, table) = try_req!(self.table());
+        try_req!(space.vmm_table_replaced(table));
         Ok(None)
     }
 
@@ -408,24 +391,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.refusable = true;
         let limit = try_req!(self.get_max_mem_slots().map_err(|_| no_device())) as usize;
         let r = try_req!(self.mem.add(region, fd, limit));
-        let (space, mut table) = try_req!(self.table());
-        space.evict_parked_overlapping(table.reborrow(), r.gpa, r.uva, r.size);
-        if space
-            .gpa_floor()
-            .is_some_and(|first| r.gpa + r.size > first)
-        {
-            tracing::warn!(
-                gpa = r.gpa,
-                "new guest region reaches into the shadow ring address range"
-            );
-        }
-        let res = if table.device.incremental_memory() {
-            table.device.add_mem_region(&r.device_region())
-        } else {
-            let regions = space.device_table(table.mem, table.queues, None);
-            table.device.set_mem_table(&regions)
-        };
-        if let Err(e) = res {
+        let (space, table) = try_req!(self.table());
+        if let Err(e) = space.vmm_region_added(table, &r) {
             let _ = self.mem.remove(region);
             return fail(e);
         }
@@ -436,14 +403,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.refusable = true;
         let r = try_req!(self.mem.remove(region));
         let (space, table) = try_req!(self.table());
-        if table.device.incremental_memory() {
-            try_req!(table.device.remove_mem_region(&r.device_region()));
-            return Ok(());
-        }
-        let regions = space.device_table(table.mem, table.queues, None);
-        if !regions.is_empty() {
-            try_req!(table.device.set_mem_table(&regions));
-        }
+        try_req!(space.vmm_region_removed(table, &r));
         Ok(())
     }
 
@@ -499,10 +459,6 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.update_active_log();
         Ok(())
     }
-}
-
-fn no_device() -> ProxyError {
-    ProxyError::NotAllowed("no backend connection".into())
 }
 
 impl Session {

@@ -19,6 +19,11 @@ use crate::queue::QueueSlot;
 use crate::space::{ShadowSpace, TableCtx};
 use crate::switch::{RingFeatures, Switch};
 
+/// The error of a request while no device is connected (between sessions).
+pub fn no_device() -> ProxyError {
+    ProxyError::NotAllowed("no backend connection".into())
+}
+
 /// One VMM session (and the device connection that lives as long as it).
 pub struct Session {
     /// Configuration.
@@ -99,7 +104,7 @@ impl Session {
     pub fn device(&mut self) -> Result<&mut dyn BackendDevice, ProxyError> {
         match self.device.as_deref_mut() {
             Some(d) => Ok(d),
-            None => Err(ProxyError::NotAllowed("no backend connection".into())),
+            None => Err(no_device()),
         }
     }
 
@@ -157,9 +162,8 @@ impl Session {
     /// The switch logic over this session's device and queues.
     pub fn switch(&mut self) -> Result<Switch<'_>, ProxyError> {
         let features = self.ring_features();
-        let device = match self.device.as_deref_mut() {
-            Some(d) => d,
-            None => return Err(ProxyError::NotAllowed("no backend connection".into())),
+        let Some(device) = self.device.as_deref_mut() else {
+            return Err(no_device());
         };
         Ok(Switch {
             cfg: &self.cfg,
@@ -175,9 +179,8 @@ impl Session {
 
     /// The device's memory-table context with the shadow space beside it.
     pub fn table(&mut self) -> Result<(&mut ShadowSpace, TableCtx<'_>), ProxyError> {
-        let device = match self.device.as_deref_mut() {
-            Some(d) => d,
-            None => return Err(ProxyError::NotAllowed("no backend connection".into())),
+        let Some(device) = self.device.as_deref_mut() else {
+            return Err(no_device());
         };
         Ok((
             &mut self.space,
