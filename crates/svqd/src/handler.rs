@@ -123,6 +123,10 @@ impl VhostUserBackendReqHandlerMut for Session {
         if num == 0 || num > 32768 || !num.is_power_of_two() {
             return fail(ProxyError::BadRequest(format!("queue {q} size {num}")));
         }
+        if let Some(a) = self.queues[q].vmm.addr {
+            // The ring's extent changes with its size: it must still lie in guest memory.
+            try_req!(self.ring_extent(q, a.desc, a.avail, a.used, num as u16));
+        }
         try_req!(try_req!(self.switch()).leave_shadow_for_reconfig(q));
         try_req!(try_req!(self.device()).set_vring_num(q, num as u16));
         self.queues[q].vmm.num = num as u16;
@@ -140,22 +144,10 @@ impl VhostUserBackendReqHandlerMut for Session {
     ) -> VhostResult<()> {
         self.refusable = true;
         let q = try_req!(self.check_queue(index));
-        let num = u64::from(self.queues[q].vmm.num.max(1));
-        let check = |uva: u64, len: u64, align: u64, what: &str| -> Result<u64, ProxyError> {
-            if !uva.is_multiple_of(align) {
-                return Err(ProxyError::BadRequest(format!(
-                    "queue {q} {what} at {uva:#x} misaligned"
-                )));
-            }
-            self.mem.uva_to_gpa(uva, len).ok_or_else(|| {
-                ProxyError::BadRequest(format!(
-                    "queue {q} {what} at {uva:#x} (+{len:#x}) is outside guest memory"
-                ))
-            })
-        };
-        let desc_gpa = try_req!(check(descriptor, 16 * num, 16, "descriptor table"));
-        let avail_gpa = try_req!(check(available, 6 + 2 * num, 2, "avail ring"));
-        let used_gpa = try_req!(check(used, 6 + 8 * num, 4, "used ring"));
+        // Without a size yet, as if the ring had one entry; SET_VRING_NUM checks it again.
+        let num = self.queues[q].vmm.num.max(1);
+        let (desc_gpa, avail_gpa, used_gpa) =
+            try_req!(self.ring_extent(q, descriptor, available, used, num));
         let addr = VringAddr {
             flags: flags.bits(),
             desc: descriptor,
@@ -454,14 +446,48 @@ impl VhostUserBackendReqHandlerMut for Session {
             })
         );
         tracing::debug!(bytes = log.mmap_size, "new dirty log region");
+        let (start, len) = dl.host_range();
+        let guard = crate::sigbus::guard(start, len);
         self.vmm_log = Some(Arc::new(dl));
         // Swapped atomically for the workers: after this returns no worker writes the old one.
         self.update_active_log();
+        self.vmm_log_guard = Some(guard);
         Ok(())
     }
 }
 
 impl Session {
+    /// The guest-physical addresses of ring `q`'s descriptor table, avail ring and used ring at
+    /// the VMM's user addresses, for a ring of `num` entries: each part aligned and wholly
+    /// inside one region of guest memory.
+    fn ring_extent(
+        &self,
+        q: usize,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        num: u16,
+    ) -> Result<(u64, u64, u64), ProxyError> {
+        let num = u64::from(num);
+        let check = |uva: u64, len: u64, align: u64, what: &str| -> Result<u64, ProxyError> {
+            if !uva.is_multiple_of(align) {
+                return Err(ProxyError::BadRequest(format!(
+                    "queue {q} {what} at {uva:#x} misaligned"
+                )));
+            }
+            self.mem.uva_to_gpa(uva, len).ok_or_else(|| {
+                ProxyError::BadRequest(format!(
+                    "queue {q} {what} at {uva:#x} (+{len:#x}, {num} entries) is outside guest memory"
+                ))
+            })
+        };
+        Ok((
+            check(desc, 16 * num, 16, "descriptor table")?,
+            check(avail, 6 + 2 * num, 2, "avail ring")?,
+            check(used, 6 + 8 * num, 4, "used ring")?,
+        ))
+    }
+
     /// Record the VMM's kick fd for ring `q`: the ring is started.
     fn record_kick(&mut self, q: usize, kick: Arc<EventFd>) {
         let has_enable = self.device_has_enable();

@@ -28,6 +28,7 @@ pub mod quiesce;
 pub mod report;
 pub mod session;
 pub mod shadow;
+pub mod sigbus;
 pub mod space;
 pub mod stats;
 pub mod switch;

@@ -1,5 +1,6 @@
 //! `svqd`: the vhost-user proxy daemon. See the library documentation.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -32,6 +33,10 @@ struct Cli {
     /// Seconds to retry connecting to the backend.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     backend_timeout: f64,
+    /// Seconds a request to the backend may wait for its reply before the backend is considered
+    /// hung and disconnected (0: wait forever).
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    backend_request_timeout: f64,
     /// Seconds a mode switch may wait for the backend to complete requests in flight.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     drain_timeout: f64,
@@ -54,14 +59,43 @@ enum Policy {
 }
 
 static SHUTDOWN_FD: AtomicI32 = AtomicI32::new(-1);
+static DEADLINE_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// How long svqd may take to stop after SIGTERM/SIGINT before it exits regardless (a peer that
+/// does not answer must not keep it alive).
+const STOP_GRACE: Duration = Duration::from_millis(800);
 
 extern "C" fn on_signal(_sig: libc::c_int) {
-    let fd = SHUTDOWN_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; the buffer is 8 valid bytes.
-        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    for fd in [&SHUTDOWN_FD, &DEADLINE_FD] {
+        let fd = fd.load(Ordering::Relaxed);
+        if fd >= 0 {
+            let one: u64 = 1;
+            // SAFETY: write(2) is async-signal-safe; the buffer is 8 valid bytes.
+            unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+        }
     }
+}
+
+/// After a stop signal, give the orderly shutdown [`STOP_GRACE`], then exit: the proxy thread
+/// may be blocked on a peer (a VMM that sent half a message, a backend mid-request).
+fn arm_stop_deadline(sockets: Vec<PathBuf>) -> std::io::Result<()> {
+    let evt = vmm_sys_util::eventfd::EventFd::new(0)?;
+    DEADLINE_FD.store(evt.as_raw_fd(), Ordering::Relaxed);
+    std::thread::Builder::new()
+        .name("svqd-stop-deadline".into())
+        .spawn(move || {
+            if evt.read().is_ok() {
+                std::thread::sleep(STOP_GRACE);
+                tracing::warn!(
+                    "svqd did not stop within {STOP_GRACE:?} (a peer is not answering); exiting"
+                );
+                for s in &sockets {
+                    let _ = std::fs::remove_file(s);
+                }
+                std::process::exit(0);
+            }
+        })?;
+    Ok(())
 }
 
 fn install_signals(fd: i32) {
@@ -100,6 +134,7 @@ fn run(cli: Cli) -> Result<(), String> {
     };
     cfg.backend_connect_timeout = secs(cli.backend_timeout, "backend-timeout")?;
     cfg.drain_timeout = secs(cli.drain_timeout, "drain-timeout")?;
+    cfg.backend_request_timeout = secs(cli.backend_request_timeout, "backend-request-timeout")?;
     if let Some(n) = cli.shadow_size {
         if n == 0 || !n.is_power_of_two() {
             return Err(format!("--shadow-size must be a power of two, not {n}"));
@@ -114,6 +149,10 @@ fn run(cli: Cli) -> Result<(), String> {
         return Err("--control and --socket must be different paths".into());
     }
     let proxy = Proxy::new(cfg).map_err(|e| e.to_string())?;
+    let sockets = std::iter::once(cli.socket.clone())
+        .chain(cli.control.clone())
+        .collect();
+    arm_stop_deadline(sockets).map_err(|e| format!("cannot arm the stop deadline: {e}"))?;
     install_signals(proxy.shutdown_handle().raw_fd());
     let _control = match &cli.control {
         Some(path) => Some(

@@ -40,6 +40,8 @@ pub struct Session {
     pub mem: MemoryTable,
     /// The VMM's dirty log (SET_LOG_BASE).
     pub vmm_log: Option<Arc<DirtyLog>>,
+    /// Guards the VMM's dirty log against a VMM that shrinks its file ([`crate::sigbus`]).
+    pub vmm_log_guard: Option<crate::sigbus::Guard>,
     /// The log the engines write: the VMM's while LOG_ALL is on (and logging is enabled).
     pub active_log: Arc<SharedLog>,
     /// Queues.
@@ -66,6 +68,7 @@ impl Session {
             acked_protocol: VhostUserProtocolFeatures::empty(),
             mem: MemoryTable::default(),
             vmm_log: None,
+            vmm_log_guard: None,
             active_log: Arc::new(SharedLog::new(None)),
             queues: Vec::new(),
             forced: false,
@@ -96,6 +99,7 @@ impl Session {
         self.mem.clear();
         self.vmm_log = None;
         self.active_log.replace(None);
+        self.vmm_log_guard = None;
         self.space.clear();
         self.vmm_connected = false;
     }

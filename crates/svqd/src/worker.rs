@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::SharedMemory;
+use crate::sigbus;
 use crate::stats::QueueStats;
 
 /// The engine type svqd runs: vhost-user descriptors carry guest-physical addresses unchanged.
@@ -160,9 +161,28 @@ struct Loop {
     backend_call: Arc<EventFd>,
     stats: Arc<QueueStats>,
     reported: bool,
+    /// [`sigbus::fault_count`] when the worker started: a later fault means the VMM truncated
+    /// memory svqd maps, and what this queue reads or writes can no longer be trusted.
+    faults_seen: u64,
+    /// Stopped because memory was lost (see `faults_seen`).
+    memory_lost: bool,
 }
 
 impl Loop {
+    /// Whether the queue may go on: false once the VMM truncated shared memory under svqd.
+    fn memory_intact(&mut self) -> bool {
+        if !self.memory_lost && sigbus::fault_count() != self.faults_seen {
+            self.memory_lost = true;
+            tracing::error!(
+                queue = self.index,
+                addr = format_args!("{:#x}", sigbus::last_fault_addr()),
+                "SIGBUS on guest memory or the dirty log: the VMM truncated a shared memory file \
+                 under svqd; this shadow queue stops until the device is reset"
+            );
+        }
+        !self.memory_lost
+    }
+
     /// Record the first engine error once; the queue stays broken (the guest must reset it).
     fn fail(&mut self, e: QueueError) {
         if !self.reported {
@@ -172,11 +192,15 @@ impl Loop {
     }
 
     fn avail(&mut self) {
-        if self.engine.broken().is_some() || !self.engine.forwarding() {
+        if self.engine.broken().is_some() || !self.engine.forwarding() || self.memory_lost {
             return;
         }
         let mem = self.mem.snapshot();
-        match self.engine.forward_avail(&*mem, &self.log) {
+        let res = self.engine.forward_avail(&*mem, &self.log);
+        if !self.memory_intact() {
+            return;
+        }
+        match res {
             Ok(b) => {
                 if b.chains > 0 {
                     QueueStats::add(&self.stats.chains, b.chains.into());
@@ -196,11 +220,15 @@ impl Loop {
 
     /// Returns whether descriptors were freed while the shadow ring was full.
     fn used(&mut self) -> bool {
-        if self.engine.broken().is_some() {
+        if self.engine.broken().is_some() || self.memory_lost {
             return false;
         }
         let mem = self.mem.snapshot();
-        match self.engine.forward_used(&*mem, &self.log) {
+        let res = self.engine.forward_used(&*mem, &self.log);
+        if !self.memory_intact() {
+            return false;
+        }
+        match res {
             Ok(u) => {
                 if u.completed > 0 {
                     QueueStats::add(&self.stats.completed, u.completed.into());
@@ -245,6 +273,8 @@ fn run(setup: WorkerSetup, rx: Receiver<Cmd>, wake: Arc<EventFd>) -> WorkerExit 
         backend_call: setup.backend_call,
         stats: setup.stats,
         reported: false,
+        faults_seen: sigbus::fault_count(),
+        memory_lost: false,
     };
     let epoll = match Epoll::new() {
         Ok(e) => e,
