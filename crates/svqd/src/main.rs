@@ -63,7 +63,7 @@ static DEADLINE_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// How long svqd may take to stop after SIGTERM/SIGINT before it exits regardless (a peer that
 /// does not answer must not keep it alive).
-const STOP_GRACE: Duration = Duration::from_millis(800);
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 extern "C" fn on_signal(_sig: libc::c_int) {
     for fd in [&SHUTDOWN_FD, &DEADLINE_FD] {

@@ -3,8 +3,9 @@
 //! raises SIGBUS, which would kill svqd and every queue with it. Guarded ranges (guest RAM, the
 //! dirty log) are registered here; the SIGBUS handler maps an anonymous zero page over the
 //! faulting page of a guarded range and returns, so the access completes (reads zeros, writes
-//! are lost), and records the fault. The workers check [`fault_count`] after each batch and
-//! stop their queue with a clear error; a fault outside every guarded range is a bug in svqd
+//! are lost), and records the fault for the faulting thread. A worker checks
+//! [`faults_on_this_thread`] after each batch and stops its queue with a clear error (only the
+//! queue that touched lost memory stops); a fault outside every guarded range is a bug in svqd
 //! and still kills it (the default action is restored and the access repeats).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,6 +28,12 @@ static GUARDED: [Slot; SLOTS] = [EMPTY; SLOTS];
 static FAULTS: AtomicU64 = AtomicU64::new(0);
 static LAST_FAULT_ADDR: AtomicUsize = AtomicUsize::new(0);
 static INSTALL: Once = Once::new();
+
+thread_local! {
+    /// Guarded faults taken by this thread. Const-initialised, no destructor: a plain TLS
+    /// access, safe from the signal handler.
+    static THREAD_FAULTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 /// A guarded range; unguarded when dropped (before the mapping goes away).
 #[derive(Debug)]
@@ -65,9 +72,14 @@ pub fn guard(start: usize, len: usize) -> Guard {
     Guard { slot: None }
 }
 
-/// How many guarded accesses faulted so far.
+/// How many guarded accesses faulted so far, in all threads.
 pub fn fault_count() -> u64 {
     FAULTS.load(Ordering::Acquire)
+}
+
+/// How many guarded accesses of the calling thread faulted so far.
+pub fn faults_on_this_thread() -> u64 {
+    THREAD_FAULTS.with(|c| c.get())
 }
 
 /// The address of the last guarded fault.
@@ -114,6 +126,7 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         if p != libc::MAP_FAILED {
             LAST_FAULT_ADDR.store(addr, Ordering::Relaxed);
             FAULTS.fetch_add(1, Ordering::AcqRel);
+            THREAD_FAULTS.with(|c| c.set(c.get() + 1));
             return;
         }
     }
@@ -150,11 +163,13 @@ mod tests {
         // SAFETY: inside the mapping.
         unsafe { p.add(4096).write_volatile(7) };
         let before = fault_count();
+        let mine = faults_on_this_thread();
         file.set_len(4096).unwrap();
         // SAFETY: inside the mapping; the page beyond the file now faults and is replaced.
         let v = unsafe { p.add(4096).read_volatile() };
         assert_eq!(v, 0);
         assert_eq!(fault_count(), before + 1);
+        assert_eq!(faults_on_this_thread(), mine + 1);
         assert_eq!(last_fault_addr(), p as usize + 4096);
         // SAFETY: the first page is still in the file.
         unsafe { p.write_volatile(1) };

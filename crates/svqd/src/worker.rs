@@ -161,8 +161,8 @@ struct Loop {
     backend_call: Arc<EventFd>,
     stats: Arc<QueueStats>,
     reported: bool,
-    /// [`sigbus::fault_count`] when the worker started: a later fault means the VMM truncated
-    /// memory svqd maps, and what this queue reads or writes can no longer be trusted.
+    /// [`sigbus::faults_on_this_thread`] when the worker started: a later fault means the VMM
+    /// truncated memory this queue touched, and what it reads or writes can no longer be trusted.
     faults_seen: u64,
     /// Stopped because memory was lost (see `faults_seen`).
     memory_lost: bool,
@@ -171,7 +171,7 @@ struct Loop {
 impl Loop {
     /// Whether the queue may go on: false once the VMM truncated shared memory under svqd.
     fn memory_intact(&mut self) -> bool {
-        if !self.memory_lost && sigbus::fault_count() != self.faults_seen {
+        if !self.memory_lost && sigbus::faults_on_this_thread() != self.faults_seen {
             self.memory_lost = true;
             tracing::error!(
                 queue = self.index,
@@ -273,7 +273,7 @@ fn run(setup: WorkerSetup, rx: Receiver<Cmd>, wake: Arc<EventFd>) -> WorkerExit 
         backend_call: setup.backend_call,
         stats: setup.stats,
         reported: false,
-        faults_seen: sigbus::fault_count(),
+        faults_seen: sigbus::faults_on_this_thread(),
         memory_lost: false,
     };
     let epoll = match Epoll::new() {
