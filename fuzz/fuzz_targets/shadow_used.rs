@@ -11,7 +11,10 @@ use svq::{
     DirtyLog, IdentityTranslation, QueueConfig, QueueState, RingArea, ShadowVirtqueue, SharedLog,
     SplitLayout,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionCollection, GuestRegionMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionCollection,
+    GuestRegionMmap,
+};
 
 const RAM: u64 = 1 << 20;
 const SHADOW_GPA: u64 = 1 << 40;
@@ -28,16 +31,21 @@ fuzz_target!(|data: &[u8]| {
     };
     let chains = u16::from(chains % (SIZE as u8 + 1));
     let ram = Arc::new(GuestRegionMmap::from_range(GuestAddress(0), RAM as usize, None).unwrap());
-    let sh = Arc::new(GuestRegionMmap::from_range(GuestAddress(SHADOW_GPA), 0x10000, None).unwrap());
+    let sh =
+        Arc::new(GuestRegionMmap::from_range(GuestAddress(SHADOW_GPA), 0x10000, None).unwrap());
     let guest: GuestMemoryMmap<()> = GuestRegionCollection::from_arc_regions(vec![ram]).unwrap();
     let shadow: GuestMemoryMmap<()> = GuestRegionCollection::from_arc_regions(vec![sh]).unwrap();
     // The guest posts `chains` one-descriptor, device-writable buffers.
     for i in 0..chains {
         let d = DESC + 16 * u64::from(i);
-        guest.write_obj(DATA + u64::from(i) * u64::from(BUF), GuestAddress(d)).unwrap();
+        guest
+            .write_obj(DATA + u64::from(i) * u64::from(BUF), GuestAddress(d))
+            .unwrap();
         guest.write_obj(BUF, GuestAddress(d + 8)).unwrap();
         guest.write_obj(2u16, GuestAddress(d + 12)).unwrap(); // VRING_DESC_F_WRITE
-        guest.write_obj(i, GuestAddress(AVAIL + 4 + 2 * u64::from(i))).unwrap();
+        guest
+            .write_obj(i, GuestAddress(AVAIL + 4 + 2 * u64::from(i)))
+            .unwrap();
     }
     guest.write_obj(chains, GuestAddress(AVAIL + 2)).unwrap();
     let cfg = QueueConfig {
@@ -86,8 +94,14 @@ fuzz_target!(|data: &[u8]| {
             Err(_) => assert!(q.broken().is_some()),
         }
     }
-    assert!(completed <= u32::from(chains), "completed {completed} of {chains}");
-    assert!(written <= u64::from(completed) * u64::from(BUF), "{written} bytes logged");
+    assert!(
+        completed <= u32::from(chains),
+        "completed {completed} of {chains}"
+    );
+    assert!(
+        written <= u64::from(completed) * u64::from(BUF),
+        "{written} bytes logged"
+    );
     let guest_used: u16 = guest.read_obj(GuestAddress(USED + 2)).unwrap();
     assert_eq!(u32::from(guest_used), completed);
     drop(q);

@@ -93,7 +93,11 @@ fuzz_target!(|data: &[u8]| {
     while rest.len() >= 4 {
         let (h, tail) = rest.split_at(4);
         let code = u32::from(h[0] % 48);
-        let flags = if h[1] & 0x80 != 0 { u32::from(h[1]) } else { 1 | (u32::from(h[1]) & 0x8) };
+        let flags = if h[1] & 0x80 != 0 {
+            u32::from(h[1])
+        } else {
+            1 | (u32::from(h[1]) & 0x8)
+        };
         let size = usize::from(h[2]).min(tail.len());
         let nfds = usize::from(h[3] % 3);
         let (payload, tail) = tail.split_at(size);
@@ -114,7 +118,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = (&s).flush();
     drop(s);
     // The proxy is alive: a new VMM gets its features.
-    let mut fe = vhost::vhost_user::Frontend::connect(&w.socket, 8).expect("svqd alive");
+    let fe = vhost::vhost_user::Frontend::connect(&w.socket, 8).expect("svqd alive");
     use vhost::VhostBackend;
     fe.get_features().expect("svqd answers");
 });

@@ -22,6 +22,7 @@ pub mod error;
 pub mod features;
 pub mod handler;
 pub mod memory;
+pub mod metrics;
 pub mod proxy;
 pub mod queue;
 pub mod quiesce;

@@ -43,9 +43,23 @@ struct Cli {
     /// Shadow ring size (power of two); default: the guest's queue size.
     #[arg(long, value_name = "N")]
     shadow_size: Option<u16>,
+    /// Serve Prometheus metrics over HTTP at ADDR (e.g. 127.0.0.1:9710; GET /metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Test only: never write the dirty log (makes migrations lose pages; the negative control).
     #[arg(long = "x-test-no-log", hide = true)]
     no_log: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for journald/Loki/Elasticsearch shippers).
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -161,18 +175,50 @@ fn run(cli: Cli) -> Result<(), String> {
         ),
         None => None,
     };
-    proxy.run().map_err(|e| e.to_string())
+    let _metrics = match &cli.metrics {
+        Some(addr) => Some(
+            svqd::metrics::serve(addr, proxy.control())
+                .map_err(|e| format!("metrics endpoint {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    // The VMM socket (and the control socket) listen: a VMM started after us can connect.
+    // Under systemd's Type=notify this releases the units ordered after svqd (QEMU, libvirt).
+    notify(&[sd_notify::NotifyState::Ready]);
+    let res = proxy.run().map_err(|e| e.to_string());
+    notify(&[sd_notify::NotifyState::Stopping]);
+    res
+}
+
+/// Tell systemd (if it started us with NOTIFY_SOCKET) how we are.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Log lines on stderr: text for people, one JSON object per line for log shippers (every
+/// event carries the device it concerns, from the `device` span).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .flatten_event(true)
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

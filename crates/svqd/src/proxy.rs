@@ -216,6 +216,9 @@ impl Proxy {
     /// Serve VMMs one after the other until shut down. Returns an error only when the backend
     /// cannot be reached any more.
     pub fn run(self) -> Result<(), ProxyError> {
+        // Every log line of this proxy (and of its workers, which inherit the span) names the
+        // device by its VMM socket.
+        let _device = device_span(&self.cfg).entered();
         let res = self.serve();
         lock(&self.state).reset_session();
         let _ = std::fs::remove_file(&self.cfg.socket);
@@ -356,6 +359,11 @@ impl Proxy {
             }
         }
     }
+}
+
+/// The span every log line about this proxy's device is in (workers inherit it).
+fn device_span(cfg: &ProxyConfig) -> tracing::Span {
+    tracing::info_span!("device", socket = %cfg.socket.display())
 }
 
 /// Connect to the configured backend.
@@ -522,6 +530,8 @@ impl ControlTarget for ProxyControl {
 
     fn set_shadow(&self, enable: bool) -> Result<(), String> {
         let mut st = lock(&self.state);
+        // Switches run on the control client's thread: name the device in their log lines too.
+        let _device = device_span(&st.cfg).entered();
         match (st.cfg.shadow, enable) {
             (ShadowPolicy::Never, true) => return Err("svqd runs with --shadow never".into()),
             (ShadowPolicy::Always, false) => return Err("svqd runs with --shadow always".into()),

@@ -86,9 +86,10 @@ impl Worker {
         let (tx, rx) = channel();
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         let w = wake.clone();
+        let span = tracing::Span::current();
         let join = std::thread::Builder::new()
             .name(format!("svqd-q{}", setup.index))
-            .spawn(move || run(setup, rx, w))?;
+            .spawn(move || span.in_scope(|| run(setup, rx, w)))?;
         Ok(Worker {
             cmd: tx,
             wake,
