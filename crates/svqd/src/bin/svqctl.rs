@@ -334,10 +334,15 @@ fn status_table(s: &StatusReport) -> String {
 fn stats_table(s: &StatsReport) -> String {
     let mut o = String::new();
     o += "  QUEUE  MODE         DESCRIPTORS     BYTES-WRITTEN   KICKS       CALLS       DIRTY-PAGES  SWITCHES  LAST-TO-SHADOW  LAST-BACK\n";
+    let ms = |us: u64| format!("{:.3} ms", us as f64 / 1e3);
     for q in &s.queues {
         let c = &q.counters;
+        let (to_shadow, back) = (
+            ms(c.last_switch_to_shadow_us),
+            ms(c.last_switch_to_passthrough_us),
+        );
         o += &format!(
-            "  {:<5}  {:<11}  {:<14}  {:<14}  {:<10}  {:<10}  {:<11}  {:<8}  {:<14}  {}\n",
+            "  {:<5}  {:<11}  {:<14}  {:<14}  {:<10}  {:<10}  {:<11}  {:<8}  {to_shadow:<14}  {back}\n",
             q.index,
             q.mode,
             c.descriptors,
@@ -346,8 +351,6 @@ fn stats_table(s: &StatsReport) -> String {
             c.calls,
             c.dirty_pages,
             c.mode_switches,
-            format!("{:.3} ms", c.last_switch_to_shadow_us as f64 / 1e3),
-            format!("{:.3} ms", c.last_switch_to_passthrough_us as f64 / 1e3),
         );
     }
     o
