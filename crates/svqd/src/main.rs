@@ -6,71 +6,9 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use svqd::cli::{Cli, LogFormat, Policy};
 use svqd::{Proxy, ProxyConfig, ShadowPolicy};
-
-/// vhost-user proxy that makes backends without dirty logging live-migratable.
-///
-/// svqd listens on --socket for the VMM and connects to the backend at --backend. Queues run in
-/// passthrough (no data-path overhead) until the VMM starts dirty logging for a migration (or
-/// `svqctl set-shadow on`); then they run through a shadow virtqueue that logs every page the
-/// backend writes.
-#[derive(Debug, Parser)]
-#[command(name = "svqd", version)]
-struct Cli {
-    /// vhost-user socket to create for the VMM (mode 0600).
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
-    /// vhost-user socket of the backend (retried for a few seconds while it starts).
-    #[arg(long, value_name = "PATH")]
-    backend: PathBuf,
-    /// Control socket for svqctl (QMP-style JSON lines, mode 0600).
-    #[arg(long, value_name = "PATH")]
-    control: Option<PathBuf>,
-    /// When to use the shadow virtqueue.
-    #[arg(long, value_enum, default_value_t = Policy::Auto)]
-    shadow: Policy,
-    /// Seconds to retry connecting to the backend.
-    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
-    backend_timeout: f64,
-    /// Seconds a request to the backend may wait for its reply before the backend is considered
-    /// hung and disconnected (0: wait forever).
-    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
-    backend_request_timeout: f64,
-    /// Seconds a mode switch may wait for the backend to complete requests in flight.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    drain_timeout: f64,
-    /// Shadow ring size (power of two); default: the guest's queue size.
-    #[arg(long, value_name = "N")]
-    shadow_size: Option<u16>,
-    /// Serve Prometheus metrics over HTTP at ADDR (e.g. 127.0.0.1:9710; GET /metrics).
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<String>,
-    /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Test only: never write the dirty log (makes migrations lose pages; the negative control).
-    #[arg(long = "x-test-no-log", hide = true)]
-    no_log: bool,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line (for journald/Loki/Elasticsearch shippers).
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Policy {
-    /// Every running queue is shadowed.
-    Always,
-    /// Shadow while the VMM logs dirty pages (migration) or when forced by svqctl.
-    Auto,
-    /// Pure passthrough; dirty logging requests are refused.
-    Never,
-}
 
 static SHUTDOWN_FD: AtomicI32 = AtomicI32::new(-1);
 static DEADLINE_FD: AtomicI32 = AtomicI32::new(-1);

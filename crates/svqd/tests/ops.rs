@@ -342,3 +342,52 @@ fn libvirt_domain_xml_validates() {
         );
     }
 }
+
+/// The Debian package (built by the README test command with `scripts/package-deb.sh`) installs
+/// into a scratch root and runs from there.
+#[test]
+fn debian_package_installs_and_runs() {
+    let debs = format!("{REPO}/target/debian");
+    let Some(deb) = std::fs::read_dir(&debs).ok().and_then(|d| {
+        d.filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+    }) else {
+        eprintln!("SKIP: no package in {debs} (scripts/package-deb.sh builds it)");
+        return;
+    };
+    let dpkg_deb = require!("dpkg-deb");
+    let root = tempfile::tempdir().unwrap();
+    let st = Command::new(dpkg_deb)
+        .arg("-x")
+        .arg(&deb)
+        .arg(root.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for f in [
+        "usr/bin/svqd",
+        "usr/bin/svqctl",
+        "usr/share/man/man8/svqd.8.gz",
+        "usr/share/man/man1/svqctl.1.gz",
+        "usr/share/bash-completion/completions/svqctl",
+        "usr/share/zsh/vendor-completions/_svqd",
+        "usr/share/fish/vendor_completions.d/svqctl.fish",
+        "lib/systemd/system/svqd@.service",
+        "usr/share/doc/svqd/examples/svqd.conf.example",
+    ] {
+        assert!(
+            root.path().join(f).is_file(),
+            "{f} missing from {}",
+            deb.display()
+        );
+    }
+    for bin in ["svqd", "svqctl"] {
+        let out = Command::new(root.path().join("usr/bin").join(bin))
+            .arg("--version")
+            .output()
+            .unwrap();
+        let v = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && v.starts_with(bin), "{bin}: {v}");
+    }
+}

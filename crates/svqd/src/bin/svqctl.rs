@@ -10,63 +10,15 @@
 //! ```
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use serde_json::{json, Value};
+use svqd::cli::{Command, OnOff, SvqctlCli as Cli};
 use svqd::control::ControlClient;
 use svqd::{StatsReport, StatusReport};
-
-#[derive(Parser)]
-#[command(name = "svqctl", version, about = "Control a running svqd")]
-struct Cli {
-    /// svqd's control socket (svqd --control PATH).
-    #[arg(long, short = 'c')]
-    control: PathBuf,
-    /// Print the control API's JSON instead of tables.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Mode of every queue, negotiated features, backend, logging.
-    #[command(alias = "query-status")]
-    Status,
-    /// Per-queue counters: descriptors, bytes, kicks, calls, dirty pages, mode switches.
-    #[command(alias = "query-stats")]
-    Stats,
-    /// Force shadow mode on, or off (back to automatic: shadow only while the VMM logs).
-    SetShadow {
-        /// on or off
-        state: OnOff,
-    },
-    /// Status and counters, refreshed every second until interrupted.
-    Watch {
-        /// Stop after this many refreshes.
-        #[arg(long)]
-        count: Option<u64>,
-    },
-    /// Prometheus exposition (for node-exporter's textfile collector).
-    Metrics,
-    /// Send any command: NAME with optional JSON arguments.
-    Execute {
-        /// Command name, e.g. query-status.
-        name: String,
-        /// Arguments as a JSON object.
-        arguments: Option<String>,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum OnOff {
-    On,
-    Off,
-}
 
 /// A failed command: the message, and the exit code.
 struct Failure(String, u8);
