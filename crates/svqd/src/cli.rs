@@ -38,6 +38,13 @@ pub struct Cli {
     /// Seconds a mode switch may wait for the backend to complete requests in flight.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub drain_timeout: f64,
+    /// Microseconds a shadow worker keeps polling the rings after work before it sleeps (0:
+    /// never). Polling trades CPU for fewer wake-ups under load; query-stats shows its cost.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub poll_us: u32,
+    /// CPUs the shadow workers run on, e.g. 0 or 2-3,6.
+    #[arg(long, value_name = "LIST")]
+    pub worker_cpus: Option<String>,
     /// Shadow ring size (power of two); default: the guest's queue size.
     #[arg(long, value_name = "N")]
     pub shadow_size: Option<u16>,

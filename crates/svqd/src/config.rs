@@ -47,6 +47,10 @@ pub struct ProxyConfig {
     pub backend_request_timeout: Duration,
     /// How long a mode switch may wait for the backend to complete requests in flight.
     pub drain_timeout: Duration,
+    /// How long a shadow worker polls the rings after work before it sleeps (zero: never).
+    pub poll: Duration,
+    /// CPUs the shadow workers run on (empty: any).
+    pub worker_cpus: Vec<usize>,
     /// Shadow ring size; 0 = the guest's queue size.
     pub shadow_size: u16,
     /// Add shadow rings with ADD_MEM_REG when the backend has CONFIGURE_MEM_SLOTS. Off: always
@@ -66,6 +70,8 @@ impl ProxyConfig {
             backend_connect_timeout: Duration::from_secs(5),
             backend_request_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
+            poll: Duration::ZERO,
+            worker_cpus: Vec::new(),
             shadow_size: 0,
             backend_mem_slots: true,
         }

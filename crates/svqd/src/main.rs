@@ -77,6 +77,24 @@ fn secs(v: f64, what: &str) -> Result<Duration, String> {
     }
 }
 
+/// `0`, `2-3,6`: a CPU list as taskset and cgroups write it.
+fn parse_cpu_list(list: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("--worker-cpus {list:?}: expected CPUs like 0 or 2-3,6");
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a > b || b >= libc::CPU_SETSIZE as usize {
+            return Err(bad());
+        }
+        cpus.extend(a..=b);
+    }
+    Ok(cpus)
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let mut cfg = ProxyConfig::new(&cli.socket, &cli.backend);
     cfg.shadow = match cli.shadow {
@@ -87,6 +105,13 @@ fn run(cli: Cli) -> Result<(), String> {
     cfg.backend_connect_timeout = secs(cli.backend_timeout, "backend-timeout")?;
     cfg.drain_timeout = secs(cli.drain_timeout, "drain-timeout")?;
     cfg.backend_request_timeout = secs(cli.backend_request_timeout, "backend-request-timeout")?;
+    if cli.poll_us > 1_000_000 {
+        return Err(format!("--poll-us is at most 1000000, not {}", cli.poll_us));
+    }
+    cfg.poll = Duration::from_micros(cli.poll_us.into());
+    if let Some(list) = &cli.worker_cpus {
+        cfg.worker_cpus = parse_cpu_list(list)?;
+    }
     if let Some(n) = cli.shadow_size {
         if n == 0 || !n.is_power_of_two() {
             return Err(format!("--shadow-size must be a power of two, not {n}"));

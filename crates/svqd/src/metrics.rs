@@ -83,7 +83,7 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
     );
 
     type Field = fn(&QueueCounters) -> u64;
-    let counters: [(&str, &str, Field); 13] = [
+    let counters: [(&str, &str, Field); 15] = [
         (
             "queue_chains",
             "Guest chains forwarded in shadow mode",
@@ -132,6 +132,16 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
             "queue_reclaimed",
             "Untaken buffers given back to the guest ring at a switch back",
             |c| c.reclaimed,
+        ),
+        (
+            "queue_poll_nanoseconds",
+            "Time the shadow worker polled after work",
+            |c| c.poll_ns,
+        ),
+        (
+            "queue_worker_cpu_nanoseconds",
+            "CPU time of the shadow workers",
+            |c| c.worker_cpu_ns,
         ),
     ];
     for (name, help, field) in counters {

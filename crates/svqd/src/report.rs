@@ -160,6 +160,13 @@ pub struct QueueCounters {
     pub late_completions: u64,
     /// Buffers the backend never took, given back to the guest ring on a switch to passthrough.
     pub reclaimed: u64,
+    /// Time the shadow worker spent polling after work (`--poll-us`), in nanoseconds.
+    #[serde(default)]
+    pub poll_ns: u64,
+    /// CPU time of the shadow workers, in nanoseconds: divided by `descriptors`, svqd's cost per
+    /// forwarded descriptor.
+    #[serde(default)]
+    pub worker_cpu_ns: u64,
 }
 
 impl QueueCounters {
@@ -181,6 +188,8 @@ impl QueueCounters {
             last_switch_to_passthrough_us: stats.last_switch_to_passthrough_us.load(Relaxed),
             late_completions: stats.late_completions.load(Relaxed),
             reclaimed: stats.reclaimed.load(Relaxed),
+            poll_ns: stats.poll_ns.load(Relaxed),
+            worker_cpu_ns: stats.worker_cpu_ns.load(Relaxed),
         }
     }
 }
@@ -397,7 +406,10 @@ mod tests {
                 "last_switch_to_shadow_us",
                 "last_switch_to_passthrough_us",
                 "late_completions",
-                "reclaimed"
+                "reclaimed",
+                // Added with the poll phase; the members above are unchanged.
+                "poll_ns",
+                "worker_cpu_ns"
             ])
         );
         assert_eq!(q["kicks"], 3);

@@ -37,6 +37,10 @@ pub struct QueueStats {
     pub late_completions: AtomicU64,
     /// Buffers the backend never took, given back to the guest ring on a switch to passthrough.
     pub reclaimed: AtomicU64,
+    /// Time the worker spent polling the rings after work (`--poll-us`), in nanoseconds.
+    pub poll_ns: AtomicU64,
+    /// CPU time of the queue's shadow workers, in nanoseconds (updated at each wake-up).
+    pub worker_cpu_ns: AtomicU64,
 }
 
 impl QueueStats {

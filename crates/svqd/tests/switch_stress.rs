@@ -29,13 +29,22 @@ fn stress(event_idx: bool, queues: u16, switches: usize, trigger: Trigger) {
 }
 
 fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, qsd_like: bool) {
-    let rig = Rig::new(RigOptions {
-        queues,
-        event_idx,
-        qsd_like,
-        delay: Some((20, 1500)),
-        ..Default::default()
-    });
+    stress_rig(
+        RigOptions {
+            queues,
+            event_idx,
+            qsd_like,
+            delay: Some((20, 1500)),
+            ..Default::default()
+        },
+        switches,
+        trigger,
+    )
+}
+
+fn stress_rig(opts: RigOptions, switches: usize, trigger: Trigger) {
+    let (queues, event_idx) = (opts.queues, opts.event_idx);
+    let rig = Rig::new(opts);
     let ram = GuestRam::new("guest", 32 << 20).unwrap();
     let mut vmm = rig.vmm(
         ram.clone(),
@@ -139,4 +148,24 @@ fn log_all_switches_no_event_idx_two_queues() {
 #[test]
 fn qsd_like_backend_event_idx_survives_switches() {
     stress_with(true, 1, 40, Trigger::Control, true);
+}
+
+/// The poll phase (`--poll-us`) and pinned workers (`--worker-cpus`) under traffic and switches:
+/// polling must never strand a chain nor complete one twice (the same ledger checks as above).
+#[test]
+fn poll_phase_and_pinned_workers_lose_nothing() {
+    for (event_idx, poll_us) in [(true, 200), (false, 50)] {
+        stress_rig(
+            RigOptions {
+                queues: 2,
+                event_idx,
+                delay: Some((20, 1500)),
+                poll: Duration::from_micros(poll_us),
+                worker_cpus: vec![0],
+                ..Default::default()
+            },
+            20,
+            Trigger::Control,
+        );
+    }
 }
