@@ -67,7 +67,8 @@ class Proc:
         return self.p.poll() is None
 
     def text(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log.name).read_text(errors="replace")
 
     def stop(self):
@@ -90,7 +91,8 @@ def wait_path(p, secs=30):
 
 
 def testpmd_base(prefix, lcores, vdevs):
-    argv = ["dpdk-testpmd", "--lcores", lcores, "--no-pci", "--no-huge", "-m", "512",
+    # stdbuf: testpmd's stdout is a file here, and its answers must arrive when asked for.
+    argv = ["stdbuf", "-oL", "dpdk-testpmd", "--lcores", lcores, "--no-pci", "--no-huge", "-m", "512",
             f"--file-prefix={prefix}{os.getpid()}"]
     for v in vdevs:
         argv += ["--vdev", v]
@@ -107,15 +109,15 @@ def rx_pps(text, port):
 
 
 def io_packets(proc):
-    """Packets received by the virtio-user port of an interactive testpmd (port 1)."""
+    """Packets the forwarding lcore of an interactive testpmd received, both ports together."""
     before = len(proc.text())
-    proc.p.stdin.write(b"show port stats 1\n")
+    proc.p.stdin.write(b"show port stats all\n")
     proc.p.stdin.flush()
     end = time.time() + 5
     while time.time() < end:
-        m = re.search(r"RX-packets:\s+(\d+)", proc.text()[before:])
-        if m:
-            return int(m.group(1))
+        got = re.findall(r"RX-packets:\s+(\d+)", proc.text()[before:])
+        if len(got) >= 2:
+            return int(got[0]) + int(got[1])
         time.sleep(0.05)
     die("testpmd did not answer show port stats")
 
@@ -126,9 +128,10 @@ def svqd_stats(ctl):
     return sum(q["descriptors"] for q in json.loads(out)["queues"])
 
 
-def run_path(path, a, work):
+def run_path(path, a, work, logs):
     """One measurement: `path` in direct/passthrough/shadow. Returns a dict of results."""
     work.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     dev_sock, vmm_sock, ctl = str(work / "dev.sock"), str(work / "svqd.sock"), str(work / "ctl.sock")
     procs = {}
     try:
@@ -137,37 +140,42 @@ def run_path(path, a, work):
             procs["device"] = Proc("device", testpmd_base("dev", "0@1,1@1", [
                 f"net_vhost0,iface={dev_sock},queues={q}"]) + [
                 "--", f"--rxq={q}", f"--txq={q}", "--nb-cores=1", "--forward-mode=rxonly",
-                "--stats-period=1", "--total-num-mbufs=16384"], work)
+                "--stats-period=1", "--total-num-mbufs=16384"], logs)
         else:
             # One testpmd, one forwarding lcore on CPU 1 (its main lcore too): CPU 0 is svqd's.
             procs["testpmd"] = Proc("testpmd", testpmd_base("one", "0@1,1@1", [
                 f"net_vhost0,iface={dev_sock},queues={q}"]) + [
                 "--", "-i", f"--rxq={q}", f"--txq={q}", "--nb-cores=1", "--forward-mode=io",
-                f"--txpkts={a.pkt}", "--total-num-mbufs=16384"], work)
+                f"--txpkts={a.pkt}", "--total-num-mbufs=16384"], logs)
         wait_path(dev_sock)
         target = dev_sock
         if path != "direct":
             policy = "never" if path == "passthrough" else "always"
             argv = [str(REPO / "target/release/svqd"), "--socket", vmm_sock, "--backend", dev_sock,
-                    "--control", ctl, "--shadow", policy]
+                    "--control", ctl, "--shadow", policy] + a.svqd_arg
             if a.layout == "dedicated":
                 argv = ["taskset", "-c", "0"] + argv
-            procs["svqd"] = Proc("svqd", argv, work)
+            procs["svqd"] = Proc("svqd", argv, logs)
             wait_path(vmm_sock)
             target = vmm_sock
         if a.layout == "contended":
             procs["driver"] = Proc("driver", testpmd_base("drv", "0@0,1@0", [
                 f"net_virtio_user0,path={target},queues={q},queue_size=1024"]) + [
                 "--", f"--rxq={q}", f"--txq={q}", "--nb-cores=1", "--forward-mode=txonly",
-                f"--txpkts={a.pkt}", "--stats-period=1", "--total-num-mbufs=16384"], work)
+                f"--txpkts={a.pkt}", "--stats-period=1", "--total-num-mbufs=16384"], logs)
             rate_proc, port = procs["device"], 0
         else:
             # Attach the driver port now that its socket listens, then loop packets between the
             # two ports with io forwarding, seeded by one burst.
             tp = procs["testpmd"]
             cmd = (f"port attach net_virtio_user0,path={target},queues={q},queue_size=1024\n"
-                   "port start all\nstart tx_first 32\n")
+                   "port start all\n")
             tp.p.stdin.write(cmd.encode())
+            tp.p.stdin.flush()
+            # Seed only once both ports run end to end (a burst sent while the driver's receive
+            # ring is still being set up is dropped, and the loop would run one way only).
+            time.sleep(1.0)
+            tp.p.stdin.write(b"start tx_first 32\n")
             tp.p.stdin.flush()
             rate_proc, port = tp, None
         time.sleep(1.5)
@@ -238,8 +246,10 @@ def main():
     ap.add_argument("--pkt", type=int, default=64)
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "bench-results"))
+    ap.add_argument("--svqd-arg", action="append", default=[],
+                    help="extra svqd argument (repeatable), e.g. --svqd-arg=--poll-us=50")
     a = ap.parse_args()
-    for tool in ("dpdk-testpmd", "taskset"):
+    for tool in ("dpdk-testpmd", "taskset", "stdbuf"):
         if not shutil.which(tool):
             die(f"{tool} not found (dpdk-testpmd: Debian package dpdk-dev; scripts/peers/deps.sh)")
     if not (REPO / "target/release/svqd").exists():
@@ -248,9 +258,13 @@ def main():
     out = Path(a.out) / stamp
     out.mkdir(parents=True)
     rounds = []
-    with tempfile.TemporaryDirectory(prefix="svq-bench-") as tmp:
+    # Sockets live in a short temporary directory (sun_path is 108 bytes); logs are kept.
+    with tempfile.TemporaryDirectory(prefix="svqb-") as tmp:
         for r in range(a.rounds):
-            res = {p: run_path(p, a, Path(tmp) / f"r{r}-{p}") for p in ("direct", "passthrough", "shadow")}
+            res = {p: run_path(p, a, Path(tmp) / f"r{r}-{p}", out / "logs" / f"r{r}-{p}")
+                   for p in ("direct", "passthrough", "shadow")}
+            if not res["direct"]["pps"]:
+                die(f"no rate measured on the direct path; see {out / 'logs'}")
             direct = res["direct"]["pps"]
             ratios = {p: (res[p]["pps"] / direct if direct else None) for p in ("passthrough", "shadow")}
             rounds.append({"results": res, "ratios": ratios})
@@ -261,7 +275,8 @@ def main():
            for p in ("passthrough", "shadow")}
     summary = {"args": vars(a), "cpus": os.cpu_count(), "rounds": rounds, "median_ratio": med}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    lines = [f"layout {a.layout}, {a.pkt} B, {a.queues} queue pair(s), {a.rounds} rounds of {a.seconds} s",
+    lines = [f"layout {a.layout}, {a.pkt} B, {a.queues} queue pair(s), {a.rounds} rounds of {a.seconds} s, "
+             f"svqd {' '.join(a.svqd_arg) or '(defaults)'}",
              "", "| round | direct Mpps | passthrough | shadow | svqd ns/desc (shadow) | CPU share, direct | CPU share, shadow |",
              "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rounds):

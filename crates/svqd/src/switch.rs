@@ -160,6 +160,10 @@ impl Switch<'_> {
         let t0 = Instant::now();
         match self.start_shadow(q, base) {
             Ok(()) => {
+                // Adding the shadow region changed the device's memory table, which DPDK treats
+                // as the device stopping (see `reannounce_other_rings`): the rings already
+                // running would stay disabled in its driver.
+                self.reannounce_after_switch(q);
                 tracing::info!(
                     queue = q,
                     base,
