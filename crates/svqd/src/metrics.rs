@@ -83,7 +83,7 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
     );
 
     type Field = fn(&QueueCounters) -> u64;
-    let counters: [(&str, &str, Field); 15] = [
+    let counters: [(&str, &str, Field); 13] = [
         (
             "queue_chains",
             "Guest chains forwarded in shadow mode",
@@ -133,22 +133,33 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
             "Untaken buffers given back to the guest ring at a switch back",
             |c| c.reclaimed,
         ),
-        (
-            "queue_poll_nanoseconds",
-            "Time the shadow worker polled after work",
-            |c| c.poll_ns,
-        ),
-        (
-            "queue_worker_cpu_nanoseconds",
-            "CPU time of the shadow workers",
-            |c| c.worker_cpu_ns,
-        ),
     ];
     for (name, help, field) in counters {
         let fam = Family::<Labels, Counter>::default();
         for q in &stats.queues {
             fam.get_or_create(&queue(q.index))
                 .inc_by(field(&q.counters));
+        }
+        reg.register(name, help, fam);
+    }
+    // Prometheus wants seconds: the nanosecond counters are exported as seconds.
+    let ns_counters: [(&str, &str, Field); 2] = [
+        (
+            "queue_poll_seconds",
+            "Time the shadow worker polled after work",
+            |c| c.poll_ns,
+        ),
+        (
+            "queue_worker_cpu_seconds",
+            "CPU time of the shadow workers",
+            |c| c.worker_cpu_ns,
+        ),
+    ];
+    for (name, help, field) in ns_counters {
+        let fam = Family::<Labels, Counter<f64, AtomicU64>>::default();
+        for q in &stats.queues {
+            fam.get_or_create(&queue(q.index))
+                .inc_by(field(&q.counters) as f64 / 1e9);
         }
         reg.register(name, help, fam);
     }
