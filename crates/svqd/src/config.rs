@@ -50,6 +50,49 @@ pub struct ProxyConfig {
     /// re-send the whole table with SET_MEM_TABLE (what a backend without the feature gets;
     /// tests use this to cover both paths with one backend).
     pub backend_mem_slots: bool,
+    /// How long a shadow worker keeps polling its rings after the last work before it re-arms
+    /// notifications and sleeps; zero: never poll (sleep as soon as the rings are empty).
+    pub poll: Duration,
+    /// CPUs the shadow workers run on (sched_setaffinity); empty: wherever the scheduler likes.
+    pub worker_cpus: Vec<usize>,
+}
+
+/// Default of [`ProxyConfig::poll`] (see docs/PERFORMANCE.md for the measurement behind it).
+pub const DEFAULT_POLL: Duration = Duration::from_micros(DEFAULT_POLL_US);
+/// [`DEFAULT_POLL`] in microseconds (the `--poll-us` default).
+pub const DEFAULT_POLL_US: u64 = 50;
+/// Longest `--poll-us`: a worker polling longer would hold a CPU for nothing.
+pub const MAX_POLL_US: u64 = 100_000;
+
+/// Parse a CPU list as in `taskset -c`: `0`, `0,2`, `1-3,6`. Returns the CPUs sorted, without
+/// duplicates; every CPU must be below `CPU_SETSIZE`.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let max = libc::CPU_SETSIZE as usize;
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let num = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&c| c < max)
+                .ok_or_else(|| format!("bad CPU {v:?} in {s:?} (a number below {max})"))
+        };
+        match part.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (num(lo)?, num(hi)?);
+                if lo > hi {
+                    return Err(format!("bad CPU range {part:?} in {s:?}"));
+                }
+                cpus.extend(lo..=hi);
+            }
+            None if part.is_empty() => return Err(format!("empty entry in CPU list {s:?}")),
+            None => cpus.push(num(part)?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
 }
 
 impl ProxyConfig {
@@ -64,6 +107,22 @@ impl ProxyConfig {
             drain_timeout: Duration::from_secs(10),
             shadow_size: 0,
             backend_mem_slots: true,
+            poll: DEFAULT_POLL,
+            worker_cpus: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0").unwrap(), vec![0]);
+        assert_eq!(parse_cpu_list("3,1-2, 1").unwrap(), vec![1, 2, 3]);
+        for bad in ["", "a", "1,", "2-1", "-1", "1-", "99999", "0-99999"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

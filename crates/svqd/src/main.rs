@@ -38,6 +38,14 @@ struct Cli {
     /// Shadow ring size (power of two); default: the guest's queue size.
     #[arg(long, value_name = "N")]
     shadow_size: Option<u16>,
+    /// Microseconds a shadow worker keeps polling its rings after the last work before it sleeps
+    /// (0: never poll; sleep on notifications at once). Polling saves wake-ups under load at the
+    /// price of CPU time (shown as poll_us and worker_cpu_us in query-stats).
+    #[arg(long, value_name = "N", default_value_t = svqd::config::DEFAULT_POLL_US)]
+    poll_us: u64,
+    /// CPUs the shadow workers may run on, as in `taskset -c` (e.g. `1` or `0,2-3`).
+    #[arg(long, value_name = "LIST")]
+    worker_cpus: Option<String>,
     /// Test only: never write the dirty log (makes migrations lose pages; the negative control).
     #[arg(long = "x-test-no-log", hide = true)]
     no_log: bool,
@@ -91,6 +99,20 @@ fn secs(v: f64, what: &str) -> Result<Duration, String> {
     }
 }
 
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it for pid 0 (us).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let mut cfg = ProxyConfig::new(&cli.socket, &cli.backend);
     cfg.shadow = match cli.shadow {
@@ -105,6 +127,24 @@ fn run(cli: Cli) -> Result<(), String> {
             return Err(format!("--shadow-size must be a power of two, not {n}"));
         }
         cfg.shadow_size = n;
+    }
+    if cli.poll_us > svqd::config::MAX_POLL_US {
+        return Err(format!(
+            "--poll-us must be at most {}, not {}",
+            svqd::config::MAX_POLL_US,
+            cli.poll_us
+        ));
+    }
+    cfg.poll = Duration::from_micros(cli.poll_us);
+    if let Some(list) = &cli.worker_cpus {
+        let cpus = svqd::config::parse_cpu_list(list).map_err(|e| format!("--worker-cpus: {e}"))?;
+        let allowed = allowed_cpus();
+        if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+            return Err(format!(
+                "--worker-cpus: CPU {c} is not available to svqd (allowed: {allowed:?})"
+            ));
+        }
+        cfg.worker_cpus = cpus;
     }
     if cli.no_log {
         tracing::warn!("--x-test-no-log: the dirty log is NOT written; migrations will lose pages");

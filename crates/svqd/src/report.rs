@@ -157,6 +157,12 @@ pub struct QueueCounters {
     pub late_completions: u64,
     /// Buffers the backend never took, given back to the guest ring on a switch to passthrough.
     pub reclaimed: u64,
+    /// Times the shadow worker woke from sleep to work (each wake costs a context switch).
+    pub worker_wakeups: u64,
+    /// Microseconds the shadow worker spent polling empty rings (`--poll-us`).
+    pub poll_us: u64,
+    /// CPU microseconds the shadow worker threads used (CLOCK_THREAD_CPUTIME_ID).
+    pub worker_cpu_us: u64,
 }
 
 impl QueueCounters {
@@ -178,6 +184,9 @@ impl QueueCounters {
             last_switch_to_passthrough_us: stats.last_switch_to_passthrough_us.load(Relaxed),
             late_completions: stats.late_completions.load(Relaxed),
             reclaimed: stats.reclaimed.load(Relaxed),
+            worker_wakeups: stats.worker_wakeups.load(Relaxed),
+            poll_us: stats.poll_ns.load(Relaxed) / 1000,
+            worker_cpu_us: stats.worker_cpu_ns() / 1000,
         }
     }
 }

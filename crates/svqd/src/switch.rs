@@ -551,6 +551,8 @@ impl Switch<'_> {
             backend_kick: backend_kick.clone(),
             backend_call: backend_call.clone(),
             stats: self.queues[q].stats.clone(),
+            poll: self.cfg.poll,
+            cpus: self.cfg.worker_cpus.clone(),
         })
     }
 

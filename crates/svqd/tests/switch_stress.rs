@@ -25,15 +25,23 @@ fn percentile(v: &mut [u128], p: usize) -> u128 {
 }
 
 fn stress(event_idx: bool, queues: u16, switches: usize, trigger: Trigger) {
-    stress_with(event_idx, queues, switches, trigger, false)
+    stress_with(event_idx, queues, switches, trigger, false, None)
 }
 
-fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, qsd_like: bool) {
+fn stress_with(
+    event_idx: bool,
+    queues: u16,
+    switches: usize,
+    trigger: Trigger,
+    qsd_like: bool,
+    poll: Option<Duration>,
+) {
     let rig = Rig::new(RigOptions {
         queues,
         event_idx,
         qsd_like,
         delay: Some((20, 1500)),
+        poll,
         ..Default::default()
     });
     let ram = GuestRam::new("guest", 32 << 20).unwrap();
@@ -100,9 +108,25 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         .iter()
         .map(|q| q.counters.late_completions)
         .sum();
+    let sum = |f: fn(&svqd::report::QueueCounters) -> u64| -> u64 {
+        stats.queues.iter().map(|q| f(&q.counters)).sum()
+    };
+    let (wakeups, poll_us, cpu_us) = (
+        sum(|c| c.worker_wakeups),
+        sum(|c| c.poll_us),
+        sum(|c| c.worker_cpu_us),
+    );
+    assert!(wakeups > 0 && cpu_us > 0, "workers ran: {stats:?}");
+    if poll == Some(Duration::ZERO) {
+        assert_eq!(poll_us, 0, "--poll-us 0 never polls");
+    }
     eprintln!(
-        "switch times (event_idx={event_idx}, queues={queues}, {switches} round trips, {} requests, \
-         {late} late completions waited for): to shadow p50 {} µs p90 {} µs max {} µs; \
+        "shadow workers: {wakeups} wake-ups, {poll_us} µs polling, {cpu_us} µs CPU, {} chains",
+        sum(|c| c.chains)
+    );
+    eprintln!(
+        "switch times (event_idx={event_idx}, queues={queues}, poll={poll:?}, {switches} round trips, \
+         {} requests, {late} late completions waited for): to shadow p50 {} µs p90 {} µs max {} µs; \
          to passthrough p50 {} µs p90 {} µs max {} µs",
         ledger.issued,
         percentile(&mut to_shadow, 50),
@@ -138,5 +162,29 @@ fn log_all_switches_no_event_idx_two_queues() {
 /// with EVENT_IDX the drain waits until the backend has nothing in flight before GET_VRING_BASE.
 #[test]
 fn qsd_like_backend_event_idx_survives_switches() {
-    stress_with(true, 1, 40, Trigger::Control, true);
+    stress_with(true, 1, 40, Trigger::Control, true, None);
+}
+
+/// The worker without a poll phase (sleeps as soon as the rings are empty) and with a long one
+/// (still polling when the switch stops it): nothing lost or doubled either way.
+#[test]
+fn switches_without_polling_and_with_long_polling() {
+    for event_idx in [true, false] {
+        stress_with(
+            event_idx,
+            1,
+            15,
+            Trigger::Control,
+            false,
+            Some(Duration::ZERO),
+        );
+        stress_with(
+            event_idx,
+            2,
+            10,
+            Trigger::LogAll,
+            false,
+            Some(Duration::from_millis(5)),
+        );
+    }
 }

@@ -37,6 +37,8 @@ pub struct RigOptions {
     pub qsd_like: bool,
     /// svqd's --drain-timeout.
     pub drain_timeout: Duration,
+    /// svqd's --poll-us (`None`: the default).
+    pub poll: Option<Duration>,
 }
 
 impl Default for RigOptions {
@@ -51,6 +53,7 @@ impl Default for RigOptions {
             backend_mem_slots: true,
             qsd_like: false,
             drain_timeout: Duration::from_secs(5),
+            poll: None,
         }
     }
 }
@@ -84,6 +87,9 @@ impl Rig {
         cfg.log_enabled = o.log_enabled;
         cfg.backend_mem_slots = o.backend_mem_slots;
         cfg.drain_timeout = o.drain_timeout;
+        if let Some(p) = o.poll {
+            cfg.poll = p;
+        }
         let proxy = Proxy::new(cfg).unwrap().spawn().unwrap();
         Rig {
             dir,
