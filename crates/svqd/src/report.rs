@@ -387,7 +387,10 @@ mod tests {
                 "last_switch_to_shadow_us",
                 "last_switch_to_passthrough_us",
                 "late_completions",
-                "reclaimed"
+                "reclaimed",
+                "worker_wakeups",
+                "poll_us",
+                "worker_cpu_us"
             ])
         );
         assert_eq!(q["kicks"], 3);
