@@ -53,6 +53,10 @@ pub struct ProxyConfig {
     /// How long a shadow worker keeps polling its rings after the last work before it re-arms
     /// notifications and sleeps; zero: never poll (sleep as soon as the rings are empty).
     pub poll: Duration,
+    /// While traffic flows, how long a shadow worker sleeps with notifications off between
+    /// work phases, letting a ring's worth of buffers accumulate (zero: re-arm notifications
+    /// after every phase).
+    pub batch_wait: Duration,
     /// CPUs the shadow workers run on (sched_setaffinity); empty: wherever the scheduler likes.
     pub worker_cpus: Vec<usize>,
 }
@@ -61,6 +65,8 @@ pub struct ProxyConfig {
 pub const DEFAULT_POLL: Duration = Duration::from_micros(DEFAULT_POLL_US);
 /// [`DEFAULT_POLL`] in microseconds (the `--poll-us` default).
 pub const DEFAULT_POLL_US: u64 = 50;
+/// Default of `--batch-wait-us` ([`ProxyConfig::batch_wait`]).
+pub const DEFAULT_BATCH_WAIT_US: u64 = 100;
 /// Longest `--poll-us`: a worker polling longer would hold a CPU for nothing.
 pub const MAX_POLL_US: u64 = 100_000;
 
@@ -108,6 +114,7 @@ impl ProxyConfig {
             shadow_size: 0,
             backend_mem_slots: true,
             poll: DEFAULT_POLL,
+            batch_wait: Duration::from_micros(DEFAULT_BATCH_WAIT_US),
             worker_cpus: Vec::new(),
         }
     }

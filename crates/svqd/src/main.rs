@@ -43,6 +43,11 @@ struct Cli {
     /// price of CPU time (shown as poll_us and worker_cpu_us in query-stats).
     #[arg(long, value_name = "N", default_value_t = svqd::config::DEFAULT_POLL_US)]
     poll_us: u64,
+    /// While traffic flows, microseconds a shadow worker sleeps with notifications off between
+    /// work phases so that a wake moves a ring rather than a burst (0: re-arm notifications
+    /// after every phase). Bounds the latency it adds under load.
+    #[arg(long, value_name = "N", default_value_t = svqd::config::DEFAULT_BATCH_WAIT_US)]
+    batch_wait_us: u64,
     /// CPUs the shadow workers may run on, as in `taskset -c` (e.g. `1` or `0,2-3`).
     #[arg(long, value_name = "LIST")]
     worker_cpus: Option<String>,
@@ -136,6 +141,14 @@ fn run(cli: Cli) -> Result<(), String> {
         ));
     }
     cfg.poll = Duration::from_micros(cli.poll_us);
+    if cli.batch_wait_us > svqd::config::MAX_POLL_US {
+        return Err(format!(
+            "--batch-wait-us must be at most {}, not {}",
+            svqd::config::MAX_POLL_US,
+            cli.batch_wait_us
+        ));
+    }
+    cfg.batch_wait = Duration::from_micros(cli.batch_wait_us);
     if let Some(list) = &cli.worker_cpus {
         let cpus = svqd::config::parse_cpu_list(list).map_err(|e| format!("--worker-cpus: {e}"))?;
         let allowed = allowed_cpus();

@@ -36,6 +36,10 @@ const TOKEN_GUEST_KICK: u64 = 0;
 const TOKEN_BACKEND_CALL: u64 = 1;
 const TOKEN_CMD: u64 = 2;
 
+/// A work phase that moved at least this many chains counts as flowing traffic: the worker
+/// may sleep for the batch wait with notifications off instead of re-arming them.
+const DEFER_MIN_CHAINS: u32 = 32;
+
 /// Requests to a running worker.
 enum Cmd {
     /// The VMM replaced the guest kick eventfd.
@@ -84,6 +88,9 @@ pub struct WorkerSetup {
     pub stats: Arc<QueueStats>,
     /// How long to poll after the last work before sleeping (zero: never poll).
     pub poll: Duration,
+    /// While traffic flows: how long to sleep with notifications off between work phases
+    /// (zero: always re-arm and sleep on notifications).
+    pub batch_wait: Duration,
     /// CPUs to run on (empty: no pinning).
     pub cpus: Vec<usize>,
 }
@@ -181,6 +188,7 @@ struct Loop {
     backend_call: Arc<EventFd>,
     stats: Arc<QueueStats>,
     poll: Duration,
+    batch_wait: Duration,
     reported: bool,
 }
 
@@ -245,32 +253,43 @@ impl Loop {
         }
     }
 
-    /// One round over both rings; returns whether anything moved.
-    fn pump(&mut self) -> bool {
+    /// One round over both rings; returns how many chains moved (forwarded, plus one if
+    /// completions were relayed).
+    fn pump(&mut self) -> u32 {
         let mem = self.mem.snapshot();
         let completed = self.used(&mem);
         let forwarded = self.avail(&mem);
-        completed || forwarded > 0
+        forwarded + u32::from(completed)
     }
 
     /// Work until the rings stay empty for `poll`, with notifications suppressed; then re-arm
     /// them (fence + re-check) and return, ready to sleep. Returns early, re-armed, when a
     /// command is pending.
-    fn work(&mut self, cmd_pending: &AtomicBool) {
+    ///
+    /// With `may_defer`, a phase that forwarded at least [`DEFER_MIN_CHAINS`] chains returns
+    /// `true` *without* re-arming: traffic flows, and the caller sleeps for the batch wait with
+    /// notifications still off, then works again (a phase that moved less re-arms). So a wake
+    /// moves what accumulated during the wait — a ring, not a burst — and no buffer waits
+    /// longer than one batch wait plus one phase.
+    fn work(&mut self, cmd_pending: &AtomicBool, may_defer: bool) -> bool {
         let mut polled = Duration::ZERO;
+        let mut moved = 0u32;
+        let mut deferred = false;
         loop {
             if self.engine.broken().is_some() {
-                return;
+                return false;
             }
             let mem = self.mem.snapshot();
             if let Err(e) = self.engine.suppress_notifications(&*mem, &self.log) {
                 self.fail(e);
-                return;
+                return false;
             }
             drop(mem);
             let mut idle_since: Option<Instant> = None;
             loop {
-                if self.pump() {
+                let n = self.pump();
+                if n > 0 {
+                    moved = moved.saturating_add(n);
                     if let Some(t) = idle_since.take() {
                         polled += t.elapsed();
                     }
@@ -292,6 +311,10 @@ impl Loop {
             if let Some(t) = idle_since {
                 polled += t.elapsed();
             }
+            if may_defer && moved >= DEFER_MIN_CHAINS && !cmd_pending.load(Ordering::Relaxed) {
+                deferred = true;
+                break;
+            }
             let mem = self.mem.snapshot();
             match self.engine.arm_notifications(&*mem, &self.log) {
                 // Work slipped in while notifications were off: its notification may never
@@ -307,6 +330,7 @@ impl Loop {
         if !polled.is_zero() {
             QueueStats::add(&self.stats.poll_ns, polled.as_nanos() as u64);
         }
+        deferred
     }
 
     fn notify_guest(&self) {
@@ -388,6 +412,7 @@ fn run(
         backend_call: setup.backend_call,
         stats: setup.stats,
         poll: setup.poll,
+        batch_wait: setup.batch_wait,
         reported: false,
     };
     let epoll = match Epoll::new() {
@@ -422,8 +447,10 @@ fn run(
     // pending on the kick fd), and completions that raced the switch: work at once.
     let mut work = true;
     loop {
-        if work && stopping.is_none() {
-            l.work(&cmd_pending);
+        // Flowing traffic: sleep the batch wait with notifications off, then work again.
+        while work && stopping.is_none() && l.work(&cmd_pending, !l.batch_wait.is_zero()) {
+            std::thread::sleep(l.batch_wait);
+            QueueStats::add(&l.stats.worker_wakeups, 1);
         }
         if stopping.is_some() {
             break;
