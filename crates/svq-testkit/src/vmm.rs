@@ -429,6 +429,11 @@ impl Vmm {
         Ok(self.log.replace(region))
     }
 
+    /// The file of the dirty log installed last (for tests of a VMM that truncates it).
+    pub fn log_file(&self) -> Option<&std::fs::File> {
+        self.log.as_ref().map(|l| &l.file)
+    }
+
     /// Migration start: SET_LOG_BASE, SET_FEATURES | LOG_ALL, SET_VRING_ADDR with the log flag
     /// on every started ring. Fails like QEMU when the device cannot log.
     pub fn start_dirty_log(&mut self) -> Result<(), VmmError> {

@@ -165,6 +165,12 @@ impl DirtyLog {
         })
     }
 
+    /// Where the log's bytes are in this process (to guard the range against a VMM that
+    /// shrinks the file under the mapping).
+    pub fn host_range(&self) -> (usize, usize) {
+        (self.base.as_ptr() as usize, self.len)
+    }
+
     /// Size of the region in bytes.
     pub fn len_bytes(&self) -> usize {
         self.len

@@ -134,6 +134,9 @@ pub struct UsedBatch {
     /// A previous `forward_avail` stopped on a full shadow ring and descriptors were freed:
     /// call `forward_avail` now (the guest will not kick again for those chains).
     pub retry_avail: bool,
+    /// Used entries whose length exceeded their chain's writable size (a buggy or hostile
+    /// device): the guest gets the length as reported, the log covers only the chain.
+    pub overlong: u32,
 }
 
 /// Writes each validated guest buffer of a chain straight into the shadow ring (translated)
@@ -661,7 +664,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         batch: &mut UsedBatch,
     ) -> Result<(), QueueError> {
         let log = lb.log();
-        let (mut completed, mut pages, mut bytes) = (0u32, 0u64, 0u64);
+        let (mut completed, mut pages, mut bytes, mut overlong) = (0u32, 0u64, 0u64, 0u32);
         let mut used_idx = self.used_idx;
         let mut res = Ok(());
         'batch: loop {
@@ -703,6 +706,9 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
                     bytes += u64::from(n);
                     rem -= n;
                 }
+                if rem > 0 {
+                    overlong += 1;
+                }
             }
             // Re-arm the device's call (used_event) and re-check, else a completion landing
             // between our last read and the re-arm would never be signalled.
@@ -714,6 +720,13 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         batch.completed += completed;
         batch.pages_logged += pages;
         batch.bytes_written += bytes;
+        if overlong > 0 && batch.overlong == 0 {
+            tracing::warn!(
+                entries = overlong,
+                "device reported used lengths beyond the chains' writable size; logged only the chains"
+            );
+        }
+        batch.overlong += overlong;
         res
     }
 

@@ -42,6 +42,9 @@ pub struct ProxyConfig {
     pub log_enabled: bool,
     /// How long to retry connecting to the backend.
     pub backend_connect_timeout: Duration,
+    /// How long a request to the backend may wait for its reply (zero: no limit). A backend that
+    /// does not answer in time is disconnected and the VMM's request fails.
+    pub backend_request_timeout: Duration,
     /// How long a mode switch may wait for the backend to complete requests in flight.
     pub drain_timeout: Duration,
     /// Shadow ring size; 0 = the guest's queue size.
@@ -110,6 +113,7 @@ impl ProxyConfig {
             shadow: ShadowPolicy::Auto,
             log_enabled: true,
             backend_connect_timeout: Duration::from_secs(5),
+            backend_request_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             shadow_size: 0,
             backend_mem_slots: true,

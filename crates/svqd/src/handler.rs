@@ -24,7 +24,7 @@ use crate::error::ProxyError;
 use crate::features::{self, VHOST_F_LOG_ALL};
 use crate::memory::MAX_TABLE_REGIONS;
 use crate::queue::{Mode, QueueSlot, VringAddr};
-use crate::session::Session;
+use crate::session::{no_device, Session};
 use crate::space::reserved_slots;
 
 type VhostResult<T> = vhost::vhost_user::Result<T>;
@@ -112,25 +112,8 @@ impl VhostUserBackendReqHandlerMut for Session {
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
         self.refusable = true;
         try_req!(self.mem.set(ctx, files));
-        let added: Vec<(u64, u64, u64)> = self
-            .mem
-            .regions()
-            .iter()
-            .map(|r| (r.gpa, r.uva, r.size))
-            .collect();
-        let (space, mut table) = try_req!(self.table());
-        for (gpa, uva, size) in added {
-            space.evict_parked_overlapping(table.reborrow(), gpa, uva, size);
-        }
-        space.evict_parked_for(table.mem, table.queues, 0);
-        let regions = space.device_table(table.mem, table.queues, None);
-        if regions.len() > MAX_TABLE_REGIONS && !table.device.incremental_memory() {
-            return fail(ProxyError::NotAllowed(format!(
-                "memory table of {} regions plus shadow rings exceeds {MAX_TABLE_REGIONS}",
-                ctx.len()
-            )));
-        }
-        try_req!(table.device.set_mem_table(&regions));
+        let (space, table) = try_req!(self.table());
+        try_req!(space.vmm_table_replaced(table));
         Ok(None)
     }
 
@@ -139,6 +122,10 @@ impl VhostUserBackendReqHandlerMut for Session {
         let q = try_req!(self.check_queue(index));
         if num == 0 || num > 32768 || !num.is_power_of_two() {
             return fail(ProxyError::BadRequest(format!("queue {q} size {num}")));
+        }
+        if let Some(a) = self.queues[q].vmm.addr {
+            // The ring's extent changes with its size: it must still lie in guest memory.
+            try_req!(self.ring_extent(q, a.desc, a.avail, a.used, num as u16));
         }
         try_req!(try_req!(self.switch()).leave_shadow_for_reconfig(q));
         try_req!(try_req!(self.device()).set_vring_num(q, num as u16));
@@ -157,22 +144,10 @@ impl VhostUserBackendReqHandlerMut for Session {
     ) -> VhostResult<()> {
         self.refusable = true;
         let q = try_req!(self.check_queue(index));
-        let num = u64::from(self.queues[q].vmm.num.max(1));
-        let check = |uva: u64, len: u64, align: u64, what: &str| -> Result<u64, ProxyError> {
-            if !uva.is_multiple_of(align) {
-                return Err(ProxyError::BadRequest(format!(
-                    "queue {q} {what} at {uva:#x} misaligned"
-                )));
-            }
-            self.mem.uva_to_gpa(uva, len).ok_or_else(|| {
-                ProxyError::BadRequest(format!(
-                    "queue {q} {what} at {uva:#x} (+{len:#x}) is outside guest memory"
-                ))
-            })
-        };
-        let desc_gpa = try_req!(check(descriptor, 16 * num, 16, "descriptor table"));
-        let avail_gpa = try_req!(check(available, 6 + 2 * num, 2, "avail ring"));
-        let used_gpa = try_req!(check(used, 6 + 8 * num, 4, "used ring"));
+        // Without a size yet, as if the ring had one entry; SET_VRING_NUM checks it again.
+        let num = self.queues[q].vmm.num.max(1);
+        let (desc_gpa, avail_gpa, used_gpa) =
+            try_req!(self.ring_extent(q, descriptor, available, used, num));
         let addr = VringAddr {
             flags: flags.bits(),
             desc: descriptor,
@@ -408,24 +383,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.refusable = true;
         let limit = try_req!(self.get_max_mem_slots().map_err(|_| no_device())) as usize;
         let r = try_req!(self.mem.add(region, fd, limit));
-        let (space, mut table) = try_req!(self.table());
-        space.evict_parked_overlapping(table.reborrow(), r.gpa, r.uva, r.size);
-        if space
-            .gpa_floor()
-            .is_some_and(|first| r.gpa + r.size > first)
-        {
-            tracing::warn!(
-                gpa = r.gpa,
-                "new guest region reaches into the shadow ring address range"
-            );
-        }
-        let res = if table.device.incremental_memory() {
-            table.device.add_mem_region(&r.device_region())
-        } else {
-            let regions = space.device_table(table.mem, table.queues, None);
-            table.device.set_mem_table(&regions)
-        };
-        if let Err(e) = res {
+        let (space, table) = try_req!(self.table());
+        if let Err(e) = space.vmm_region_added(table, &r) {
             let _ = self.mem.remove(region);
             return fail(e);
         }
@@ -436,14 +395,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.refusable = true;
         let r = try_req!(self.mem.remove(region));
         let (space, table) = try_req!(self.table());
-        if table.device.incremental_memory() {
-            try_req!(table.device.remove_mem_region(&r.device_region()));
-            return Ok(());
-        }
-        let regions = space.device_table(table.mem, table.queues, None);
-        if !regions.is_empty() {
-            try_req!(table.device.set_mem_table(&regions));
-        }
+        try_req!(space.vmm_region_removed(table, &r));
         Ok(())
     }
 
@@ -494,18 +446,48 @@ impl VhostUserBackendReqHandlerMut for Session {
             })
         );
         tracing::debug!(bytes = log.mmap_size, "new dirty log region");
+        let (start, len) = dl.host_range();
+        let guard = crate::sigbus::guard(start, len);
         self.vmm_log = Some(Arc::new(dl));
         // Swapped atomically for the workers: after this returns no worker writes the old one.
         self.update_active_log();
+        self.vmm_log_guard = Some(guard);
         Ok(())
     }
 }
 
-fn no_device() -> ProxyError {
-    ProxyError::NotAllowed("no backend connection".into())
-}
-
 impl Session {
+    /// The guest-physical addresses of ring `q`'s descriptor table, avail ring and used ring at
+    /// the VMM's user addresses, for a ring of `num` entries: each part aligned and wholly
+    /// inside one region of guest memory.
+    fn ring_extent(
+        &self,
+        q: usize,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        num: u16,
+    ) -> Result<(u64, u64, u64), ProxyError> {
+        let num = u64::from(num);
+        let check = |uva: u64, len: u64, align: u64, what: &str| -> Result<u64, ProxyError> {
+            if !uva.is_multiple_of(align) {
+                return Err(ProxyError::BadRequest(format!(
+                    "queue {q} {what} at {uva:#x} misaligned"
+                )));
+            }
+            self.mem.uva_to_gpa(uva, len).ok_or_else(|| {
+                ProxyError::BadRequest(format!(
+                    "queue {q} {what} at {uva:#x} (+{len:#x}, {num} entries) is outside guest memory"
+                ))
+            })
+        };
+        Ok((
+            check(desc, 16 * num, 16, "descriptor table")?,
+            check(avail, 6 + 2 * num, 2, "avail ring")?,
+            check(used, 6 + 8 * num, 4, "used ring")?,
+        ))
+    }
+
     /// Record the VMM's kick fd for ring `q`: the ring is started.
     fn record_kick(&mut self, q: usize, kick: Arc<EventFd>) {
         let has_enable = self.device_has_enable();

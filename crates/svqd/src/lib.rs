@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod drain;
@@ -22,12 +23,14 @@ pub mod error;
 pub mod features;
 pub mod handler;
 pub mod memory;
+pub mod metrics;
 pub mod proxy;
 pub mod queue;
 pub mod quiesce;
 pub mod report;
 pub mod session;
 pub mod shadow;
+pub mod sigbus;
 pub mod space;
 pub mod stats;
 pub mod switch;

@@ -39,6 +39,9 @@ pub struct StatusReport {
     pub protocol_features: FeatureSet,
     /// The queues.
     pub queues: Vec<QueueStatus>,
+    /// Set when the answer is a snapshot because svqd is busy waiting on a peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy: Option<String>,
 }
 
 /// A feature word as the backend offers it, as svqd offers it to the VMM, and as the VMM acked.
@@ -248,6 +251,7 @@ impl StatusReport {
                 acked: hex(s.acked_protocol.bits()),
             },
             queues,
+            busy: None,
         }
     }
 }
@@ -264,6 +268,21 @@ impl StatsReport {
                     index: i,
                     mode: q.mode.name().into(),
                     counters: QueueCounters::read(&q.stats),
+                })
+                .collect(),
+        }
+    }
+
+    /// The counters of queues given as (mode, counters).
+    pub fn from_queues(queues: &[(String, std::sync::Arc<QueueStats>)]) -> Self {
+        StatsReport {
+            queues: queues
+                .iter()
+                .enumerate()
+                .map(|(i, (mode, stats))| QueueStatsReport {
+                    index: i,
+                    mode: mode.clone(),
+                    counters: QueueCounters::read(stats),
                 })
                 .collect(),
         }

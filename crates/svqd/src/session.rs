@@ -19,6 +19,11 @@ use crate::queue::QueueSlot;
 use crate::space::{ShadowSpace, TableCtx};
 use crate::switch::{RingFeatures, Switch};
 
+/// The error of a request while no device is connected (between sessions).
+pub fn no_device() -> ProxyError {
+    ProxyError::NotAllowed("no backend connection".into())
+}
+
 /// One VMM session (and the device connection that lives as long as it).
 pub struct Session {
     /// Configuration.
@@ -35,6 +40,8 @@ pub struct Session {
     pub mem: MemoryTable,
     /// The VMM's dirty log (SET_LOG_BASE).
     pub vmm_log: Option<Arc<DirtyLog>>,
+    /// Guards the VMM's dirty log against a VMM that shrinks its file ([`crate::sigbus`]).
+    pub vmm_log_guard: Option<crate::sigbus::Guard>,
     /// The log the engines write: the VMM's while LOG_ALL is on (and logging is enabled).
     pub active_log: Arc<SharedLog>,
     /// Queues.
@@ -61,6 +68,7 @@ impl Session {
             acked_protocol: VhostUserProtocolFeatures::empty(),
             mem: MemoryTable::default(),
             vmm_log: None,
+            vmm_log_guard: None,
             active_log: Arc::new(SharedLog::new(None)),
             queues: Vec::new(),
             forced: false,
@@ -91,6 +99,7 @@ impl Session {
         self.mem.clear();
         self.vmm_log = None;
         self.active_log.replace(None);
+        self.vmm_log_guard = None;
         self.space.clear();
         self.vmm_connected = false;
     }
@@ -99,7 +108,7 @@ impl Session {
     pub fn device(&mut self) -> Result<&mut dyn BackendDevice, ProxyError> {
         match self.device.as_deref_mut() {
             Some(d) => Ok(d),
-            None => Err(ProxyError::NotAllowed("no backend connection".into())),
+            None => Err(no_device()),
         }
     }
 
@@ -157,9 +166,8 @@ impl Session {
     /// The switch logic over this session's device and queues.
     pub fn switch(&mut self) -> Result<Switch<'_>, ProxyError> {
         let features = self.ring_features();
-        let device = match self.device.as_deref_mut() {
-            Some(d) => d,
-            None => return Err(ProxyError::NotAllowed("no backend connection".into())),
+        let Some(device) = self.device.as_deref_mut() else {
+            return Err(no_device());
         };
         Ok(Switch {
             cfg: &self.cfg,
@@ -175,9 +183,8 @@ impl Session {
 
     /// The device's memory-table context with the shadow space beside it.
     pub fn table(&mut self) -> Result<(&mut ShadowSpace, TableCtx<'_>), ProxyError> {
-        let device = match self.device.as_deref_mut() {
-            Some(d) => d,
-            None => return Err(ProxyError::NotAllowed("no backend connection".into())),
+        let Some(device) = self.device.as_deref_mut() else {
+            return Err(no_device());
         };
         Ok((
             &mut self.space,

@@ -13,7 +13,7 @@ use svq::IovaTree;
 
 use crate::backend::{BackendDevice, DeviceRegion};
 use crate::error::ProxyError;
-use crate::memory::{MemoryTable, MAX_TABLE_REGIONS};
+use crate::memory::{MemoryTable, VmmRegion, MAX_TABLE_REGIONS};
 use crate::queue::{Mode, QueueSlot};
 use crate::shadow::ShadowRegion;
 
@@ -156,6 +156,69 @@ impl ShadowSpace {
                     .map(ShadowRegion::device_region),
             )
             .collect()
+    }
+
+    /// The VMM replaced its memory table (already in `ctx.mem`): drop the parked regions the new
+    /// guest memory overlaps or that no longer fit, and send the device the whole table.
+    pub fn vmm_table_replaced(&mut self, mut ctx: TableCtx<'_>) -> Result<(), ProxyError> {
+        let added: Vec<(u64, u64, u64)> = ctx
+            .mem
+            .regions()
+            .iter()
+            .map(|r| (r.gpa, r.uva, r.size))
+            .collect();
+        for (gpa, uva, size) in added {
+            self.evict_parked_overlapping(ctx.reborrow(), gpa, uva, size);
+        }
+        self.evict_parked_for(ctx.mem, ctx.queues, 0);
+        let table = self.device_table(ctx.mem, ctx.queues, None);
+        if table.len() > MAX_TABLE_REGIONS && !ctx.device.incremental_memory() {
+            return Err(ProxyError::NotAllowed(format!(
+                "memory table of {} regions plus shadow rings exceeds {MAX_TABLE_REGIONS}",
+                ctx.mem.regions().len()
+            )));
+        }
+        ctx.device.set_mem_table(&table)
+    }
+
+    /// The VMM added `region` (already in `ctx.mem`): drop a parked region it overlaps and
+    /// give it to the device.
+    pub fn vmm_region_added(
+        &mut self,
+        mut ctx: TableCtx<'_>,
+        region: &VmmRegion,
+    ) -> Result<(), ProxyError> {
+        self.evict_parked_overlapping(ctx.reborrow(), region.gpa, region.uva, region.size);
+        if self
+            .gpa_floor()
+            .is_some_and(|first| region.gpa + region.size > first)
+        {
+            tracing::warn!(
+                gpa = region.gpa,
+                "new guest region reaches into the shadow ring address range"
+            );
+        }
+        if ctx.device.incremental_memory() {
+            return ctx.device.add_mem_region(&region.device_region());
+        }
+        let table = self.device_table(ctx.mem, ctx.queues, None);
+        ctx.device.set_mem_table(&table)
+    }
+
+    /// The VMM removed `region` (already gone from `ctx.mem`): take it from the device.
+    pub fn vmm_region_removed(
+        &mut self,
+        ctx: TableCtx<'_>,
+        region: &VmmRegion,
+    ) -> Result<(), ProxyError> {
+        if ctx.device.incremental_memory() {
+            return ctx.device.remove_mem_region(&region.device_region());
+        }
+        let table = self.device_table(ctx.mem, ctx.queues, None);
+        if table.is_empty() {
+            return Ok(());
+        }
+        ctx.device.set_mem_table(&table)
     }
 
     /// The memory of queue `q`'s shadow ring of `size` entries: the region it parked when it

@@ -27,6 +27,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::SharedMemory;
+use crate::sigbus;
 use crate::stats::QueueStats;
 
 /// The engine type svqd runs: vhost-user descriptors carry guest-physical addresses unchanged.
@@ -111,9 +112,10 @@ impl Worker {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         let cmd_pending = Arc::new(AtomicBool::new(false));
         let (w, p) = (wake.clone(), cmd_pending.clone());
+        let span = tracing::Span::current();
         let join = std::thread::Builder::new()
             .name(format!("svqd-q{}", setup.index))
-            .spawn(move || run(setup, rx, w, p))?;
+            .spawn(move || span.in_scope(|| run(setup, rx, w, p)))?;
         Ok(Worker {
             cmd: tx,
             wake,
@@ -190,9 +192,28 @@ struct Loop {
     poll: Duration,
     batch_wait: Duration,
     reported: bool,
+    /// [`sigbus::faults_on_this_thread`] when the worker started: a later fault means the VMM
+    /// truncated memory this queue touched, and what it reads or writes can no longer be trusted.
+    faults_seen: u64,
+    /// Stopped because memory was lost (see `faults_seen`).
+    memory_lost: bool,
 }
 
 impl Loop {
+    /// Whether the queue may go on: false once the VMM truncated shared memory under svqd.
+    fn memory_intact(&mut self) -> bool {
+        if !self.memory_lost && sigbus::faults_on_this_thread() != self.faults_seen {
+            self.memory_lost = true;
+            tracing::error!(
+                queue = self.index,
+                addr = format_args!("{:#x}", sigbus::last_fault_addr()),
+                "SIGBUS on guest memory or the dirty log: the VMM truncated a shared memory file \
+                 under svqd; this shadow queue stops until the device is reset"
+            );
+        }
+        !self.memory_lost
+    }
+
     /// Record the first engine error once; the queue stays broken (the guest must reset it).
     fn fail(&mut self, e: QueueError) {
         if !self.reported {
@@ -203,10 +224,14 @@ impl Loop {
 
     /// Forward the guest's new chains; returns how many.
     fn avail(&mut self, mem: &GuestMemoryMmap) -> u32 {
-        if self.engine.broken().is_some() || !self.engine.forwarding() {
+        if self.engine.broken().is_some() || !self.engine.forwarding() || self.memory_lost {
             return 0;
         }
-        match self.engine.forward_avail(mem, &self.log) {
+        let res = self.engine.forward_avail(mem, &self.log);
+        if !self.memory_intact() {
+            return 0;
+        }
+        match res {
             Ok(b) => {
                 if b.chains > 0 {
                     QueueStats::add(&self.stats.chains, b.chains.into());
@@ -231,10 +256,14 @@ impl Loop {
     /// Relay the backend's completions; returns whether any (or descriptors were freed while
     /// the shadow ring was full).
     fn used(&mut self, mem: &GuestMemoryMmap) -> bool {
-        if self.engine.broken().is_some() {
+        if self.engine.broken().is_some() || self.memory_lost {
             return false;
         }
-        match self.engine.forward_used(mem, &self.log) {
+        let res = self.engine.forward_used(mem, &self.log);
+        if !self.memory_intact() {
+            return false;
+        }
+        match res {
             Ok(u) => {
                 if u.completed > 0 {
                     QueueStats::add(&self.stats.completed, u.completed.into());
@@ -276,15 +305,19 @@ impl Loop {
         let mut moved = 0u32;
         let mut deferred = false;
         loop {
-            if self.engine.broken().is_some() {
+            if self.engine.broken().is_some() || self.memory_lost {
                 return false;
             }
             let mem = self.mem.snapshot();
-            if let Err(e) = self.engine.suppress_notifications(&*mem, &self.log) {
+            let res = self.engine.suppress_notifications(&*mem, &self.log);
+            drop(mem);
+            if !self.memory_intact() {
+                return false;
+            }
+            if let Err(e) = res {
                 self.fail(e);
                 return false;
             }
-            drop(mem);
             let mut idle_since: Option<Instant> = None;
             loop {
                 let n = self.pump();
@@ -316,7 +349,12 @@ impl Loop {
                 break;
             }
             let mem = self.mem.snapshot();
-            match self.engine.arm_notifications(&*mem, &self.log) {
+            let res = self.engine.arm_notifications(&*mem, &self.log);
+            drop(mem);
+            if !self.memory_intact() {
+                break;
+            }
+            match res {
                 // Work slipped in while notifications were off: its notification may never
                 // come, so take it now.
                 Ok(true) => continue,
@@ -414,6 +452,8 @@ fn run(
         poll: setup.poll,
         batch_wait: setup.batch_wait,
         reported: false,
+        faults_seen: sigbus::faults_on_this_thread(),
+        memory_lost: false,
     };
     let epoll = match Epoll::new() {
         Ok(e) => e,
@@ -524,9 +564,12 @@ fn run(
         // Hand the rings over with notifications armed (a kick-driven backend must see no
         // NO_NOTIFY left behind), and relay what the backend completed.
         let mem = l.mem.snapshot();
-        if l.engine.broken().is_none() {
-            if let Err(e) = l.engine.arm_notifications(&*mem, &l.log) {
-                l.fail(e);
+        if l.engine.broken().is_none() && !l.memory_lost {
+            let res = l.engine.arm_notifications(&*mem, &l.log);
+            if l.memory_intact() {
+                if let Err(e) = res {
+                    l.fail(e);
+                }
             }
         }
         l.used(&mem);

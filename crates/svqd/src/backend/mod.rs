@@ -16,6 +16,7 @@ use crate::error::ProxyError;
 #[cfg(test)]
 pub mod recording;
 pub mod vhost_user;
+pub mod watchdog;
 
 pub use vhost_user::VhostUserDevice;
 

@@ -15,6 +15,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::watchdog::RequestWatchdog;
 use super::{BackendDevice, DeviceRegion, DeviceResult};
 use crate::error::ProxyError;
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
@@ -43,45 +44,71 @@ pub struct VhostUserDevice {
     /// Features last forwarded with SET_FEATURES.
     last_features: Option<u64>,
     stream: UnixStream,
+    /// Shuts the connection down when a request goes unanswered for `request_timeout` (a late
+    /// reply would be taken for the next request's, so the connection is as good as gone).
+    watchdog: RequestWatchdog,
+    /// How long a request may wait for its reply.
+    request_timeout: Duration,
 }
 
 impl VhostUserDevice {
-    /// Connect to `path`, retrying for `timeout` while the socket is absent or refusing (the backend
-    /// may still be starting), then read its features.
-    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ProxyError> {
+    /// Connect to `path` and read its features, retrying for `timeout` while the socket is absent
+    /// or refusing, or the backend drops the connection during the handshake (it may still be
+    /// starting, or busy with a frontend that is going away). Every request afterwards waits at
+    /// most `request_timeout` for its reply: a backend that does not answer by then is treated
+    /// as gone (the connection cannot be resynchronised), which the VMM sees as an error.
+    pub fn connect(
+        path: &Path,
+        timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, ProxyError> {
         let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e)
-                    if Instant::now() < deadline
-                        && matches!(
-                            e.kind(),
-                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                        ) =>
-                {
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match Self::handshake(path, timeout, request_timeout) {
+                Ok(d) => return Ok(d),
+                Err(e) if Instant::now() < deadline && retryable(&e) => {
+                    if attempts == 1 {
+                        tracing::info!(backend = %path.display(), error = %e, "backend not ready; retrying");
+                    }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => {
-                    return Err(ProxyError::BackendConnect {
-                        path: path.display().to_string(),
-                        source: e,
-                    })
-                }
+                Err(e) => return Err(e),
             }
-        };
-        // A backend that accepts but never answers (busy with another frontend) must not hang
-        // svqd: bound the handshake.
-        stream
-            .set_read_timeout(Some(timeout.max(Duration::from_secs(1))))
-            .map_err(|e| ProxyError::Io("backend socket timeout", e))?;
+        }
+    }
+
+    /// One connection attempt: connect, GET_FEATURES, GET_PROTOCOL_FEATURES.
+    fn handshake(
+        path: &Path,
+        timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, ProxyError> {
+        let stream = UnixStream::connect(path).map_err(|e| ProxyError::BackendConnect {
+            path: path.display().to_string(),
+            source: e,
+        })?;
         let keep = stream
             .try_clone()
             .map_err(|e| ProxyError::Io("clone backend socket", e))?;
+        let watchdog = RequestWatchdog::new(
+            stream
+                .try_clone()
+                .map_err(|e| ProxyError::Io("clone backend socket", e))?,
+        )
+        .map_err(|e| ProxyError::Io("spawn the request watchdog", e))?;
         let mut fe = Frontend::from_stream(stream, MAX_QUEUES as u64);
-        let features = fe
-            .get_features()
-            .map_err(|e| ProxyError::Backend("GET_FEATURES", e))?;
+        // A backend that accepts but never answers (busy with another frontend) must not hang
+        // svqd: bound the handshake.
+        let limit = timeout.max(Duration::from_secs(1));
+        let timed_out = |what: &'static str, e: vhost::Error| match watchdog.fired() {
+            Some(_) => ProxyError::BackendTimeout { what, after: limit },
+            None => ProxyError::Backend(what, e),
+        };
+        let features = watchdog
+            .run("GET_FEATURES", limit, || fe.get_features())
+            .map_err(|e| timed_out("GET_FEATURES", e))?;
         if features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
             return Err(ProxyError::NotAllowed(format!(
                 "backend {} does not offer VHOST_USER_F_PROTOCOL_FEATURES (features {features:#x}); \
@@ -89,11 +116,11 @@ impl VhostUserDevice {
                 path.display()
             )));
         }
-        let protocol = fe
-            .get_protocol_features()
-            .map_err(|e| ProxyError::Backend("GET_PROTOCOL_FEATURES", e))?;
-        keep.set_read_timeout(None)
-            .map_err(|e| ProxyError::Io("backend socket timeout", e))?;
+        let protocol = watchdog
+            .run("GET_PROTOCOL_FEATURES", limit, || {
+                fe.get_protocol_features()
+            })
+            .map_err(|e| timed_out("GET_PROTOCOL_FEATURES", e))?;
         tracing::info!(
             backend = %path.display(),
             features = format_args!("{features:#x}"),
@@ -109,6 +136,25 @@ impl VhostUserDevice {
             max_mem_slots: None,
             last_features: None,
             stream: keep,
+            watchdog,
+            request_timeout,
+        })
+    }
+
+    /// Send request `what` with `f`, bounded by the request timeout.
+    fn call<T>(
+        &mut self,
+        what: &'static str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> DeviceResult<T> {
+        let fe = &mut self.fe;
+        let res = self.watchdog.run(what, self.request_timeout, || f(fe));
+        res.map_err(|e| match self.watchdog.fired() {
+            Some(_) => ProxyError::BackendTimeout {
+                what,
+                after: self.request_timeout,
+            },
+            None => ProxyError::Backend(what, e),
         })
     }
 
@@ -121,9 +167,16 @@ impl VhostUserDevice {
     }
 }
 
-/// A vhost crate error as a [`ProxyError`] naming the request.
-fn req(what: &'static str) -> impl FnOnce(vhost::Error) -> ProxyError {
-    move |e| ProxyError::Backend(what, e)
+/// Whether a failed connection attempt is worth another: nobody listening yet, or the backend
+/// dropped the connection (or did not answer) during the handshake.
+fn retryable(e: &ProxyError) -> bool {
+    match e {
+        ProxyError::BackendConnect { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ),
+        e => e.backend_gone(),
+    }
 }
 
 impl BackendDevice for VhostUserDevice {
@@ -141,9 +194,9 @@ impl BackendDevice for VhostUserDevice {
 
     /// Also learns what depends on the features: queue count, memory slots.
     fn set_protocol_features(&mut self, features: VhostUserProtocolFeatures) -> DeviceResult<()> {
-        self.fe
-            .set_protocol_features(features)
-            .map_err(req("SET_PROTOCOL_FEATURES"))?;
+        self.call("SET_PROTOCOL_FEATURES", |fe| {
+            fe.set_protocol_features(features)
+        })?;
         self.acked_protocol = features;
         if features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             // Every request then gets an explicit ack, so a refusal shows up where it happens
@@ -151,14 +204,11 @@ impl BackendDevice for VhostUserDevice {
             self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
         if features.contains(VhostUserProtocolFeatures::MQ) {
-            let n = self.fe.get_queue_num().map_err(req("GET_QUEUE_NUM"))?;
+            let n = self.call("GET_QUEUE_NUM", |fe| fe.get_queue_num())?;
             self.num_queues = (n as usize).clamp(1, MAX_QUEUES);
         }
         if features.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
-            let n = self
-                .fe
-                .get_max_mem_slots()
-                .map_err(req("GET_MAX_MEM_SLOTS"))?;
+            let n = self.call("GET_MAX_MEM_SLOTS", |fe| fe.get_max_mem_slots())?;
             self.max_mem_slots = Some(n);
         }
         Ok(())
@@ -173,13 +223,11 @@ impl BackendDevice for VhostUserDevice {
     }
 
     fn set_owner(&mut self) -> DeviceResult<()> {
-        self.fe.set_owner().map_err(req("SET_OWNER"))
+        self.call("SET_OWNER", |fe| fe.set_owner())
     }
 
     fn set_features(&mut self, features: u64) -> DeviceResult<()> {
-        self.fe
-            .set_features(features)
-            .map_err(req("SET_FEATURES"))?;
+        self.call("SET_FEATURES", |fe| fe.set_features(features))?;
         self.last_features = Some(features);
         Ok(())
     }
@@ -219,65 +267,53 @@ impl BackendDevice for VhostUserDevice {
 
     fn set_mem_table(&mut self, regions: &[DeviceRegion]) -> DeviceResult<()> {
         let table: Vec<_> = regions.iter().map(DeviceRegion::vhost_user_info).collect();
-        self.fe
-            .set_mem_table(&table)
-            .map_err(req("SET_MEM_TABLE"))?;
+        self.call("SET_MEM_TABLE", |fe| fe.set_mem_table(&table))?;
         Ok(())
     }
 
     fn add_mem_region(&mut self, region: &DeviceRegion) -> DeviceResult<()> {
-        self.fe
-            .add_mem_region(&region.vhost_user_info())
-            .map_err(req("ADD_MEM_REG"))?;
+        self.call("ADD_MEM_REG", |fe| {
+            fe.add_mem_region(&region.vhost_user_info())
+        })?;
         Ok(())
     }
 
     fn remove_mem_region(&mut self, region: &DeviceRegion) -> DeviceResult<()> {
-        self.fe
-            .remove_mem_region(&region.vhost_user_info())
-            .map_err(req("REM_MEM_REG"))
+        self.call("REM_MEM_REG", |fe| {
+            fe.remove_mem_region(&region.vhost_user_info())
+        })
     }
 
     fn set_vring_num(&mut self, q: usize, num: u16) -> DeviceResult<()> {
-        self.fe.set_vring_num(q, num).map_err(req("SET_VRING_NUM"))
+        self.call("SET_VRING_NUM", |fe| fe.set_vring_num(q, num))
     }
 
     fn set_vring_base(&mut self, q: usize, base: u16) -> DeviceResult<()> {
-        self.fe
-            .set_vring_base(q, base)
-            .map_err(req("SET_VRING_BASE"))
+        self.call("SET_VRING_BASE", |fe| fe.set_vring_base(q, base))
     }
 
     fn set_vring_addr(&mut self, q: usize, ring: &VringConfigData) -> DeviceResult<()> {
-        self.fe
-            .set_vring_addr(q, ring)
-            .map_err(req("SET_VRING_ADDR"))
+        self.call("SET_VRING_ADDR", |fe| fe.set_vring_addr(q, ring))
     }
 
     fn set_vring_kick(&mut self, q: usize, kick: &EventFd) -> DeviceResult<()> {
-        self.fe
-            .set_vring_kick(q, kick)
-            .map_err(req("SET_VRING_KICK"))
+        self.call("SET_VRING_KICK", |fe| fe.set_vring_kick(q, kick))
     }
 
     fn set_vring_call(&mut self, q: usize, call: &EventFd) -> DeviceResult<()> {
-        self.fe
-            .set_vring_call(q, call)
-            .map_err(req("SET_VRING_CALL"))
+        self.call("SET_VRING_CALL", |fe| fe.set_vring_call(q, call))
     }
 
     fn set_vring_err(&mut self, q: usize, err: &EventFd) -> DeviceResult<()> {
-        self.fe.set_vring_err(q, err).map_err(req("SET_VRING_ERR"))
+        self.call("SET_VRING_ERR", |fe| fe.set_vring_err(q, err))
     }
 
     fn set_vring_enable(&mut self, q: usize, enable: bool) -> DeviceResult<()> {
-        self.fe
-            .set_vring_enable(q, enable)
-            .map_err(req("SET_VRING_ENABLE"))
+        self.call("SET_VRING_ENABLE", |fe| fe.set_vring_enable(q, enable))
     }
 
     fn get_vring_base(&mut self, q: usize) -> DeviceResult<u16> {
-        let base = self.fe.get_vring_base(q).map_err(req("GET_VRING_BASE"))?;
+        let base = self.call("GET_VRING_BASE", |fe| fe.get_vring_base(q))?;
         Ok(base as u16)
     }
 
@@ -303,16 +339,16 @@ impl BackendDevice for VhostUserDevice {
 
     /// GET_FEATURES: answered only after every earlier message was handled.
     fn sync(&mut self) -> DeviceResult<()> {
-        self.fe.get_features().map_err(req("GET_FEATURES"))?;
+        self.call("GET_FEATURES", |fe| fe.get_features())?;
         Ok(())
     }
 
     fn reset_device(&mut self) -> DeviceResult<()> {
-        self.fe.reset_device().map_err(req("RESET_DEVICE"))
+        self.call("RESET_DEVICE", |fe| fe.reset_device())
     }
 
     fn reset_owner(&mut self) -> DeviceResult<()> {
-        self.fe.reset_owner().map_err(req("RESET_OWNER"))
+        self.call("RESET_OWNER", |fe| fe.reset_owner())
     }
 
     fn get_config(
@@ -322,10 +358,8 @@ impl BackendDevice for VhostUserDevice {
         flags: VhostUserConfigFlags,
     ) -> DeviceResult<Vec<u8>> {
         let buf = vec![0u8; size as usize];
-        let (_, payload) = self
-            .fe
-            .get_config(offset, size, flags, &buf)
-            .map_err(req("GET_CONFIG"))?;
+        let (_, payload) =
+            self.call("GET_CONFIG", |fe| fe.get_config(offset, size, flags, &buf))?;
         Ok(payload)
     }
 
@@ -335,24 +369,18 @@ impl BackendDevice for VhostUserDevice {
         data: &[u8],
         flags: VhostUserConfigFlags,
     ) -> DeviceResult<()> {
-        self.fe
-            .set_config(offset, flags, data)
-            .map_err(req("SET_CONFIG"))
+        self.call("SET_CONFIG", |fe| fe.set_config(offset, flags, data))
     }
 
     fn get_inflight_fd(
         &mut self,
         inflight: &VhostUserInflight,
     ) -> DeviceResult<(VhostUserInflight, std::fs::File)> {
-        self.fe
-            .get_inflight_fd(inflight)
-            .map_err(req("GET_INFLIGHT_FD"))
+        self.call("GET_INFLIGHT_FD", |fe| fe.get_inflight_fd(inflight))
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, fd: RawFd) -> DeviceResult<()> {
-        self.fe
-            .set_inflight_fd(inflight, fd)
-            .map_err(req("SET_INFLIGHT_FD"))
+        self.call("SET_INFLIGHT_FD", |fe| fe.set_inflight_fd(inflight, fd))
     }
 
     fn set_device_state_fd(
@@ -361,15 +389,13 @@ impl BackendDevice for VhostUserDevice {
         phase: VhostTransferStatePhase,
         fd: std::fs::File,
     ) -> DeviceResult<Option<std::fs::File>> {
-        self.fe
-            .set_device_state_fd(direction, phase, fd.into())
-            .map_err(req("SET_DEVICE_STATE_FD"))
+        self.call("SET_DEVICE_STATE_FD", |fe| {
+            fe.set_device_state_fd(direction, phase, fd.into())
+        })
     }
 
     fn check_device_state(&mut self) -> DeviceResult<()> {
-        self.fe
-            .check_device_state()
-            .map_err(req("CHECK_DEVICE_STATE"))
+        self.call("CHECK_DEVICE_STATE", |fe| fe.check_device_state())
     }
 
     fn watch_fd(&self) -> Option<RawFd> {
@@ -384,7 +410,8 @@ impl BackendDevice for VhostUserDevice {
         };
         // SAFETY: one valid pollfd, zero timeout.
         let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+        let closed = n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+        closed || self.watchdog.fired().is_some()
     }
 
     fn close(&self) {
