@@ -42,6 +42,9 @@ fn stress_with(
         qsd_like,
         delay: Some((20, 1500)),
         poll,
+        // Without polling, no batch wait either (pure notifications); with a long poll, a long
+        // batch wait too (the worker is mostly asleep with notifications off).
+        batch_wait: poll.map(|p| p / 5),
         ..Default::default()
     });
     let ram = GuestRam::new("guest", 32 << 20).unwrap();
@@ -165,8 +168,9 @@ fn qsd_like_backend_event_idx_survives_switches() {
     stress_with(true, 1, 40, Trigger::Control, true, None);
 }
 
-/// The worker without a poll phase (sleeps as soon as the rings are empty) and with a long one
-/// (still polling when the switch stops it): nothing lost or doubled either way.
+/// The worker without a poll phase or batch wait (sleeps on notifications as soon as the rings
+/// are empty) and with long ones (still polling, or asleep with notifications off, when the
+/// switch stops it): nothing lost or doubled either way.
 #[test]
 fn switches_without_polling_and_with_long_polling() {
     for event_idx in [true, false] {

@@ -39,6 +39,8 @@ pub struct RigOptions {
     pub drain_timeout: Duration,
     /// svqd's --poll-us (`None`: the default).
     pub poll: Option<Duration>,
+    /// svqd's --batch-wait-us (`None`: the default).
+    pub batch_wait: Option<Duration>,
 }
 
 impl Default for RigOptions {
@@ -54,6 +56,7 @@ impl Default for RigOptions {
             qsd_like: false,
             drain_timeout: Duration::from_secs(5),
             poll: None,
+            batch_wait: None,
         }
     }
 }
@@ -89,6 +92,9 @@ impl Rig {
         cfg.drain_timeout = o.drain_timeout;
         if let Some(p) = o.poll {
             cfg.poll = p;
+        }
+        if let Some(w) = o.batch_wait {
+            cfg.batch_wait = w;
         }
         let proxy = Proxy::new(cfg).unwrap().spawn().unwrap();
         Rig {
