@@ -530,6 +530,11 @@ fn run(
                     work = true;
                 }
                 _ => {
+                    // A kick or call seen before the command is served first (a hold must not
+                    // overtake a kick that arrived before it).
+                    if work && stopping.is_none() {
+                        l.work(&cmd_pending, false);
+                    }
                     drain_eventfd(&wake);
                     cmd_pending.store(false, Ordering::Relaxed);
                     while let Ok(cmd) = rx.try_recv() {
