@@ -12,8 +12,10 @@
 //! * otherwise: nothing completed for a quiet period.
 //!
 //! A ring whose avail index cannot move any more (the shadow ring once the worker holds it:
-//! svqd is its only driver) is quiet the moment everything published is completed: no settle
-//! period, because no buffer can be published, hence none taken, after that observation.
+//! svqd is its only driver) with everything published completed needs no run of hits, only the
+//! settle period since the last completion: nothing new can be taken, but the backend may not
+//! have signalled its last completion yet, and qemu-storage-daemon drops the connection when
+//! that signal meets the call fd GET_VRING_BASE closed.
 
 use std::time::{Duration, Instant};
 
@@ -79,7 +81,8 @@ impl Quiescer {
     }
 
     /// Start observing a ring whose avail index no longer moves (svqd drives it and stopped
-    /// publishing): `used.idx == avail.idx` is final, the ring is quiet at once.
+    /// publishing): `used.idx == avail.idx` is final; the ring is quiet once nothing completed
+    /// for the settle period (the backend's last call is out), whatever the number of looks.
     pub fn with_frozen_avail(event_idx: bool) -> Self {
         Quiescer {
             avail_frozen: true,
@@ -106,8 +109,8 @@ impl Quiescer {
             None
         };
         if self.avail_frozen && ring.used_idx == ring.avail_idx {
-            self.settled = true;
-            return true;
+            self.settled = quiet_for >= SETTLE_PERIOD;
+            return self.settled;
         }
         self.settled = match exact {
             Some(true) => {
@@ -226,14 +229,18 @@ mod tests {
         let mut q = Quiescer::with_frozen_avail(true);
         // Taken and not completed: not quiet, however long.
         assert_eq!(run(&mut q, ring(9, 7, 9), t0, 20), None);
-        // Everything completed: quiet on the first look.
-        assert!(q.observe(ring(9, 9, 9), true, t0 + Duration::from_millis(20)));
-        // Without EVENT_IDX the same.
+        // Everything completed: quiet once the settle period passed since that completion,
+        // on the first look after it (no run of hits).
+        let t1 = t0 + Duration::from_millis(20);
+        assert!(!q.observe(ring(9, 9, 9), true, t1));
+        assert!(q.observe(ring(9, 9, 9), false, t1 + SETTLE_PERIOD));
+        // Without EVENT_IDX the same, where the unfrozen ring needs the 5 ms quiet period.
         let mut q = Quiescer::with_frozen_avail(false);
-        assert!(q.observe(ring(4, 4, 0), false, t0));
-        // A ring whose avail index may move still settles.
+        assert!(!q.observe(ring(4, 4, 0), false, t0));
+        assert!(q.observe(ring(4, 4, 0), false, t0 + SETTLE_PERIOD));
         let mut q = Quiescer::new(false);
         assert!(!q.observe(ring(4, 4, 0), false, t0));
+        assert!(!q.observe(ring(4, 4, 0), false, t0 + SETTLE_PERIOD));
     }
 
     #[test]
