@@ -28,7 +28,7 @@ pub const QUIESCE_LIMIT: Duration = Duration::from_secs(2);
 
 /// How often a ring in memory is looked at while waiting (a look is a few loads; looking often
 /// ends the wait soon after the ring got quiet).
-const POLL: Duration = Duration::from_micros(20);
+const POLL: Duration = Duration::from_micros(100);
 
 /// With a trustworthy `avail_event`: how long it must stay equal to `used.idx` (it can be stale
 /// inside a vhost-user-backend pop loop, which refreshes it only when re-enabling notifications).
