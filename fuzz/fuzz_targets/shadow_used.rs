@@ -85,24 +85,32 @@ fuzz_target!(|data: &[u8]| {
     shadow.write_obj(idx, GuestAddress(used + 2)).unwrap();
     let mut completed = 0u32;
     let mut written = 0u64;
+    let mut failed = false;
     for _ in 0..2 {
         match q.forward_used(&guest, &log) {
             Ok(u) => {
                 completed += u.completed;
                 written += u.bytes_written;
             }
-            Err(_) => assert!(q.broken().is_some()),
+            Err(_) => {
+                assert!(q.broken().is_some());
+                failed = true;
+            }
         }
     }
-    assert!(
-        completed <= u32::from(chains),
-        "completed {completed} of {chains}"
-    );
     assert!(
         written <= u64::from(completed) * u64::from(BUF),
         "{written} bytes logged"
     );
+    // Valid completions before a bad entry still reach the guest; never more than were taken.
     let guest_used: u16 = guest.read_obj(GuestAddress(USED + 2)).unwrap();
-    assert_eq!(u32::from(guest_used), completed);
+    assert!(
+        guest_used <= chains,
+        "guest used idx {guest_used} with {chains} chains"
+    );
+    assert!(u32::from(guest_used) >= completed);
+    if !failed {
+        assert_eq!(u32::from(guest_used), completed);
+    }
     drop(q);
 });

@@ -38,22 +38,21 @@ pub struct Cli {
     /// Seconds a mode switch may wait for the backend to complete requests in flight.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub drain_timeout: f64,
+    /// Microseconds a shadow worker keeps polling the rings after work before it sleeps (0:
+    /// never). Polling trades CPU for fewer wake-ups under load; query-stats shows its cost.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub poll_us: u32,
+    /// CPUs the shadow workers run on, e.g. 0 or 2-3,6.
+    #[arg(long, value_name = "LIST")]
+    pub worker_cpus: Option<String>,
     /// Shadow ring size (power of two); default: the guest's queue size.
     #[arg(long, value_name = "N")]
     pub shadow_size: Option<u16>,
-    /// Microseconds a shadow worker keeps polling its rings after the last work before it sleeps
-    /// (0: never poll; sleep on notifications at once). Polling saves wake-ups under load at the
-    /// price of CPU time (shown as poll_us and worker_cpu_us in query-stats).
-    #[arg(long, value_name = "N", default_value_t = crate::config::DEFAULT_POLL_US)]
-    pub poll_us: u64,
     /// While traffic flows, microseconds a shadow worker sleeps with notifications off between
     /// work phases so that a wake moves a ring rather than a burst (0: re-arm notifications
     /// after every phase). Bounds the latency it adds under load.
     #[arg(long, value_name = "N", default_value_t = crate::config::DEFAULT_BATCH_WAIT_US)]
     pub batch_wait_us: u64,
-    /// CPUs the shadow workers may run on, as in `taskset -c` (e.g. `1` or `0,2-3`).
-    #[arg(long, value_name = "LIST")]
-    pub worker_cpus: Option<String>,
     /// Serve Prometheus metrics over HTTP at ADDR (e.g. 127.0.0.1:9710; GET /metrics).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,

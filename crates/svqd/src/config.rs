@@ -75,37 +75,6 @@ pub const DEFAULT_BATCH_WAIT_US: u64 = 25;
 /// Longest `--poll-us`: a worker polling longer would hold a CPU for nothing.
 pub const MAX_POLL_US: u64 = 100_000;
 
-/// Parse a CPU list as in `taskset -c`: `0`, `0,2`, `1-3,6`. Returns the CPUs sorted, without
-/// duplicates; every CPU must be below `CPU_SETSIZE`.
-pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
-    let max = libc::CPU_SETSIZE as usize;
-    let mut cpus = Vec::new();
-    for part in s.split(',') {
-        let part = part.trim();
-        let num = |v: &str| {
-            v.trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|&c| c < max)
-                .ok_or_else(|| format!("bad CPU {v:?} in {s:?} (a number below {max})"))
-        };
-        match part.split_once('-') {
-            Some((lo, hi)) => {
-                let (lo, hi) = (num(lo)?, num(hi)?);
-                if lo > hi {
-                    return Err(format!("bad CPU range {part:?} in {s:?}"));
-                }
-                cpus.extend(lo..=hi);
-            }
-            None if part.is_empty() => return Err(format!("empty entry in CPU list {s:?}")),
-            None => cpus.push(num(part)?),
-        }
-    }
-    cpus.sort_unstable();
-    cpus.dedup();
-    Ok(cpus)
-}
-
 impl ProxyConfig {
     /// A configuration with the defaults for everything but the two sockets.
     pub fn new(socket: impl Into<PathBuf>, backend: impl Into<PathBuf>) -> Self {
@@ -122,20 +91,6 @@ impl ProxyConfig {
             poll: DEFAULT_POLL,
             batch_wait: Duration::from_micros(DEFAULT_BATCH_WAIT_US),
             worker_cpus: Vec::new(),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_lists() {
-        assert_eq!(parse_cpu_list("0").unwrap(), vec![0]);
-        assert_eq!(parse_cpu_list("3,1-2, 1").unwrap(), vec![1, 2, 3]);
-        for bad in ["", "a", "1,", "2-1", "-1", "1-", "99999", "0-99999"] {
-            assert!(parse_cpu_list(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -77,18 +77,22 @@ fn secs(v: f64, what: &str) -> Result<Duration, String> {
     }
 }
 
-/// The CPUs this process may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it for pid 0 (us).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
+/// `0`, `2-3,6`: a CPU list as taskset and cgroups write it.
+fn parse_cpu_list(list: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("--worker-cpus {list:?}: expected CPUs like 0 or 2-3,6");
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a > b || b >= libc::CPU_SETSIZE as usize {
+            return Err(bad());
         }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
+        cpus.extend(a..=b);
     }
+    Ok(cpus)
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -101,20 +105,13 @@ fn run(cli: Cli) -> Result<(), String> {
     cfg.backend_connect_timeout = secs(cli.backend_timeout, "backend-timeout")?;
     cfg.drain_timeout = secs(cli.drain_timeout, "drain-timeout")?;
     cfg.backend_request_timeout = secs(cli.backend_request_timeout, "backend-request-timeout")?;
-    if let Some(n) = cli.shadow_size {
-        if n == 0 || !n.is_power_of_two() {
-            return Err(format!("--shadow-size must be a power of two, not {n}"));
-        }
-        cfg.shadow_size = n;
+    if cli.poll_us > 1_000_000 {
+        return Err(format!("--poll-us is at most 1000000, not {}", cli.poll_us));
     }
-    if cli.poll_us > svqd::config::MAX_POLL_US {
-        return Err(format!(
-            "--poll-us must be at most {}, not {}",
-            svqd::config::MAX_POLL_US,
-            cli.poll_us
-        ));
+    cfg.poll = Duration::from_micros(cli.poll_us.into());
+    if let Some(list) = &cli.worker_cpus {
+        cfg.worker_cpus = parse_cpu_list(list)?;
     }
-    cfg.poll = Duration::from_micros(cli.poll_us);
     if cli.batch_wait_us > svqd::config::MAX_POLL_US {
         return Err(format!(
             "--batch-wait-us must be at most {}, not {}",
@@ -123,15 +120,11 @@ fn run(cli: Cli) -> Result<(), String> {
         ));
     }
     cfg.batch_wait = Duration::from_micros(cli.batch_wait_us);
-    if let Some(list) = &cli.worker_cpus {
-        let cpus = svqd::config::parse_cpu_list(list).map_err(|e| format!("--worker-cpus: {e}"))?;
-        let allowed = allowed_cpus();
-        if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
-            return Err(format!(
-                "--worker-cpus: CPU {c} is not available to svqd (allowed: {allowed:?})"
-            ));
+    if let Some(n) = cli.shadow_size {
+        if n == 0 || !n.is_power_of_two() {
+            return Err(format!("--shadow-size must be a power of two, not {n}"));
         }
-        cfg.worker_cpus = cpus;
+        cfg.shadow_size = n;
     }
     if cli.no_log {
         tracing::warn!("--x-test-no-log: the dirty log is NOT written; migrations will lose pages");

@@ -83,7 +83,7 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
     );
 
     type Field = fn(&QueueCounters) -> u64;
-    let counters: [(&str, &str, Field); 14] = [
+    let counters: [(&str, &str, Field); 15] = [
         (
             "queue_chains",
             "Guest chains forwarded in shadow mode",
@@ -134,9 +134,14 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
             |c| c.reclaimed,
         ),
         (
-            "queue_worker_wakeups",
-            "Times the shadow worker woke to work",
-            |c| c.worker_wakeups,
+            "queue_poll_nanoseconds",
+            "Time the shadow worker polled after work",
+            |c| c.poll_ns,
+        ),
+        (
+            "queue_worker_cpu_nanoseconds",
+            "CPU time of the shadow workers",
+            |c| c.worker_cpu_ns,
         ),
     ];
     for (name, help, field) in counters {

@@ -160,12 +160,16 @@ pub struct QueueCounters {
     pub late_completions: u64,
     /// Buffers the backend never took, given back to the guest ring on a switch to passthrough.
     pub reclaimed: u64,
-    /// Times the shadow worker woke from sleep to work (each wake costs a context switch).
+    /// Time the shadow worker spent polling after work (`--poll-us`), in nanoseconds.
+    #[serde(default)]
+    pub poll_ns: u64,
+    /// CPU time of the shadow workers, in nanoseconds: divided by `descriptors`, svqd's cost per
+    /// forwarded descriptor.
+    #[serde(default)]
+    pub worker_cpu_ns: u64,
+    /// Times the shadow worker woke to work (from epoll or from a batch wait).
+    #[serde(default)]
     pub worker_wakeups: u64,
-    /// Microseconds the shadow worker spent polling empty rings (`--poll-us`).
-    pub poll_us: u64,
-    /// CPU microseconds the shadow worker threads used (CLOCK_THREAD_CPUTIME_ID).
-    pub worker_cpu_us: u64,
 }
 
 impl QueueCounters {
@@ -187,9 +191,9 @@ impl QueueCounters {
             last_switch_to_passthrough_us: stats.last_switch_to_passthrough_us.load(Relaxed),
             late_completions: stats.late_completions.load(Relaxed),
             reclaimed: stats.reclaimed.load(Relaxed),
+            poll_ns: stats.poll_ns.load(Relaxed),
+            worker_cpu_ns: stats.worker_cpu_ns(),
             worker_wakeups: stats.worker_wakeups.load(Relaxed),
-            poll_us: stats.poll_ns.load(Relaxed) / 1000,
-            worker_cpu_us: stats.worker_cpu_ns() / 1000,
         }
     }
 }
@@ -407,9 +411,10 @@ mod tests {
                 "last_switch_to_passthrough_us",
                 "late_completions",
                 "reclaimed",
-                "worker_wakeups",
-                "poll_us",
-                "worker_cpu_us"
+                // Added with the poll phase; the members above are unchanged.
+                "poll_ns",
+                "worker_cpu_ns",
+                "worker_wakeups"
             ])
         );
         assert_eq!(q["kicks"], 3);

@@ -211,14 +211,7 @@ impl ShadowSpace {
         ctx: TableCtx<'_>,
         region: &VmmRegion,
     ) -> Result<(), ProxyError> {
-        if ctx.device.incremental_memory() {
-            return ctx.device.remove_mem_region(&region.device_region());
-        }
-        let table = self.device_table(ctx.mem, ctx.queues, None);
-        if table.is_empty() {
-            return Ok(());
-        }
-        ctx.device.set_mem_table(&table)
+        self.remove_region(ctx, &region.device_region())
     }
 
     /// The memory of queue `q`'s shadow ring of `size` entries: the region it parked when it
@@ -295,7 +288,7 @@ impl ShadowSpace {
         ctx: TableCtx<'_>,
         region: ShadowRegion,
     ) -> Result<(), ProxyError> {
-        self.remove_from_device(ctx, &region)?;
+        self.remove_region(ctx, &region.device_region())?;
         self.release(&region);
         Ok(())
     }
@@ -308,7 +301,7 @@ impl ShadowSpace {
         };
         if !ctx.device.incremental_memory() {
             // The table sent leaves out every region svqd no longer holds: once is enough.
-            if let Err(e) = self.remove_from_device(ctx, first) {
+            if let Err(e) = self.remove_region(ctx, &first.device_region()) {
                 tracing::warn!(error = %e, "cannot remove the shadow regions after a reset");
                 return;
             }
@@ -344,15 +337,11 @@ impl ShadowSpace {
         ctx.device.set_mem_table(&table)
     }
 
-    /// Remove `region` from the device's table. It must be held by no queue and not be parked
-    /// any more (a whole-table device gets the table without it).
-    fn remove_from_device(
-        &mut self,
-        ctx: TableCtx<'_>,
-        region: &ShadowRegion,
-    ) -> Result<(), ProxyError> {
+    /// Remove `region` from the device's table. It must be held by no queue, not be parked
+    /// and not be in the VMM's table any more (a whole-table device gets the table without it).
+    fn remove_region(&self, ctx: TableCtx<'_>, region: &DeviceRegion) -> Result<(), ProxyError> {
         if ctx.device.incremental_memory() {
-            return ctx.device.remove_mem_region(&region.device_region());
+            return ctx.device.remove_mem_region(region);
         }
         let table = self.device_table(ctx.mem, ctx.queues, None);
         if table.is_empty() {

@@ -213,8 +213,7 @@ impl Switch<'_> {
         };
         worker.hold();
         let size = sq.shadow_size;
-        // Held: the worker publishes nothing more on the shadow ring.
-        let mut quiet = Quiescer::with_frozen_avail(self.features.event_idx);
+        let mut quiet = Quiescer::new(self.features.event_idx);
         // The worker consumes the device's calls; completions show in the used index.
         quiet.wait(self.cfg.drain_timeout.min(QUIESCE_LIMIT), || {
             sq.region.indices(size).map(|r| (r, false))

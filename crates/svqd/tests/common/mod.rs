@@ -37,10 +37,10 @@ pub struct RigOptions {
     pub qsd_like: bool,
     /// svqd's --drain-timeout.
     pub drain_timeout: Duration,
-    /// svqd's --poll-us (`None`: the default).
-    pub poll: Option<Duration>,
-    /// svqd's --batch-wait-us (`None`: the default).
-    pub batch_wait: Option<Duration>,
+    /// svqd's --poll-us.
+    pub poll: Duration,
+    /// svqd's --worker-cpus.
+    pub worker_cpus: Vec<usize>,
 }
 
 impl Default for RigOptions {
@@ -55,8 +55,8 @@ impl Default for RigOptions {
             backend_mem_slots: true,
             qsd_like: false,
             drain_timeout: Duration::from_secs(5),
-            poll: None,
-            batch_wait: None,
+            poll: Duration::ZERO,
+            worker_cpus: Vec::new(),
         }
     }
 }
@@ -90,12 +90,8 @@ impl Rig {
         cfg.log_enabled = o.log_enabled;
         cfg.backend_mem_slots = o.backend_mem_slots;
         cfg.drain_timeout = o.drain_timeout;
-        if let Some(p) = o.poll {
-            cfg.poll = p;
-        }
-        if let Some(w) = o.batch_wait {
-            cfg.batch_wait = w;
-        }
+        cfg.poll = o.poll;
+        cfg.worker_cpus = o.worker_cpus.clone();
         let proxy = Proxy::new(cfg).unwrap().spawn().unwrap();
         Rig {
             dir,
