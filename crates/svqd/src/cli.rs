@@ -48,6 +48,11 @@ pub struct Cli {
     /// Shadow ring size (power of two); default: the guest's queue size.
     #[arg(long, value_name = "N")]
     pub shadow_size: Option<u16>,
+    /// While traffic flows, microseconds a shadow worker sleeps with notifications off between
+    /// work phases so that a wake moves a ring rather than a burst (0: re-arm notifications
+    /// after every phase). Bounds the latency it adds under load.
+    #[arg(long, value_name = "N", default_value_t = crate::config::DEFAULT_BATCH_WAIT_US)]
+    pub batch_wait_us: u64,
     /// Serve Prometheus metrics over HTTP at ADDR (e.g. 127.0.0.1:9710; GET /metrics).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,

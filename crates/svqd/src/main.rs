@@ -112,6 +112,14 @@ fn run(cli: Cli) -> Result<(), String> {
     if let Some(list) = &cli.worker_cpus {
         cfg.worker_cpus = parse_cpu_list(list)?;
     }
+    if cli.batch_wait_us > svqd::config::MAX_POLL_US {
+        return Err(format!(
+            "--batch-wait-us must be at most {}, not {}",
+            svqd::config::MAX_POLL_US,
+            cli.batch_wait_us
+        ));
+    }
+    cfg.batch_wait = Duration::from_micros(cli.batch_wait_us);
     if let Some(n) = cli.shadow_size {
         if n == 0 || !n.is_power_of_two() {
             return Err(format!("--shadow-size must be a power of two, not {n}"));

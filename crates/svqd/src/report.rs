@@ -167,6 +167,9 @@ pub struct QueueCounters {
     /// forwarded descriptor.
     #[serde(default)]
     pub worker_cpu_ns: u64,
+    /// Times the shadow worker woke to work (from epoll or from a batch wait).
+    #[serde(default)]
+    pub worker_wakeups: u64,
 }
 
 impl QueueCounters {
@@ -189,7 +192,8 @@ impl QueueCounters {
             late_completions: stats.late_completions.load(Relaxed),
             reclaimed: stats.reclaimed.load(Relaxed),
             poll_ns: stats.poll_ns.load(Relaxed),
-            worker_cpu_ns: stats.worker_cpu_ns.load(Relaxed),
+            worker_cpu_ns: stats.worker_cpu_ns(),
+            worker_wakeups: stats.worker_wakeups.load(Relaxed),
         }
     }
 }
@@ -409,7 +413,8 @@ mod tests {
                 "reclaimed",
                 // Added with the poll phase; the members above are unchanged.
                 "poll_ns",
-                "worker_cpu_ns"
+                "worker_cpu_ns",
+                "worker_wakeups"
             ])
         );
         assert_eq!(q["kicks"], 3);

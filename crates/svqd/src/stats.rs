@@ -1,7 +1,7 @@
 //! Per-queue counters, readable at any time without locks (reported by
 //! [`crate::report::QueueCounters`]).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// Counters of one queue. Written by the queue's worker thread and by the switch code, read by the
 /// control plane.
@@ -37,13 +37,43 @@ pub struct QueueStats {
     pub late_completions: AtomicU64,
     /// Buffers the backend never took, given back to the guest ring on a switch to passthrough.
     pub reclaimed: AtomicU64,
-    /// Time the worker spent polling the rings after work (`--poll-us`), in nanoseconds.
+    /// Times a shadow worker woke from sleep (epoll) to work.
+    pub worker_wakeups: AtomicU64,
+    /// Nanoseconds shadow workers spent polling empty rings (the poll phase's cost).
     pub poll_ns: AtomicU64,
-    /// CPU time of the queue's shadow workers, in nanoseconds (updated at each wake-up).
-    pub worker_cpu_ns: AtomicU64,
+    /// CPU nanoseconds of shadow workers that have exited.
+    pub worker_cpu_ns_exited: AtomicU64,
+    /// CPU-time clock of the running shadow worker thread (pthread_getcpuclockid; 0 = none —
+    /// thread CPU clock ids are negative on Linux). Read by the control plane, so the worker
+    /// never pays a syscall for its own accounting.
+    pub worker_clock: AtomicI64,
+}
+
+/// CPU time of the clock `clock` in nanoseconds (`None` if it cannot be read, e.g. the thread
+/// exited).
+pub fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out pointer; an invalid clock id is an error return.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 impl QueueStats {
+    /// CPU nanoseconds the queue's shadow workers used so far (exited ones plus the running one).
+    /// A worker exiting between the two loads is momentarily missing from the sum.
+    pub fn worker_cpu_ns(&self) -> u64 {
+        let clock = self.worker_clock.load(Relaxed);
+        let live = if clock < 0 {
+            clock_ns(clock as libc::clockid_t).unwrap_or(0)
+        } else {
+            0
+        };
+        self.worker_cpu_ns_exited.load(Relaxed) + live
+    }
+
     /// Add `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);

@@ -556,6 +556,7 @@ impl Switch<'_> {
             backend_call: backend_call.clone(),
             stats: self.queues[q].stats.clone(),
             poll: self.cfg.poll,
+            batch_wait: self.cfg.batch_wait,
             cpus: self.cfg.worker_cpus.clone(),
         })
     }
