@@ -7,7 +7,7 @@ mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,14 +31,7 @@ const RAM: u64 = 1 << 20;
 const UVA: u64 = 0x7f00_0000_0000;
 
 fn memfd(size: u64) -> File {
-    // SAFETY: valid NUL-terminated name; the fd is owned by the File.
-    let f = unsafe {
-        let fd = libc::memfd_create(c"hostile-vmm".as_ptr(), libc::MFD_CLOEXEC);
-        assert!(fd >= 0);
-        File::from_raw_fd(fd)
-    };
-    f.set_len(size).unwrap();
-    f
+    svq_testkit::guest::ram::memfd("hostile-vmm", size).unwrap()
 }
 
 /// A VMM that negotiates REPLY_ACK (so refusals are nacks) and owns the device.

@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -28,14 +28,7 @@ const RAM: u64 = 1 << 20;
 const UVA: u64 = 0x7f00_0000_0000;
 
 fn memfd(size: u64) -> File {
-    // SAFETY: valid NUL-terminated name; the fd is owned by the File.
-    let f = unsafe {
-        let fd = libc::memfd_create(c"vmm-test".as_ptr(), libc::MFD_CLOEXEC);
-        assert!(fd >= 0);
-        File::from_raw_fd(fd)
-    };
-    f.set_len(size).unwrap();
-    f
+    svq_testkit::guest::ram::memfd("vmm-test", size).unwrap()
 }
 
 /// A hand-driven VMM: negotiates, installs 1 MiB of RAM at GPA 0 / UVA 0x7f00_0000_0000.
