@@ -459,8 +459,8 @@ impl Svqd {
             serde_json::from_str(&out)
                 .map_err(|e| format!("svqctl output is not JSON ({e}): {out}"))
         };
-        let status = parse(self.ctl(&["query-status"])?)?;
-        let stats = parse(self.ctl(&["query-stats"])?)?;
+        let status = parse(self.ctl(&["--json", "query-status"])?)?;
+        let stats = parse(self.ctl(&["--json", "query-stats"])?)?;
         let started: Vec<&Value> = status["queues"]
             .as_array()
             .ok_or_else(|| format!("query-status has no queues array: {status}"))?

@@ -111,7 +111,7 @@ fn svqd_set_shadow_toggle_100_under_io() {
     }
     let toggles = t0.elapsed();
     let status = d
-        .ctl(&["query-stats"])
+        .ctl(&["--json", "query-stats"])
         .unwrap_or_else(|e| panic!("{}", rig.context(&side, e)));
     let stats: serde_json::Value = serde_json::from_str(&status).expect("query-stats JSON");
     let q0 = &stats["queues"][0];

@@ -150,7 +150,7 @@ fn run(name: &str, plan: Plan) {
     if let (Plan::SvqdFull, Some(d)) = (plan, &d0) {
         d.ctl(&["set-shadow", "on"])
             .unwrap_or_else(|e| panic!("{e}{}", logs(&d0)));
-        let st = d.ctl(&["query-status"]).unwrap_or_default();
+        let st = d.ctl(&["--json", "query-status"]).unwrap_or_default();
         let base = rx(&vm0);
         let r = wait_rx(&mut vm0, &d0, base, 8, "rx in shadow mode");
         eprintln!("net: shadow rx={r}; status: {st}");
@@ -170,7 +170,7 @@ fn run(name: &str, plan: Plan) {
                 std::thread::sleep(Duration::from_millis(30));
             }
         }
-        let stats = d.ctl(&["query-stats"]).unwrap_or_default();
+        let stats = d.ctl(&["--json", "query-stats"]).unwrap_or_default();
         let base = rx(&vm0);
         let r = wait_rx(&mut vm0, &d0, base, 8, "rx after the toggles");
         eprintln!("net: {TOGGLES} shadow on/off toggles, then rx={r}; stats: {stats}");

@@ -20,7 +20,7 @@ pub struct SvqdProxy {
 impl SvqdProxy {
     /// Per-queue statistics as svqd reports them.
     pub fn stats(&self) -> String {
-        self.control.query_stats().to_string()
+        format!("{:?}", self.control.query_stats())
     }
 }
 
@@ -73,16 +73,7 @@ pub fn svqd_launcher(
     }
 }
 
-/// Installs a tracing subscriber for tests (RUST_LOG controls it; quiet by default).
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-}
+pub use svq_testkit::init_test_tracing as init_tracing;
 
 /// The scenario the migration tests start from: a small VM (32 MiB RAM, an 8 MiB disk) under
 /// load for `pace` before the migration and again on the destination.

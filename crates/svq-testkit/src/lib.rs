@@ -21,3 +21,15 @@ pub mod migration;
 pub mod oracle;
 pub mod scenario;
 pub mod vmm;
+
+/// Installs a tracing subscriber for tests (RUST_LOG controls it; warnings only by default). Safe
+/// to call from every test: only the first call installs it.
+pub fn init_test_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -363,6 +363,18 @@ impl Vmm {
         Ok(())
     }
 
+    /// Start `guest`'s rings on the device, then run it on its own vCPU thread.
+    pub fn run_guest<W: crate::guest::GuestWorkload + 'static>(
+        &mut self,
+        guest: W,
+    ) -> Result<crate::guest::runner::GuestRunner<W>, VmmError> {
+        self.start_queues(guest.queues())?;
+        crate::guest::runner::GuestRunner::spawn(guest).map_err(|source| VmmError::Io {
+            what: "spawn the guest vCPU",
+            source,
+        })
+    }
+
     /// Starts every ring of `queues` with [`Vmm::start_queue`], each from the driver's own next avail
     /// index (0 for a fresh queue, where it left off for a migrated one).
     pub fn start_queues(&mut self, queues: &[DriverQueue]) -> Result<(), VmmError> {
@@ -415,6 +427,11 @@ impl Vmm {
             ),
         )?;
         Ok(self.log.replace(region))
+    }
+
+    /// The file of the dirty log installed last (for tests of a VMM that truncates it).
+    pub fn log_file(&self) -> Option<&std::fs::File> {
+        self.log.as_ref().map(|l| &l.file)
     }
 
     /// Migration start: SET_LOG_BASE, SET_FEATURES | LOG_ALL, SET_VRING_ADDR with the log flag

@@ -6,7 +6,6 @@ use std::time::Duration;
 use svq_testkit::backend::blk::{serve_blk, BlkDisk, BlkOptions, CompletionDelay};
 use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions, BLOCK};
 use svq_testkit::guest::ram::GuestRam;
-use svq_testkit::guest::runner::GuestRunner;
 use svq_testkit::guest::GuestWorkload;
 use svq_testkit::vmm::{MemTableStyle, Vmm, VmmOptions};
 
@@ -60,8 +59,7 @@ fn run(event_idx: bool, queues: u16, delay: bool, mem_style: MemTableStyle) {
         },
     )
     .unwrap();
-    vmm.start_queues(guest.queues()).unwrap();
-    let runner = GuestRunner::spawn(guest).unwrap();
+    let runner = vmm.run_guest(guest).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(runner.drain(Duration::from_secs(5)), 0);
     let w = runner.stop();

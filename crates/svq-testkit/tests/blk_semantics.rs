@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 use svq_testkit::backend::blk::{serve_blk, BlkDisk, BlkHandle, BlkOptions, CompletionDelay};
 use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
-use svq_testkit::guest::runner::GuestRunner;
 use svq_testkit::guest::vring::{Buf, DriverQueue, QueueLayout};
 use svq_testkit::guest::GuestWorkload;
 use svq_testkit::vmm::{Vmm, VmmOptions};
@@ -158,8 +157,7 @@ fn kick_fd_replaced_on_a_running_ring_keeps_working() {
         },
     )
     .unwrap();
-    vmm.start_queues(guest.queues()).unwrap();
-    let runner = GuestRunner::spawn(guest).unwrap();
+    let runner = vmm.run_guest(guest).unwrap();
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(10));
         runner.pause();

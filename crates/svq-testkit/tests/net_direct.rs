@@ -5,7 +5,6 @@ use std::time::Duration;
 use svq_testkit::backend::net::{serve_net, NetOptions};
 use svq_testkit::guest::net::{NetGuest, NetGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
-use svq_testkit::guest::runner::GuestRunner;
 use svq_testkit::guest::GuestWorkload;
 use svq_testkit::vmm::{Vmm, VmmOptions};
 
@@ -43,8 +42,7 @@ fn run(event_idx: bool, pairs: u16) {
         },
     )
     .unwrap();
-    vmm.start_queues(guest.queues()).unwrap();
-    let runner = GuestRunner::spawn(guest).unwrap();
+    let runner = vmm.run_guest(guest).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(runner.drain(Duration::from_secs(5)), 0);
     // Let the last echoes arrive.

@@ -24,8 +24,10 @@ const LOG_PAGE_SHIFT: u32 = 12;
 
 /// Who keeps the log bytes alive.
 enum Backing {
-    /// Heap buffer owned by the log (tests, simulations).
-    Owned(#[allow(dead_code)] Box<[AtomicU8]>),
+    /// Heap buffer owned by the log (tests, simulations), from `Box::into_raw`: kept as a raw
+    /// pointer so that moving the log does not retag the buffer and invalidate `base` (a `Box`
+    /// field would; Miri's Stacked Borrows check found it). Freed in `Drop`.
+    Owned(*mut [AtomicU8]),
     /// Memory owned by the caller of [`DirtyLog::from_raw`].
     Borrowed,
     /// A `MAP_SHARED` mapping created by [`DirtyLog::from_fd`]; unmapped on drop.
@@ -61,11 +63,12 @@ impl DirtyLog {
     /// simulated VMMs.
     pub fn new_owned(bytes: usize) -> Self {
         let buf: Box<[AtomicU8]> = (0..bytes.max(1)).map(|_| AtomicU8::new(0)).collect();
-        let base = NonNull::new(buf.as_ptr() as *mut AtomicU8).expect("Box pointer is non-null");
+        let raw = Box::into_raw(buf);
+        let base = NonNull::new(raw as *mut AtomicU8).expect("Box pointer is non-null");
         DirtyLog {
             base,
             len: bytes,
-            backing: Backing::Owned(buf),
+            backing: Backing::Owned(raw),
             out_of_range: AtomicU64::new(0),
         }
     }
@@ -163,6 +166,12 @@ impl DirtyLog {
             backing: Backing::Mmap { addr, len: map_len },
             out_of_range: AtomicU64::new(0),
         })
+    }
+
+    /// Where the log's bytes are in this process (to guard the range against a VMM that
+    /// shrinks the file under the mapping).
+    pub fn host_range(&self) -> (usize, usize) {
+        (self.base.as_ptr() as usize, self.len)
     }
 
     /// Size of the region in bytes.
@@ -291,9 +300,14 @@ fn push_bits(out: &mut Vec<u64>, byte: usize, v: u8) {
 
 impl Drop for DirtyLog {
     fn drop(&mut self) {
-        if let Backing::Mmap { addr, len } = self.backing {
-            // SAFETY: exactly the mapping `from_fd` created; nothing references it after drop.
-            unsafe { libc::munmap(addr, len) };
+        match self.backing {
+            Backing::Mmap { addr, len } => {
+                // SAFETY: exactly the mapping `from_fd` created; nothing references it after drop.
+                unsafe { libc::munmap(addr, len) };
+            }
+            // SAFETY: the pointer came from `Box::into_raw` in `new_owned` and is freed once.
+            Backing::Owned(raw) => drop(unsafe { Box::from_raw(raw) }),
+            Backing::Borrowed => {}
         }
     }
 }

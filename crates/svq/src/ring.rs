@@ -324,6 +324,11 @@ pub trait ShadowRing: Send {
     /// Ask the device to notify on its next used element; returns true if elements arrived in
     /// the meantime (the caller must process them, or it would wait for a call that never comes).
     fn enable_used_notify(&mut self) -> bool;
+    /// Ask the device not to notify on used elements for now (the transport polls the used
+    /// ring); [`ShadowRing::enable_used_notify`] asks again. Without EVENT_IDX this sets
+    /// `VRING_AVAIL_F_NO_INTERRUPT`; with it, not re-arming `used_event` is enough (the device
+    /// notifies at most once more), so the default does nothing.
+    fn suppress_used_notify(&mut self) {}
     /// Device addresses of (descriptor area, driver area, device area).
     fn device_addrs(&self) -> (u64, u64, u64);
     /// The index the ring started at (what `SET_VRING_BASE` must tell the device).
@@ -370,6 +375,9 @@ pub struct SplitShadowRing {
     b_n: u16,
     b_cur: u16,
     b_write: bool,
+    /// `VRING_AVAIL_F_NO_INTERRUPT` is set in the avail flags (without EVENT_IDX, while the
+    /// transport polls).
+    no_interrupt: bool,
 }
 
 impl std::fmt::Debug for SplitShadowRing {
@@ -429,6 +437,7 @@ impl SplitShadowRing {
             b_n: 0,
             b_cur: 0,
             b_write: false,
+            no_interrupt: false,
         };
         r.avail_idx_ref().store(base.to_le(), Ordering::Relaxed);
         r.used_idx_ref().store(base.to_le(), Ordering::Relaxed);
@@ -463,6 +472,9 @@ impl SplitShadowRing {
         unsafe { &*(self.at(off) as *const AtomicU16) }
     }
 
+    fn avail_flags_ref(&self) -> &AtomicU16 {
+        self.u16_at(self.layout.avail)
+    }
     fn avail_idx_ref(&self) -> &AtomicU16 {
         self.u16_at(self.layout.avail + 2)
     }
@@ -673,10 +685,21 @@ impl ShadowRing for SplitShadowRing {
         Ok(Some(UsedElem { id: head, len }))
     }
 
+    fn suppress_used_notify(&mut self) {
+        if !self.event_idx && !self.no_interrupt {
+            self.avail_flags_ref()
+                .store(AVAIL_F_NO_INTERRUPT.to_le(), Ordering::Relaxed);
+            self.no_interrupt = true;
+        }
+    }
+
     fn enable_used_notify(&mut self) -> bool {
         if self.event_idx {
             self.used_event_ref()
                 .store(self.last_used.to_le(), Ordering::Relaxed);
+        } else if self.no_interrupt {
+            self.avail_flags_ref().store(0, Ordering::Relaxed);
+            self.no_interrupt = false;
         }
         // Our used_event store must be visible before we re-read used.idx; pairs with the
         // device's fence between its used.idx store and its used_event load.

@@ -134,6 +134,9 @@ pub struct UsedBatch {
     /// A previous `forward_avail` stopped on a full shadow ring and descriptors were freed:
     /// call `forward_avail` now (the guest will not kick again for those chains).
     pub retry_avail: bool,
+    /// Used entries whose length exceeded their chain's writable size (a buggy or hostile
+    /// device): the guest gets the length as reported, the log covers only the chain.
+    pub overlong: u32,
 }
 
 /// Writes each validated guest buffer of a chain straight into the shadow ring (translated)
@@ -208,6 +211,9 @@ pub struct ShadowVirtqueue<T: Translate, R: ShadowRing = SplitShadowRing> {
     resubmit: VecDeque<u16>,
     forwarding: bool,
     shadow_was_full: bool,
+    /// The transport polls both rings: notifications are not re-armed after a batch
+    /// ([`ShadowVirtqueue::suppress_notifications`]).
+    suppressing: bool,
     broken: Option<QueueError>,
 }
 
@@ -307,6 +313,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             resubmit: start.in_flight.iter().map(|c| c.head).collect(),
             forwarding: true,
             shadow_was_full: false,
+            suppressing: false,
             broken: None,
         })
     }
@@ -543,7 +550,8 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
                 }
                 self.last_avail = self.last_avail.wrapping_add(1);
             }
-            if !self.cfg.event_idx || self.avail_event == Some(self.last_avail) {
+            if !self.cfg.event_idx || self.suppressing || self.avail_event == Some(self.last_avail)
+            {
                 return Ok(());
             }
             // Ask the guest to kick when it adds entry `last_avail`, then re-check: a chain
@@ -656,7 +664,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         batch: &mut UsedBatch,
     ) -> Result<(), QueueError> {
         let log = lb.log();
-        let (mut completed, mut pages, mut bytes) = (0u32, 0u64, 0u64);
+        let (mut completed, mut pages, mut bytes, mut overlong) = (0u32, 0u64, 0u64, 0u32);
         let mut used_idx = self.used_idx;
         let mut res = Ok(());
         'batch: loop {
@@ -698,10 +706,13 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
                     bytes += u64::from(n);
                     rem -= n;
                 }
+                if rem > 0 {
+                    overlong += 1;
+                }
             }
             // Re-arm the device's call (used_event) and re-check, else a completion landing
             // between our last read and the re-arm would never be signalled.
-            if !self.ring.enable_used_notify() {
+            if self.suppressing || !self.ring.enable_used_notify() {
                 break;
             }
         }
@@ -709,6 +720,13 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         batch.completed += completed;
         batch.pages_logged += pages;
         batch.bytes_written += bytes;
+        if overlong > 0 && batch.overlong == 0 {
+            tracing::warn!(
+                entries = overlong,
+                "device reported used lengths beyond the chains' writable size; logged only the chains"
+            );
+        }
+        batch.overlong += overlong;
         res
     }
 
@@ -745,6 +763,94 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         batch.notify_guest = wanted || (self.cfg.event_idx && self.signalled_used.is_none());
         self.signalled_used = Some(new);
         Ok(())
+    }
+
+    /// A transport about to poll both rings: ask the guest not to kick and the device not to
+    /// call until [`ShadowVirtqueue::arm_notifications`]. Without EVENT_IDX this sets
+    /// `VRING_USED_F_NO_NOTIFY` in the guest used flags (logged in `log`) and
+    /// `VRING_AVAIL_F_NO_INTERRUPT` in the shadow avail flags; with EVENT_IDX the guest's
+    /// `avail_event` and the shadow `used_event` are simply not re-armed after each batch, so each
+    /// side notifies at most once until the transport re-arms. Interrupts to the guest are
+    /// decided as before.
+    pub fn suppress_notifications<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        log: &SharedLog,
+    ) -> Result<(), QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        if self.suppressing {
+            return Ok(());
+        }
+        self.suppressing = true;
+        self.ring.suppress_used_notify();
+        if !self.cfg.event_idx {
+            let res = self.guest.map(mem).and_then(|g| {
+                let flags = g.used_flags()?;
+                if flags & USED_F_NO_NOTIFY == 0 {
+                    g.set_used_flags(flags | USED_F_NO_NOTIFY)?;
+                    log.mark(self.guest.used_ring(), 2);
+                }
+                Ok(())
+            });
+            if let Err(e) = res {
+                return Err(self.fail(e));
+            }
+            // From now on only the engine writes the flags (no stale NO_NOTIFY to clear).
+            self.used_flags_checked = true;
+        }
+        Ok(())
+    }
+
+    /// Before the transport sleeps: ask the guest to kick on its next chain and the device to
+    /// call on its next completion, then re-check both rings (after a full fence, pairing with
+    /// the other sides' fences between their index stores and their suppression loads). Returns
+    /// whether work arrived meanwhile: guest chains to forward (forwarding on and room in the
+    /// shadow ring) or device completions. Then the transport must call `forward_used` /
+    /// `forward_avail` before sleeping, or those buffers would wait for a notification that was
+    /// already skipped.
+    pub fn arm_notifications<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        log: &SharedLog,
+    ) -> Result<bool, QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        self.suppressing = false;
+        let res = self.guest.map(mem).and_then(|g| {
+            if self.cfg.event_idx {
+                if g.avail_event()? != self.last_avail {
+                    g.set_avail_event(self.last_avail)?;
+                    log.mark(self.guest.used_ring() + self.guest.avail_event_offset(), 2);
+                }
+                self.avail_event = Some(self.last_avail);
+            } else {
+                let flags = g.used_flags()?;
+                if flags & USED_F_NO_NOTIFY != 0 {
+                    g.set_used_flags(flags & !USED_F_NO_NOTIFY)?;
+                    log.mark(self.guest.used_ring(), 2);
+                }
+                self.used_flags_checked = true;
+            }
+            // Our avail_event / flags store before the avail index load below.
+            fence(Ordering::SeqCst);
+            Ok(self.forwarding
+                && !self.shadow_was_full
+                && (g.avail_idx()? != self.last_avail || !self.resubmit.is_empty()))
+        });
+        let guest_pending = match res {
+            Ok(p) => p,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let used_pending = self.ring.enable_used_notify();
+        Ok(guest_pending || used_pending)
+    }
+
+    /// Whether notifications are suppressed ([`ShadowVirtqueue::suppress_notifications`]).
+    pub fn suppressing(&self) -> bool {
+        self.suppressing
     }
 
     /// The error that broke the queue, if any.

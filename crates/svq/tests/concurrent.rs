@@ -39,7 +39,27 @@ impl Event {
     }
 }
 
+/// How the engine thread waits for work.
+#[derive(Clone, Copy, PartialEq)]
+enum EngineMode {
+    /// Notifications armed after every batch; one batch per wake.
+    Notified,
+    /// On a wake: suppress notifications, poll both rings for a random number of empty rounds
+    /// (random pauses), then re-arm and re-check before waiting again (svqd's worker).
+    Polling,
+}
+
 fn run(guest_size: u16, shadow_size: u16, event_idx: bool, total: usize) {
+    run_mode(
+        guest_size,
+        shadow_size,
+        event_idx,
+        total,
+        EngineMode::Notified,
+    )
+}
+
+fn run_mode(guest_size: u16, shadow_size: u16, event_idx: bool, total: usize, mode: EngineMode) {
     let cfg = config(guest_size, shadow_size, event_idx, true);
     let m = Arc::new(memories());
     let mut drv = Driver::new(&m.guest, guest_size, event_idx, 0x1234);
@@ -77,10 +97,50 @@ fn run(guest_size: u16, shadow_size: u16, event_idx: bool, total: usize) {
             ev_dev.clone(),
             ev_drv.clone(),
         );
+        let mut rng = 0x6a09_e667_f3bc_c908u64;
         std::thread::spawn(move || loop {
             let bits = ev_engine.wait(Duration::from_millis(100));
             if bits & STOP != 0 {
                 return engine;
+            }
+            // Only a notification starts work: a stranded buffer must show up as a hang.
+            if mode == EngineMode::Polling && bits != 0 {
+                engine.suppress_notifications(&m.guest, &log).unwrap();
+                loop {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let mut idle_rounds = rng % 40;
+                    loop {
+                        let u = engine.forward_used(&m.guest, &log).unwrap();
+                        if u.notify_guest {
+                            ev_drv.signal(IRQ);
+                        }
+                        let b = engine.forward_avail(&m.guest, &log).unwrap();
+                        assert!(engine.in_flight() <= usize::from(shadow_size));
+                        if b.kick_device {
+                            ev_dev.signal(KICK);
+                        }
+                        if u.completed == 0 && b.chains == 0 {
+                            if idle_rounds == 0 {
+                                break;
+                            }
+                            idle_rounds -= 1;
+                            if rng & 1 == 0 {
+                                std::thread::yield_now();
+                            } else {
+                                std::thread::sleep(Duration::from_micros(rng >> 56));
+                            }
+                        }
+                    }
+                    // Before sleeping: re-arm both sides; anything that slipped in is handled
+                    // now, or its notification would never come.
+                    if !engine.arm_notifications(&m.guest, &log).unwrap() {
+                        break;
+                    }
+                    engine.suppress_notifications(&m.guest, &log).unwrap();
+                }
+                continue;
             }
             let mut avail = bits & KICK != 0;
             if bits & CALL != 0 {
@@ -225,8 +285,12 @@ fn run(guest_size: u16, shadow_size: u16, event_idx: bool, total: usize) {
     assert!(engine.broken().is_none());
 
     let mut expected = written.lock().unwrap().clone();
-    // Every used element slot was written (total > guest size), plus used.idx.
+    // Every used element slot was written (total > guest size), plus used.idx (and the flags,
+    // on the same page, when the polling engine wrote NO_NOTIFY).
     expected.extend(pages(USED + 2, 2 + 8 * u64::from(guest_size)));
+    if mode == EngineMode::Polling && !event_idx {
+        expected.extend(pages(USED, 2));
+    }
     if event_idx {
         expected.extend(pages(USED + 4 + 8 * u64::from(guest_size), 2));
     }
@@ -250,4 +314,24 @@ fn threads_no_event_idx() {
 #[test]
 fn threads_big_shadow() {
     run(8, 64, true, 2000);
+}
+
+#[test]
+fn polling_engine_event_idx() {
+    run_mode(64, 64, true, 20_000, EngineMode::Polling);
+}
+
+#[test]
+fn polling_engine_no_event_idx() {
+    run_mode(64, 64, false, 20_000, EngineMode::Polling);
+}
+
+#[test]
+fn polling_engine_small_shadow_no_event_idx() {
+    run_mode(64, 8, false, 20_000, EngineMode::Polling);
+}
+
+#[test]
+fn polling_engine_small_shadow_event_idx() {
+    run_mode(64, 8, true, 20_000, EngineMode::Polling);
 }

@@ -707,3 +707,21 @@ fn reclaimed_imported_chains_go_back_to_the_resubmit_list() {
     );
     assert_eq!(e.pending_guest(&m.guest).unwrap(), 3);
 }
+
+#[test]
+fn used_lengths_beyond_the_chain_are_clipped_for_the_log_and_reported() {
+    let mut q = setup(config(8, 8, false, false));
+    let h = q.drv.peek_head();
+    q.drv.post(&q.m.guest, &[wbuf(h, 128)], false).unwrap();
+    q.drv.publish(&q.m.guest);
+    q.e.forward_avail(&q.m.guest, &q.log).unwrap();
+    q.dev.pop_all(&q.m.device);
+    let id = q.dev.popped[0].0;
+    q.dev.raw_used(&q.m.device, u32::from(id), 1 << 20);
+    q.dev.publish(&q.m.device);
+    let u = q.e.forward_used(&q.m.guest, &q.log).unwrap();
+    assert_eq!((u.completed, u.bytes_written, u.overlong), (1, 128, 1));
+    // The guest gets the length as the device reported it.
+    let got = q.drv.reap(&q.m.guest);
+    assert_eq!(got[0].1, 1 << 20);
+}

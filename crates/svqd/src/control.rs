@@ -12,7 +12,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,18 +100,47 @@ impl Drop for ControlServer {
 
 /// Binds a unix socket readable and writable by the owner only, refusing a path in live use.
 pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: socket in use by another process", path.display()),
+                ));
+            }
+            // A stale socket of an earlier run: nobody listens on it.
+            std::fs::remove_file(path)?;
+        }
+        Ok(meta) => {
+            // Never delete what is not a socket: a mistyped path must not cost a file.
             return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{}: socket in use by another process", path.display()),
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket ({}); refusing to replace it",
+                    path.display(),
+                    file_kind(&meta)
+                ),
             ));
         }
-        std::fs::remove_file(path)?;
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
 }
 
 fn accept_loop(listener: UnixListener, target: Arc<dyn ControlTarget>, stop: Arc<AtomicBool>) {
@@ -181,6 +210,12 @@ pub fn handle_line(line: &[u8], target: &dyn ControlTarget) -> Value {
     }
 }
 
+/// A typed answer ([`crate::report`]) as the JSON of a reply.
+fn to_reply(answer: impl serde::Serialize) -> Result<Value, (&'static str, String)> {
+    serde_json::to_value(answer)
+        .map_err(|e| ("GenericError", format!("cannot encode the answer: {e}")))
+}
+
 fn execute(request: &Request, target: &dyn ControlTarget) -> Result<Value, (&'static str, String)> {
     let no_arguments = |name: &str| match &request.arguments {
         None => Ok(()),
@@ -190,17 +225,24 @@ fn execute(request: &Request, target: &dyn ControlTarget) -> Result<Value, (&'st
     match request.execute.as_str() {
         "query-status" => {
             no_arguments("query-status")?;
-            Ok(target.query_status())
+            to_reply(target.query_status())
         }
         "query-stats" => {
             no_arguments("query-stats")?;
-            Ok(target.query_stats())
+            to_reply(target.query_stats())
         }
         "set-shadow" => {
-            let arguments = request.arguments.clone().ok_or((
-                "GenericError",
-                "set-shadow needs {\"enable\": bool}".to_string(),
-            ))?;
+            // Only an object with exactly the documented members: serde would also take the
+            // struct's fields from an array (`[true]`).
+            let arguments = match &request.arguments {
+                Some(a @ Value::Object(_)) => a.clone(),
+                _ => {
+                    return Err((
+                        "GenericError",
+                        "set-shadow needs the arguments {\"enable\": bool}".to_string(),
+                    ))
+                }
+            };
             let args: SetShadowArgs = serde_json::from_value(arguments)
                 .map_err(|e| ("GenericError", format!("set-shadow: {e}")))?;
             target
@@ -262,6 +304,8 @@ impl ControlClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::{FeatureSet, QueueCounters, QueueStatsReport, QueueStatus};
+    use crate::{StatsReport, StatusReport};
     use std::sync::Mutex;
 
     #[derive(Default)]
@@ -270,8 +314,35 @@ mod tests {
     }
 
     impl ControlTarget for FakeTarget {
-        fn query_status(&self) -> Value {
-            json!({ "queues": [{ "index": 0, "mode": "passthrough" }] })
+        fn query_status(&self) -> StatusReport {
+            let features = FeatureSet {
+                backend: "0x0".into(),
+                offered: "0x0".into(),
+                acked: "0x0".into(),
+            };
+            StatusReport {
+                socket: "vmm.sock".into(),
+                backend: "backend.sock".into(),
+                backend_connected: true,
+                vmm_connected: false,
+                policy: "auto".into(),
+                forced: false,
+                log_all: false,
+                logging: false,
+                log_bytes: None,
+                features: features.clone(),
+                protocol_features: features,
+                queues: vec![QueueStatus {
+                    index: 0,
+                    mode: "passthrough".into(),
+                    started: false,
+                    enabled: false,
+                    size: 0,
+                    shadow: None,
+                    parked_region: None,
+                }],
+                busy: None,
+            }
         }
         fn set_shadow(&self, enable: bool) -> Result<(), String> {
             if !enable && self.shadow.lock().unwrap().is_empty() {
@@ -280,8 +351,17 @@ mod tests {
             self.shadow.lock().unwrap().push(enable);
             Ok(())
         }
-        fn query_stats(&self) -> Value {
-            json!({ "queues": [{ "index": 0, "kicks": 3 }] })
+        fn query_stats(&self) -> StatsReport {
+            StatsReport {
+                queues: vec![QueueStatsReport {
+                    index: 0,
+                    mode: "passthrough".into(),
+                    counters: QueueCounters {
+                        kicks: 3,
+                        ..Default::default()
+                    },
+                }],
+            }
         }
     }
 
@@ -363,5 +443,53 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         drop(server);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn set_shadow_takes_only_an_object_with_enable() {
+        let t = FakeTarget::default();
+        for bad in [
+            r#"{"execute":"set-shadow","arguments":[true]}"#,
+            r#"{"execute":"set-shadow","arguments":true}"#,
+            r#"{"execute":"set-shadow","arguments":"on"}"#,
+            r#"{"execute":"set-shadow"}"#,
+            r#"{"execute":"set-shadow","arguments":{}}"#,
+            r#"{"execute":"set-shadow","arguments":{"enable":1}}"#,
+            r#"{"execute":"set-shadow","arguments":{"enable":true,"force":true}}"#,
+        ] {
+            let r = run(bad, &t);
+            assert_eq!(r["error"]["class"], "GenericError", "{bad}: {r}");
+        }
+        assert!(t.shadow.lock().unwrap().is_empty(), "nothing was applied");
+        let r = run(
+            r#"{"execute":"set-shadow","arguments":{"enable":true}}"#,
+            &t,
+        );
+        assert_eq!(r, json!({ "return": {} }));
+    }
+
+    #[test]
+    fn only_a_stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = Arc::new(FakeTarget::default());
+        // A regular file, a directory and a symbolic link at the path: refused, left alone.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"precious").unwrap();
+        let err = serve(&file, target.clone()).err().expect("not a socket");
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert!(err.to_string().contains("regular file"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        let sub = dir.path().join("dir");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(serve(&sub, target.clone()).is_err());
+        assert!(sub.is_dir());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(serve(&link, target.clone()).is_err());
+        assert_eq!(std::fs::read(&link).unwrap(), b"precious");
+        // A stale socket is replaced.
+        let sock = dir.path().join("sock");
+        drop(UnixListener::bind(&sock).unwrap());
+        drop(serve(&sock, target).unwrap());
     }
 }

@@ -20,11 +20,11 @@ use std::os::unix::net::UnixStream;
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserU64,
 };
-use vhost::vhost_user::{Error as VhostError, VhostUserBackendReqHandlerMut, VhostUserFrontend};
+use vhost::vhost_user::{Error as VhostError, VhostUserBackendReqHandlerMut};
 use vm_memory::ByteValued;
 
 use crate::features::{self, VHOST_USER_F_PROTOCOL_FEATURES};
-use crate::state::{Mode, ProxyState};
+use crate::session::Session;
 
 /// Size of a vhost-user message header.
 const HDR_LEN: usize = 12;
@@ -66,7 +66,7 @@ impl EarlyEnable {
     pub fn intercept(
         &mut self,
         vmm: &UnixStream,
-        state: &mut ProxyState,
+        state: &mut Session,
     ) -> Option<Result<(), VhostError>> {
         self.next = None;
         let p = peek(vmm)?;
@@ -104,10 +104,10 @@ impl EarlyEnable {
 
     /// Bookkeeping after the handler served a message: learn what it offered, and forward the
     /// recorded enable states once the backend accepts them.
-    pub fn after_request(&mut self, state: &mut ProxyState) {
+    pub fn after_request(&mut self, state: &mut Session) {
         if self.next.take() == Some(FrontendReq::GET_FEATURES as u32) {
-            if let Some(be) = state.backend.as_ref() {
-                self.offered = features::vmm_virtio_features(be.features);
+            if let Some(dev) = state.device.as_ref() {
+                self.offered = features::vmm_virtio_features(dev.features());
             }
         }
         self.flush(state);
@@ -116,7 +116,7 @@ impl EarlyEnable {
     fn serve_enable(
         &mut self,
         vmm: &UnixStream,
-        state: &mut ProxyState,
+        state: &mut Session,
         p: &Peeked,
     ) -> Result<(), VhostError> {
         let mut msg = [0u8; MSG8_LEN];
@@ -152,12 +152,7 @@ impl EarlyEnable {
         res
     }
 
-    fn apply(
-        &mut self,
-        state: &mut ProxyState,
-        index: u32,
-        enable: bool,
-    ) -> Result<(), VhostError> {
+    fn apply(&mut self, state: &mut Session, index: u32, enable: bool) -> Result<(), VhostError> {
         let q = match state.check_queue(index) {
             Ok(q) => q,
             Err(e) => {
@@ -165,8 +160,7 @@ impl EarlyEnable {
                 return Err(e.into());
             }
         };
-        let backend_takes_it = state.backend.as_ref().is_some_and(|b| b.has_enable());
-        if backend_takes_it || matches!(state.queues[q].mode, Mode::Shadow(_)) {
+        if state.device_has_enable() || state.queues[q].mode.is_shadow() {
             // The usual path: svqd's handler is happy with it, only the vhost crate's check was
             // in the way.
             return VhostUserBackendReqHandlerMut::set_vring_enable(state, index, enable);
@@ -179,21 +173,21 @@ impl EarlyEnable {
     }
 
     /// Forward the recorded enable states once the backend has PROTOCOL_FEATURES.
-    fn flush(&mut self, state: &mut ProxyState) {
-        if self.pending.is_empty() || !state.backend.as_ref().is_some_and(|b| b.has_enable()) {
+    fn flush(&mut self, state: &mut Session) {
+        if self.pending.is_empty() || !state.device_has_enable() {
             return;
         }
         for q in std::mem::take(&mut self.pending) {
             let Some(slot) = state.queues.get(q) else {
                 continue;
             };
-            if matches!(slot.mode, Mode::Shadow(_)) {
+            if slot.mode.is_shadow() {
                 // The worker already applies the VMM's enable state to the guest ring.
                 continue;
             }
             let enable = slot.vmm.enabled;
-            if let Some(be) = state.backend.as_mut() {
-                if let Err(e) = be.fe.set_vring_enable(q, enable) {
+            if let Some(dev) = state.device.as_deref_mut() {
+                if let Err(e) = dev.set_vring_enable(q, enable) {
                     tracing::error!(queue = q, enable, error = %e, "forwarding an early SET_VRING_ENABLE failed");
                 }
             }

@@ -19,6 +19,14 @@ pub enum ProxyError {
     /// The backend refused a request or the connection to it broke.
     #[error("backend: {0}: {1}")]
     Backend(&'static str, vhost::Error),
+    /// The backend did not answer a request in time; its connection was closed.
+    #[error("backend did not answer {what} within {after:?}; connection closed")]
+    BackendTimeout {
+        /// The request.
+        what: &'static str,
+        /// The time it had.
+        after: std::time::Duration,
+    },
     /// The backend is not reachable.
     #[error("cannot connect to backend {path}: {source}")]
     BackendConnect {
@@ -59,6 +67,7 @@ impl ProxyError {
     pub fn backend_gone(&self) -> bool {
         use vhost::vhost_user::Error as E;
         match self {
+            ProxyError::BackendTimeout { .. } => true,
             ProxyError::Backend(_, vhost::Error::VhostUserProtocol(e)) => matches!(
                 e,
                 E::SocketBroken(_) | E::SocketError(_) | E::Disconnected | E::PartialMessage

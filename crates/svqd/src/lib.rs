@@ -14,17 +14,26 @@
 
 pub mod api;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod control;
+pub mod drain;
 pub mod early_enable;
 pub mod error;
 pub mod features;
+pub mod handler;
 pub mod memory;
+pub mod metrics;
 pub mod proxy;
+pub mod queue;
 pub mod quiesce;
+pub mod report;
+pub mod session;
 pub mod shadow;
-pub mod state;
+pub mod sigbus;
+pub mod space;
 pub mod stats;
+pub mod switch;
 pub mod vdpa;
 pub mod worker;
 
@@ -32,3 +41,4 @@ pub use api::ControlTarget;
 pub use config::{ProxyConfig, ShadowPolicy};
 pub use error::ProxyError;
 pub use proxy::{Proxy, ProxyThread, ShutdownHandle};
+pub use report::{StatsReport, StatusReport};

@@ -7,10 +7,11 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
-use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use crate::backend::DeviceRegion;
 use crate::error::ProxyError;
+use crate::sigbus;
 
 /// Most regions a SET_MEM_TABLE may carry (VHOST_MEMORY_BASELINE_NREGIONS: what QEMU and
 /// libvhost-user accept without CONFIGURE_MEM_SLOTS).
@@ -31,6 +32,29 @@ pub struct VmmRegion {
     pub file: Arc<File>,
     /// svqd's own mapping of the region.
     mapping: Arc<GuestRegionMmap>,
+    /// Keeps svqd alive if the VMM truncates the file later ([`sigbus`]).
+    _guard: Arc<sigbus::Guard>,
+}
+
+/// The region must lie inside its file: a mapping past the end would map, and the first access
+/// there would raise SIGBUS. Files that are not regular (a device, /dev/zero) have no size to
+/// check. A file without F_SEAL_SHRINK can still be truncated later: [`sigbus`] guards that.
+fn check_file_extent(file: &File, gpa: u64, size: u64, mmap_offset: u64) -> Result<(), ProxyError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| ProxyError::Io("fstat memory region", e))?;
+    if meta.is_file()
+        && mmap_offset
+            .checked_add(size)
+            .is_none_or(|end| end > meta.len())
+    {
+        return Err(ProxyError::BadRequest(format!(
+            "memory region gpa {gpa:#x} of {size:#x} bytes at file offset {mmap_offset:#x} \
+             extends past the end of its file ({:#x} bytes)",
+            meta.len()
+        )));
+    }
+    Ok(())
 }
 
 impl VmmRegion {
@@ -51,6 +75,7 @@ impl VmmRegion {
         }
         let len = usize::try_from(size)
             .map_err(|_| ProxyError::BadRequest(format!("memory region size {size:#x}")))?;
+        check_file_extent(&file, gpa, size, mmap_offset)?;
         let file = Arc::new(file);
         let dup = file
             .try_clone()
@@ -63,6 +88,7 @@ impl VmmRegion {
             })?;
         let mapping = GuestRegionMmap::new(region, GuestAddress(gpa))
             .ok_or_else(|| ProxyError::BadRequest(format!("memory region at {gpa:#x} wraps")))?;
+        let guard = Arc::new(sigbus::guard(mapping.as_ptr() as usize, len));
         Ok(VmmRegion {
             gpa,
             size,
@@ -70,6 +96,7 @@ impl VmmRegion {
             mmap_offset,
             file,
             mapping: Arc::new(mapping),
+            _guard: guard,
         })
     }
 
@@ -79,14 +106,15 @@ impl VmmRegion {
         gpa || uva
     }
 
-    /// The region as the vhost crate's frontend wants it (borrowing our fd).
-    pub fn info(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: self.gpa,
-            memory_size: self.size,
-            userspace_addr: self.uva,
+    /// The region as the device's memory table holds it (borrowing our fd).
+    pub fn device_region(&self) -> DeviceRegion {
+        DeviceRegion {
+            gpa: self.gpa,
+            size: self.size,
+            uva: self.uva,
             mmap_offset: self.mmap_offset,
-            mmap_handle: self.file.as_raw_fd(),
+            fd: self.file.as_raw_fd(),
+            host_addr: self.mapping.as_ptr() as u64,
         }
     }
 }
@@ -304,5 +332,19 @@ mod tests {
             .collect();
         let files = (0..9).map(|_| memfd(0x1000)).collect();
         assert!(t.set(&too_many, files).is_err());
+    }
+
+    #[test]
+    fn regions_past_the_end_of_their_file_are_refused() {
+        let mut t = MemoryTable::default();
+        for (size, offset) in [(0x20000, 0), (0x10000, 0x1000), (0x1000, u64::MAX - 0x800)] {
+            let r = VhostUserMemoryRegion::new(0, size, 0x7f00_0000_0000, offset);
+            let err = t.set(&[r], vec![memfd(0x10000)]).unwrap_err();
+            assert!(err.to_string().contains("past the end"), "{err}");
+            assert!(t.add(&r, memfd(0x10000), 8).is_err());
+        }
+        assert!(t.regions().is_empty());
+        let fits = VhostUserMemoryRegion::new(0, 0x8000, 0x7f00_0000_0000, 0x8000);
+        t.set(&[fits], vec![memfd(0x10000)]).unwrap();
     }
 }

@@ -4,22 +4,78 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::ControlTarget;
-use crate::backend::BackendConn;
+use crate::backend::{BackendDevice, VhostUserDevice};
 use crate::config::{ProxyConfig, ShadowPolicy};
 use crate::early_enable::EarlyEnable;
 use crate::error::ProxyError;
-use crate::state::ProxyState;
+use crate::report::{StatsReport, StatusReport};
+use crate::session::Session;
+use crate::stats::QueueStats;
 
 /// Shared handle on the proxy state.
-pub type SharedState = Arc<Mutex<ProxyState>>;
+pub type SharedState = Arc<Mutex<Session>>;
 
-fn lock(state: &SharedState) -> MutexGuard<'_, ProxyState> {
+/// How long a control query waits for the session before it answers from the last snapshot.
+const QUERY_PATIENCE: Duration = Duration::from_millis(50);
+
+/// The session as last seen by the proxy thread, for control queries that must not wait behind
+/// a VMM request or a mode switch (which may be waiting on a peer that does not answer).
+struct Snapshot {
+    status: StatusReport,
+    /// Each queue's mode and live counters.
+    queues: Vec<(String, Arc<QueueStats>)>,
+    taken: Instant,
+}
+
+/// Where the proxy thread publishes its [`Snapshot`].
+#[derive(Clone)]
+struct Published(Arc<Mutex<Option<Snapshot>>>);
+
+impl Published {
+    fn publish(&self, s: &Session) {
+        let snap = Snapshot {
+            status: StatusReport::of(s),
+            queues: s
+                .queues
+                .iter()
+                .map(|q| (q.mode.name().to_owned(), q.stats.clone()))
+                .collect(),
+            taken: Instant::now(),
+        };
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap);
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Snapshot) -> T) -> Option<T> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(f)
+    }
+}
+
+/// The session lock, if it can be had within [`QUERY_PATIENCE`].
+fn lock_briefly(state: &SharedState) -> Option<MutexGuard<'_, Session>> {
+    let deadline = Instant::now() + QUERY_PATIENCE;
+    loop {
+        match state.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
+fn lock(state: &SharedState) -> MutexGuard<'_, Session> {
     // A panic in a request handler poisons the lock; the state is still consistent enough to
     // report and to be reset by the next session.
     state.lock().unwrap_or_else(|e| e.into_inner())
@@ -30,6 +86,7 @@ pub struct Proxy {
     cfg: Arc<ProxyConfig>,
     listener: UnixListener,
     state: SharedState,
+    published: Published,
     shutdown: Arc<EventFd>,
 }
 
@@ -103,22 +160,25 @@ impl Proxy {
                 path: cfg.socket.display().to_string(),
                 source: e,
             })?;
-        let backend = match BackendConn::connect(&cfg.backend, cfg.backend_connect_timeout) {
-            Ok(b) => b,
+        let device = match connect_device(&cfg) {
+            Ok(d) => d,
             Err(e) => {
                 let _ = std::fs::remove_file(&cfg.socket);
                 return Err(e);
             }
         };
-        let mut st = ProxyState::new(cfg.clone());
-        st.attach(backend);
+        let mut st = Session::new(cfg.clone());
+        st.attach(device);
         let shutdown =
             Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?);
         tracing::info!(socket = %cfg.socket.display(), policy = cfg.shadow.as_str(), "listening for the VMM");
+        let published = Published(Arc::default());
+        published.publish(&st);
         Ok(Proxy {
             cfg,
             listener,
             state: Arc::new(Mutex::new(st)),
+            published,
             shutdown,
         })
     }
@@ -127,6 +187,7 @@ impl Proxy {
     pub fn control(&self) -> Arc<dyn ControlTarget> {
         Arc::new(ProxyControl {
             state: self.state.clone(),
+            published: self.published.clone(),
         })
     }
 
@@ -155,6 +216,9 @@ impl Proxy {
     /// Serve VMMs one after the other until shut down. Returns an error only when the backend
     /// cannot be reached any more.
     pub fn run(self) -> Result<(), ProxyError> {
+        // Every log line of this proxy (and of its workers, which inherit the span) names the
+        // device by its VMM socket.
+        let _device = device_span(&self.cfg).entered();
         let res = self.serve();
         lock(&self.state).reset_session();
         let _ = std::fs::remove_file(&self.cfg.socket);
@@ -175,9 +239,9 @@ impl Proxy {
                 Ready::Other => {
                     // Only the backend can be watched here: reconnect if it went away while idle.
                     let mut st = lock(&self.state);
-                    if st.backend.as_ref().is_some_and(|b| b.hung_up()) {
+                    if st.device.as_ref().is_some_and(|d| d.hung_up()) {
                         tracing::warn!("backend closed the connection while no VMM was connected");
-                        st.backend = None;
+                        st.device = None;
                     }
                     continue;
                 }
@@ -192,10 +256,9 @@ impl Proxy {
             };
             {
                 let mut st = lock(&self.state);
-                if st.backend.is_none() {
-                    match BackendConn::connect(&self.cfg.backend, self.cfg.backend_connect_timeout)
-                    {
-                        Ok(b) => st.attach(b),
+                if st.device.is_none() {
+                    match connect_device(&self.cfg) {
+                        Ok(d) => st.attach(d),
                         Err(e) => {
                             tracing::error!(error = %e, "backend unavailable; refusing the VMM");
                             drop(stream);
@@ -217,20 +280,23 @@ impl Proxy {
             let mut handler = BackendReqHandler::from_stream(handler_stream, self.state.clone());
             // Works around the vhost crate refusing SET_VRING_ENABLE before SET_FEATURES.
             let mut early = EarlyEnable::default();
-            let backend_fd = lock(&self.state).backend.as_ref().map(|b| b.raw_fd());
+            let backend_fd = lock(&self.state).device.as_ref().and_then(|d| d.watch_fd());
             let outcome = loop {
                 match poll2(vmm_fd, libc::POLLIN, self.shutdown.as_raw_fd(), backend_fd)? {
                     Ready::Shutdown => break Outcome::Shutdown,
                     Ready::Other => {
                         if lock(&self.state)
-                            .backend
+                            .device
                             .as_ref()
-                            .is_none_or(|b| b.hung_up())
+                            .is_none_or(|d| d.hung_up())
                         {
                             break Outcome::BackendGone;
                         }
                     }
                     Ready::First => {
+                        if let Err(e) = wait_whole_message(&stream, MESSAGE_TIMEOUT) {
+                            break Outcome::VmmError(e);
+                        }
                         let res = {
                             let mut st = lock(&self.state);
                             st.refusable = false;
@@ -238,7 +304,11 @@ impl Proxy {
                         };
                         // Outside the lock: the handler takes it for each request.
                         let res = res.unwrap_or_else(|| handler.handle_request());
-                        early.after_request(&mut lock(&self.state));
+                        {
+                            let mut st = lock(&self.state);
+                            early.after_request(&mut st);
+                            self.published.publish(&st);
+                        }
                         match res {
                             Ok(()) => {}
                             Err(vhost::vhost_user::Error::Disconnected)
@@ -247,7 +317,7 @@ impl Proxy {
                             }
                             Err(e) => {
                                 let st = lock(&self.state);
-                                if st.backend.as_ref().is_none_or(|b| b.hung_up()) {
+                                if st.device.as_ref().is_none_or(|d| d.hung_up()) {
                                     break Outcome::BackendGone;
                                 }
                                 if !st.refusable {
@@ -280,14 +350,97 @@ impl Proxy {
             // The backend resets its state on disconnect; the next VMM starts from scratch on a
             // fresh connection, made now so a backend that is gone for good is reported at once.
             st.reset_session();
-            match BackendConn::connect(&self.cfg.backend, self.cfg.backend_connect_timeout) {
-                Ok(b) => st.attach(b),
+            match connect_device(&self.cfg) {
+                Ok(d) => st.attach(d),
                 Err(e) => {
                     tracing::error!(error = %e, "backend unavailable");
                     return Err(e);
                 }
             }
         }
+    }
+}
+
+/// The span every log line about this proxy's device is in (workers inherit it).
+fn device_span(cfg: &ProxyConfig) -> tracing::Span {
+    tracing::info_span!("device", socket = %cfg.socket.display())
+}
+
+/// Connect to the configured backend.
+fn connect_device(cfg: &ProxyConfig) -> Result<Box<dyn BackendDevice>, ProxyError> {
+    let mut device = VhostUserDevice::connect(
+        &cfg.backend,
+        cfg.backend_connect_timeout,
+        cfg.backend_request_timeout,
+    )?;
+    if !cfg.backend_mem_slots {
+        device = device.without_mem_slots();
+    }
+    Ok(Box::new(device))
+}
+
+/// How long the rest of a VMM message may take to arrive once its first byte is there (the
+/// vhost crate's handler would wait for it forever, ignoring shutdown).
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// vhost-user header: request, flags, payload size (u32 each).
+const HEADER_LEN: usize = 12;
+/// Largest payload a vhost-user message carries (MAX_MSG_SIZE in the vhost crate).
+const MAX_PAYLOAD: usize = 0x1000;
+
+/// Wait until the whole message (header and the payload it announces) is in the socket, without
+/// consuming it. A VMM that sends half a message and stalls gets an error after `timeout`.
+fn wait_whole_message(
+    vmm: &std::os::unix::net::UnixStream,
+    timeout: Duration,
+) -> Result<(), vhost::vhost_user::Error> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; HEADER_LEN + MAX_PAYLOAD];
+    loop {
+        // SAFETY: `buf` is valid for writes of its length for the call; MSG_PEEK leaves the
+        // data (and any attached fds, which this call does not receive) in the socket.
+        let n = unsafe {
+            libc::recv(
+                vmm.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        Err(vhost::vhost_user::Error::PartialMessage)
+                    } else {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                }
+                _ => Err(vhost::vhost_user::Error::SocketError(e)),
+            };
+        }
+        let n = n as usize;
+        if n == 0 {
+            // End of stream: the handler reports the disconnect.
+            return Ok(());
+        }
+        if n >= HEADER_LEN {
+            let size = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")) as usize;
+            if size > MAX_PAYLOAD || n >= HEADER_LEN + size {
+                // Complete, or invalid (the handler refuses an oversized message itself).
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                bytes = n,
+                "the VMM sent part of a message and stopped; closing the connection"
+            );
+            return Err(vhost::vhost_user::Error::PartialMessage);
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -350,15 +503,35 @@ fn poll2(fd: i32, events: i16, shutdown: i32, watch: Option<i32>) -> Result<Read
 /// The [`ControlTarget`] of a proxy.
 pub struct ProxyControl {
     state: SharedState,
+    published: Published,
 }
 
 impl ControlTarget for ProxyControl {
-    fn query_status(&self) -> Value {
-        lock(&self.state).status_json()
+    /// Live when the session is free within [`QUERY_PATIENCE`]; otherwise the last snapshot,
+    /// saying so (the proxy thread is waiting on a peer: a VMM request or a mode switch).
+    fn query_status(&self) -> StatusReport {
+        if let Some(st) = lock_briefly(&self.state) {
+            let status = StatusReport::of(&st);
+            self.published.publish(&st);
+            return status;
+        }
+        self.published
+            .with(|snap| {
+                let mut status = snap.status.clone();
+                status.busy = Some(format!(
+                    "svqd is handling a VMM request or a mode switch and waiting on a peer \
+                     (backend not responding?); status as of {} ms ago",
+                    snap.taken.elapsed().as_millis()
+                ));
+                status
+            })
+            .expect("published at creation")
     }
 
     fn set_shadow(&self, enable: bool) -> Result<(), String> {
         let mut st = lock(&self.state);
+        // Switches run on the control client's thread: name the device in their log lines too.
+        let _device = device_span(&st.cfg).entered();
         match (st.cfg.shadow, enable) {
             (ShadowPolicy::Never, true) => return Err("svqd runs with --shadow never".into()),
             (ShadowPolicy::Always, false) => return Err("svqd runs with --shadow always".into()),
@@ -373,7 +546,13 @@ impl ControlTarget for ProxyControl {
         res.map_err(|e| e.to_string())
     }
 
-    fn query_stats(&self) -> Value {
-        lock(&self.state).stats_json()
+    /// The counters are atomics: read live even while the session is busy.
+    fn query_stats(&self) -> StatsReport {
+        if let Some(st) = lock_briefly(&self.state) {
+            return StatsReport::of(&st);
+        }
+        self.published
+            .with(|snap| StatsReport::from_queues(&snap.queues))
+            .expect("published at creation")
     }
 }

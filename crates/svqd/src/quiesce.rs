@@ -10,6 +10,12 @@
 //!   between `used.idx` and `avail.idx`: a backend that polls (DPDK) never writes it, and a value
 //!   outside that range is a leftover, not a position;
 //! * otherwise: nothing completed for a quiet period.
+//!
+//! A ring whose avail index cannot move any more (the shadow ring once the worker holds it:
+//! svqd is its only driver) with everything published completed needs no run of hits, only the
+//! settle period since the last completion: nothing new can be taken, but the backend may not
+//! have signalled its last completion yet, and qemu-storage-daemon drops the connection when
+//! that signal meets the call fd GET_VRING_BASE closed.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +26,8 @@ pub const QUIET_PERIOD: Duration = Duration::from_millis(5);
 /// flight is verified and waited for after it).
 pub const QUIESCE_LIMIT: Duration = Duration::from_secs(2);
 
-/// How often a ring in memory is looked at while waiting.
+/// How often a ring in memory is looked at while waiting (a look is a few loads; looking often
+/// ends the wait soon after the ring got quiet).
 const POLL: Duration = Duration::from_micros(100);
 
 /// With a trustworthy `avail_event`: how long it must stay equal to `used.idx` (it can be stale
@@ -50,6 +57,7 @@ impl RingIndices {
 #[derive(Debug)]
 pub struct Quiescer {
     event_idx: bool,
+    avail_frozen: bool,
     start: Instant,
     last_used: Option<u16>,
     last_change: Instant,
@@ -63,11 +71,22 @@ impl Quiescer {
         let now = Instant::now();
         Quiescer {
             event_idx,
+            avail_frozen: false,
             start: now,
             last_used: None,
             last_change: now,
             stable_hits: 0,
             settled: false,
+        }
+    }
+
+    /// Start observing a ring whose avail index no longer moves (svqd drives it and stopped
+    /// publishing): `used.idx == avail.idx` is final; the ring is quiet once nothing completed
+    /// for the settle period (the backend's last call is out), whatever the number of looks.
+    pub fn with_frozen_avail(event_idx: bool) -> Self {
+        Quiescer {
+            avail_frozen: true,
+            ..Quiescer::new(event_idx)
         }
     }
 
@@ -89,6 +108,10 @@ impl Quiescer {
         } else {
             None
         };
+        if self.avail_frozen && ring.used_idx == ring.avail_idx {
+            self.settled = quiet_for >= SETTLE_PERIOD;
+            return self.settled;
+        }
         self.settled = match exact {
             Some(true) => {
                 self.stable_hits += 1;
@@ -106,7 +129,7 @@ impl Quiescer {
         self.settled
     }
 
-    /// Observe every 100 µs until the ring is quiet or `limit` passed since observing started.
+    /// Observe every [`POLL`] until the ring is quiet or `limit` passed since observing started.
     /// `look` gives the ring's indices and whether the backend signalled a completion since the
     /// last look (`None`: nothing to observe this time). Returns whether the ring is quiet.
     pub fn wait(
@@ -198,6 +221,26 @@ mod tests {
         let mut q = Quiescer::new(false);
         let at = run(&mut q, ring(7, 7, 0), t0, 50).unwrap();
         assert!(at >= SETTLE_PERIOD && at < QUIET_PERIOD, "{at:?}");
+    }
+
+    #[test]
+    fn frozen_avail_settles_once_everything_published_is_completed() {
+        let t0 = Instant::now();
+        let mut q = Quiescer::with_frozen_avail(true);
+        // Taken and not completed: not quiet, however long.
+        assert_eq!(run(&mut q, ring(9, 7, 9), t0, 20), None);
+        // Everything completed: quiet once the settle period passed since that completion,
+        // on the first look after it (no run of hits).
+        let t1 = t0 + Duration::from_millis(20);
+        assert!(!q.observe(ring(9, 9, 9), true, t1));
+        assert!(q.observe(ring(9, 9, 9), false, t1 + SETTLE_PERIOD));
+        // Without EVENT_IDX the same, where the unfrozen ring needs the 5 ms quiet period.
+        let mut q = Quiescer::with_frozen_avail(false);
+        assert!(!q.observe(ring(4, 4, 0), false, t0));
+        assert!(q.observe(ring(4, 4, 0), false, t0 + SETTLE_PERIOD));
+        let mut q = Quiescer::new(false);
+        assert!(!q.observe(ring(4, 4, 0), false, t0));
+        assert!(!q.observe(ring(4, 4, 0), false, t0 + SETTLE_PERIOD));
     }
 
     #[test]

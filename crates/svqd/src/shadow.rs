@@ -6,14 +6,14 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::{json, Value};
 use svq::{IdentityTranslation, QueueConfig, QueueState, RingArea, SplitLayout};
-use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{FileOffset, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::backend::{DeviceRegion, RingAddressSpace};
 use crate::error::ProxyError;
 use crate::quiesce::RingIndices;
+use crate::report::ShadowRingState;
 use crate::worker::{Engine, Worker};
 
 /// The memory of one shadow ring.
@@ -69,16 +69,25 @@ impl ShadowRegion {
         self.mapping.as_ptr() as u64
     }
 
-    /// The engine on this region: the ring's device addresses are in the backend's user-address
-    /// space (the region's `uva`).
+    /// The engine on this region: the ring's device addresses are in the device's address space
+    /// (the region's `uva` for vhost-user, its `gpa` for a device translating guest addresses).
     ///
     /// The shadow ring starts at the guest's index (`start.last_avail_idx`), not at 0, and since
     /// the engine forwards each guest chain as one shadow chain the two rings' indices stay equal
     /// whenever nothing is in flight. A backend that keeps its used index across a ring change
     /// (vhost-user-backend up to 0.10 sets only the avail index on SET_VRING_BASE and never
     /// re-reads `used.idx`) then continues on either ring from the right place.
-    pub fn engine(&self, cfg: QueueConfig, start: QueueState) -> Result<Engine, ProxyError> {
-        let area = RingArea::from_mmap_region(self.mapping.clone(), 0, self.uva)
+    pub fn engine(
+        &self,
+        cfg: QueueConfig,
+        start: QueueState,
+        space: RingAddressSpace,
+    ) -> Result<Engine, ProxyError> {
+        let device_addr = match space {
+            RingAddressSpace::VmmUser => self.uva,
+            RingAddressSpace::GuestPhysical => self.gpa,
+        };
+        let area = RingArea::from_mmap_region(self.mapping.clone(), 0, device_addr)
             .map_err(|e| ProxyError::Engine(e.to_string()))?;
         let base = start.last_avail_idx;
         Engine::new_with_base(cfg, area, IdentityTranslation, start, base)
@@ -111,31 +120,30 @@ impl ShadowRegion {
     }
 
     /// The shadow ring's indices and flags as they are in memory (for diagnostics).
-    pub fn ring_indices(&self, size: u16) -> Value {
-        let Ok(layout) = SplitLayout::new(size) else {
-            return Value::Null;
-        };
+    pub fn ring_state(&self, size: u16) -> Option<ShadowRingState> {
+        let layout = SplitLayout::new(size).ok()?;
         let s = usize::from(size);
         let a = layout.avail_offset();
         let u = layout.used_offset();
-        json!({
-            "avail_flags": self.load_u16(a),
-            "avail_idx": self.load_u16(a + 2),
-            "used_event": self.load_u16(a + 4 + 2 * s),
-            "used_flags": self.load_u16(u),
-            "used_idx": self.load_u16(u + 2),
-            "avail_event": self.load_u16(u + 4 + 8 * s),
+        Some(ShadowRingState {
+            avail_flags: self.load_u16(a),
+            avail_idx: self.load_u16(a + 2),
+            used_event: self.load_u16(a + 4 + 2 * s),
+            used_flags: self.load_u16(u),
+            used_idx: self.load_u16(u + 2),
+            avail_event: self.load_u16(u + 4 + 8 * s),
         })
     }
 
-    /// The region for ADD_MEM_REG / REM_MEM_REG / SET_MEM_TABLE (borrowing our fd).
-    pub fn info(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: self.gpa,
-            memory_size: self.size,
-            userspace_addr: self.uva,
+    /// The region as the device's memory table holds it (borrowing our fd).
+    pub fn device_region(&self) -> DeviceRegion {
+        DeviceRegion {
+            gpa: self.gpa,
+            size: self.size,
+            uva: self.uva,
             mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
+            fd: self.file.as_raw_fd(),
+            host_addr: self.host_addr(),
         }
     }
 }
@@ -158,7 +166,7 @@ pub struct ShadowQueue {
 
 impl ShadowQueue {
     /// Stop the worker at once, dropping the engine (device reset or a connection is gone).
-    pub fn abandon(mut self) {
+    pub fn abandon_worker(&mut self) {
         if let Some(w) = self.worker.take() {
             let exit = w.abandon();
             if exit.engine.in_flight() > 0 {
@@ -168,17 +176,5 @@ impl ShadowQueue {
                 );
             }
         }
-    }
-
-    /// Status for `query-status`.
-    pub fn status_json(&self) -> Value {
-        json!({
-            "size": self.shadow_size,
-            "gpa": format!("{:#x}", self.region.gpa),
-            "uva": format!("{:#x}", self.region.uva),
-            "bytes": self.region.size,
-            "ring": self.region.ring_indices(self.shadow_size),
-            "seconds": self.started.elapsed().as_secs_f64(),
-        })
     }
 }

@@ -77,6 +77,15 @@ fn help_hides_the_test_switch_and_bad_arguments_are_refused() {
     let out = run(&["--socket", "a", "--backend", "b", "--shadow-size", "3"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+
+    for cpus in ["x", "3-1", "0,", "99999"] {
+        let out = run(&["--socket", "a", "--backend", "b", "--worker-cpus", cpus]);
+        assert_eq!(out.status.code(), Some(1), "--worker-cpus {cpus}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--worker-cpus"));
+    }
+    let out = run(&["--socket", "a", "--backend", "b", "--poll-us", "2000000"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--poll-us"));
 }
 
 #[test]

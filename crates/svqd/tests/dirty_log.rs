@@ -93,7 +93,7 @@ fn run(mem_style: MemTableStyle, log_style: LogStyle, event_idx: bool) {
     assert_eq!(rig.modes(), ["passthrough"]);
     let st = rig.proxy.control().query_stats();
     assert_eq!(
-        st["queues"][0]["kicks"], 0,
+        st.queues[0].counters.kicks, 0,
         "passthrough must not relay kicks"
     );
 
@@ -142,12 +142,12 @@ fn run(mem_style: MemTableStyle, log_style: LogStyle, event_idx: bool) {
     assert_eq!(rig.modes(), ["passthrough"]);
     assert_eq!(d.request(false, 16, DATA), (0, 4097));
     let st = rig.proxy.control().query_stats();
-    assert_eq!(st["queues"][0]["mode_switches"], 2);
+    assert_eq!(st.queues[0].counters.mode_switches, 2);
     assert_eq!(
-        st["queues"][0]["completed"], 2,
+        st.queues[0].counters.completed, 2,
         "two requests went through the shadow ring"
     );
-    assert!(st["queues"][0]["dirty_pages"].as_u64().unwrap() >= 5);
+    assert!(st.queues[0].counters.dirty_pages >= 5);
 }
 
 #[test]
@@ -192,7 +192,7 @@ fn logging_disabled_logs_nothing() {
     assert_eq!(rig.modes(), ["shadow"]);
     assert_eq!(d.request(false, 8, DATA), (0, 4097));
     assert!(vmm.sync_dirty_log().unwrap().is_empty());
-    assert_eq!(rig.proxy.control().query_status()["logging"], false);
+    assert!(!rig.proxy.control().query_status().logging);
 }
 
 /// Forcing shadow mode through the control socket, with no migration: relayed, not logged.

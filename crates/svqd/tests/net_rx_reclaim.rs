@@ -41,9 +41,7 @@ fn go_idle(runner: &GuestRunner<NetGuest>) -> usize {
 }
 
 fn reclaimed(ctl: &dyn ControlTarget, queue: usize) -> u64 {
-    ctl.query_stats()["queues"][queue]["reclaimed"]
-        .as_u64()
-        .unwrap()
+    ctl.query_stats().queues[queue].counters.reclaimed
 }
 
 fn check_guest(runner: &GuestRunner<NetGuest>) {
@@ -92,8 +90,7 @@ fn run(event_idx: bool) {
         },
     )
     .unwrap();
-    vmm.start_queues(guest.queues()).unwrap();
-    let runner = GuestRunner::spawn(guest).unwrap();
+    let runner = vmm.run_guest(guest).unwrap();
 
     // 1. Shadow and back with the receive ring idle.
     let rx = go_idle(&runner);
@@ -111,11 +108,10 @@ fn run(event_idx: bool) {
     assert_eq!(reclaimed(&*ctl, 1), 0, "the transmit ring had nothing left");
     // The shadow regions stay in the backend's table, and the next shadow period reuses them.
     let parked = |ctl: &dyn ControlTarget| -> Vec<String> {
-        ctl.query_status()["queues"]
-            .as_array()
-            .unwrap()
+        ctl.query_status()
+            .queues
             .iter()
-            .map(|q| q["parked_region"].as_str().unwrap_or("none").to_owned())
+            .map(|q| q.parked_region.clone().unwrap_or_else(|| "none".into()))
             .collect()
     };
     let regions = parked(&*ctl);
@@ -134,7 +130,7 @@ fn run(event_idx: bool) {
     let status = ctl.query_status();
     for (q, region) in regions.iter().enumerate() {
         assert_eq!(
-            status["queues"][q]["shadow"]["gpa"].as_str(),
+            status.queues[q].shadow.as_ref().map(|s| s.gpa.as_str()),
             Some(region.as_str())
         );
     }

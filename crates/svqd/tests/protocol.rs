@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -28,14 +28,7 @@ const RAM: u64 = 1 << 20;
 const UVA: u64 = 0x7f00_0000_0000;
 
 fn memfd(size: u64) -> File {
-    // SAFETY: valid NUL-terminated name; the fd is owned by the File.
-    let f = unsafe {
-        let fd = libc::memfd_create(c"vmm-test".as_ptr(), libc::MFD_CLOEXEC);
-        assert!(fd >= 0);
-        File::from_raw_fd(fd)
-    };
-    f.set_len(size).unwrap();
-    f
+    svq_testkit::guest::ram::memfd("vmm-test", size).unwrap()
 }
 
 /// A hand-driven VMM: negotiates, installs 1 MiB of RAM at GPA 0 / UVA 0x7f00_0000_0000.
@@ -206,7 +199,7 @@ fn log_regions_past_their_file_are_refused() {
     let (fe, _ram) = raw_vmm(&rig);
     fe.set_log_base(0, Some(region(4096))).unwrap();
     let st = rig.proxy.control().query_status();
-    assert_eq!(st["log_bytes"], 4096);
+    assert_eq!(st.log_bytes, Some(4096));
     // Replaced at any time (Cloud Hypervisor installs a fresh one per read).
     let log2 = memfd(8192);
     fe.set_log_base(
@@ -219,7 +212,7 @@ fn log_regions_past_their_file_are_refused() {
     )
     .unwrap();
     let st = rig.proxy.control().query_status();
-    assert_eq!(st["log_bytes"], 8192);
+    assert_eq!(st.log_bytes, Some(8192));
 }
 
 #[test]

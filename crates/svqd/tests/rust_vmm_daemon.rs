@@ -76,7 +76,7 @@ fn round(
     while got.len() < PER_ROUND as usize {
         assert!(
             Instant::now() < deadline,
-            "only {} of {PER_ROUND} buffers came back (tokens from {token0}); {}",
+            "only {} of {PER_ROUND} buffers came back (tokens from {token0}); {:?}",
             got.len(),
             ctl.query_status()
         );
@@ -150,18 +150,15 @@ fn vhost_device_rng_survives_runtime_switches() {
         });
         let st = ctl.query_status();
         let want = if shadow { "shadow" } else { "passthrough" };
-        assert_eq!(st["queues"][0]["mode"], want, "{st}");
+        assert_eq!(st.queues[0].mode, want, "{st:?}");
         assert!(
             daemon.0.try_wait().unwrap().is_none(),
             "vhost-device-rng exited after switch {s}"
         );
     }
     let stats = ctl.query_stats();
-    let q0 = &stats["queues"][0];
-    assert_eq!(q0["mode_switches"], SWITCHES, "{stats}");
-    assert!(
-        q0["completed"].as_u64().unwrap() >= SWITCHES / 2 * PER_ROUND,
-        "{stats}"
-    );
-    eprintln!("vhost-device-rng: {SWITCHES} runtime switches; {stats}");
+    let q0 = &stats.queues[0].counters;
+    assert_eq!(q0.mode_switches, SWITCHES, "{stats:?}");
+    assert!(q0.completed >= SWITCHES / 2 * PER_ROUND, "{stats:?}");
+    eprintln!("vhost-device-rng: {SWITCHES} runtime switches; {stats:?}");
 }

@@ -10,7 +10,6 @@ use common::{check_blk_run, Rig, RigOptions};
 use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
 use svq_testkit::guest::runner::GuestRunner;
-use svq_testkit::guest::GuestWorkload;
 use svq_testkit::vmm::{LogStyle, MemTableStyle};
 
 /// Pause the guest and wait until the backend holds no request.
@@ -42,8 +41,7 @@ fn slow_requests_keep_the_queue_in_shadow_mode_and_lose_nothing() {
         },
     )
     .unwrap();
-    vmm.start_queues(guest.queues()).unwrap();
-    let runner = GuestRunner::spawn(guest).unwrap();
+    let runner = vmm.run_guest(guest).unwrap();
     let ctl = rig.proxy.control();
 
     // Into shadow mode while nothing is in flight (a passthrough drain would time out too).
@@ -61,9 +59,7 @@ fn slow_requests_keep_the_queue_in_shadow_mode_and_lose_nothing() {
         .expect_err("the backend cannot complete its requests within 40 ms");
     assert!(err.contains("in flight"), "{err}");
     assert_eq!(rig.modes(), ["shadow"], "the queue keeps shadowing");
-    let late = ctl.query_stats()["queues"][0]["late_completions"]
-        .as_u64()
-        .unwrap();
+    let late = ctl.query_stats().queues[0].counters.late_completions;
     assert!(late > 0, "the stop found taken requests");
 
     // The guest keeps going through the shadow ring, then the switch back succeeds.

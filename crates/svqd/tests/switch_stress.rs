@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use common::{check_blk_run, Rig, RigOptions};
 use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
-use svq_testkit::guest::runner::GuestRunner;
-use svq_testkit::guest::GuestWorkload;
 use svq_testkit::vmm::{LogStyle, MemTableStyle};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -31,13 +29,22 @@ fn stress(event_idx: bool, queues: u16, switches: usize, trigger: Trigger) {
 }
 
 fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, qsd_like: bool) {
-    let rig = Rig::new(RigOptions {
-        queues,
-        event_idx,
-        qsd_like,
-        delay: Some((20, 1500)),
-        ..Default::default()
-    });
+    stress_rig(
+        RigOptions {
+            queues,
+            event_idx,
+            qsd_like,
+            delay: Some((20, 1500)),
+            ..Default::default()
+        },
+        switches,
+        trigger,
+    )
+}
+
+fn stress_rig(opts: RigOptions, switches: usize, trigger: Trigger) {
+    let (queues, event_idx) = (opts.queues, opts.event_idx);
+    let rig = Rig::new(opts);
     let ram = GuestRam::new("guest", 32 << 20).unwrap();
     let mut vmm = rig.vmm(
         ram.clone(),
@@ -57,8 +64,7 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         },
     )
     .unwrap();
-    vmm.start_queues(guest.queues()).unwrap();
-    let runner = GuestRunner::spawn(guest).unwrap();
+    let runner = vmm.run_guest(guest).unwrap();
     let ctl = rig.proxy.control();
     let mut to_shadow = Vec::new();
     let mut to_pass = Vec::new();
@@ -71,7 +77,7 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         };
         if let Err(e) = r {
             panic!(
-                "switch {i} to shadow: {e}; backend {:?}; svqd {}",
+                "switch {i} to shadow: {e}; backend {:?}; svqd {:?}",
                 rig.backend.stats(),
                 ctl.query_status()
             );
@@ -86,7 +92,7 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         };
         if let Err(e) = r {
             panic!(
-                "switch {i} to passthrough: {e}; backend {:?}; svqd {}",
+                "switch {i} to passthrough: {e}; backend {:?}; svqd {:?}",
                 rig.backend.stats(),
                 ctl.query_status()
             );
@@ -98,11 +104,10 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
     let ledger = check_blk_run(&rig, runner);
     assert!(ledger.issued > 50, "too little I/O: {ledger:?}");
     let stats = ctl.query_stats();
-    let late: u64 = stats["queues"]
-        .as_array()
-        .unwrap()
+    let late: u64 = stats
+        .queues
         .iter()
-        .map(|q| q["late_completions"].as_u64().unwrap())
+        .map(|q| q.counters.late_completions)
         .sum();
     eprintln!(
         "switch times (event_idx={event_idx}, queues={queues}, {switches} round trips, {} requests, \
@@ -143,4 +148,24 @@ fn log_all_switches_no_event_idx_two_queues() {
 #[test]
 fn qsd_like_backend_event_idx_survives_switches() {
     stress_with(true, 1, 40, Trigger::Control, true);
+}
+
+/// The poll phase (`--poll-us`) and pinned workers (`--worker-cpus`) under traffic and switches:
+/// polling must never strand a chain nor complete one twice (the same ledger checks as above).
+#[test]
+fn poll_phase_and_pinned_workers_lose_nothing() {
+    for (event_idx, poll_us) in [(true, 200), (false, 50)] {
+        stress_rig(
+            RigOptions {
+                queues: 2,
+                event_idx,
+                delay: Some((20, 1500)),
+                poll: Duration::from_micros(poll_us),
+                worker_cpus: vec![0],
+                ..Default::default()
+            },
+            20,
+            Trigger::Control,
+        );
+    }
 }

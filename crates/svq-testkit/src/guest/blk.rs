@@ -436,20 +436,12 @@ impl GuestWorkload for BlkGuest {
 
     fn reap(&mut self) {
         for q in 0..self.queues.len() {
-            loop {
-                let mem = self.ram.memory();
-                self.queues[q].disable_interrupts(mem);
-                let done = self.queues[q].reap(mem);
-                let again = self.queues[q].enable_interrupts(self.ram.memory());
-                for c in done {
-                    self.complete(c.token, c.len);
-                }
-                let a = self.queues[q].take_anomalies();
-                self.anomalies.extend(a);
-                if !again {
-                    break;
-                }
+            let done = self.queues[q].reap_all(self.ram.memory());
+            for c in done {
+                self.complete(c.token, c.len);
             }
+            let a = self.queues[q].take_anomalies();
+            self.anomalies.extend(a);
         }
     }
 

@@ -332,20 +332,13 @@ impl GuestWorkload for NetGuest {
 
     fn reap(&mut self) {
         for q in 0..self.queues.len() {
-            loop {
-                let ram = self.ram.clone();
-                self.queues[q].disable_interrupts(ram.memory());
-                let done = self.queues[q].reap(ram.memory());
-                let again = self.queues[q].enable_interrupts(ram.memory());
-                for c in done {
-                    self.complete(c.token, c.len);
-                }
-                let a = self.queues[q].take_anomalies();
-                self.anomalies.extend(a);
-                if !again {
-                    break;
-                }
+            let ram = self.ram.clone();
+            let done = self.queues[q].reap_all(ram.memory());
+            for c in done {
+                self.complete(c.token, c.len);
             }
+            let a = self.queues[q].take_anomalies();
+            self.anomalies.extend(a);
         }
     }
 

@@ -540,6 +540,19 @@ impl DriverQueue {
         self.has_used(mem)
     }
 
+    /// Reaps until no completion arrived while interrupts were off: interrupts are suppressed
+    /// while reaping and re-enabled at the end, as a driver's interrupt handler does.
+    pub fn reap_all(&mut self, mem: &GuestMem) -> Vec<Completion> {
+        let mut out = Vec::new();
+        loop {
+            self.disable_interrupts(mem);
+            out.extend(self.reap(mem));
+            if !self.enable_interrupts(mem) {
+                return out;
+            }
+        }
+    }
+
     /// Suppresses interrupts (while the driver polls).
     pub fn disable_interrupts(&mut self, mem: &GuestMem) {
         self.interrupts_enabled = false;

@@ -37,6 +37,10 @@ pub struct RigOptions {
     pub qsd_like: bool,
     /// svqd's --drain-timeout.
     pub drain_timeout: Duration,
+    /// svqd's --poll-us.
+    pub poll: Duration,
+    /// svqd's --worker-cpus.
+    pub worker_cpus: Vec<usize>,
 }
 
 impl Default for RigOptions {
@@ -51,19 +55,13 @@ impl Default for RigOptions {
             backend_mem_slots: true,
             qsd_like: false,
             drain_timeout: Duration::from_secs(5),
+            poll: Duration::ZERO,
+            worker_cpus: Vec::new(),
         }
     }
 }
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-}
+pub use svq_testkit::init_test_tracing as init_tracing;
 
 impl Rig {
     pub fn new(o: RigOptions) -> Rig {
@@ -92,6 +90,8 @@ impl Rig {
         cfg.log_enabled = o.log_enabled;
         cfg.backend_mem_slots = o.backend_mem_slots;
         cfg.drain_timeout = o.drain_timeout;
+        cfg.poll = o.poll;
+        cfg.worker_cpus = o.worker_cpus.clone();
         let proxy = Proxy::new(cfg).unwrap().spawn().unwrap();
         Rig {
             dir,
@@ -123,12 +123,7 @@ impl Rig {
 
     pub fn modes(&self) -> Vec<String> {
         let st = self.proxy.control().query_status();
-        st["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| q["mode"].as_str().unwrap().to_owned())
-            .collect()
+        st.queues.iter().map(|q| q.mode.clone()).collect()
     }
 }
 
