@@ -47,7 +47,12 @@ pub fn setup(test: &str) -> Option<(Setup, VduseFixture)> {
             .map(|(_, v)| PathBuf::from(v.trim()))
             .filter(|p| !p.as_os_str().is_empty() && p.exists())
     };
-    let (Some(kernel), Some(initrd)) = (get("SVQ_VDUSE_KERNEL"), get("SVQ_VDUSE_INITRD")) else {
+    // The env file names them; an env file written by an older fixtures.sh does not, while
+    // vduse.sh's output is still in its place.
+    let default = |name: &str| Some(fixtures_dir().join("vduse").join(name)).filter(|p| p.exists());
+    let kernel = get("SVQ_VDUSE_KERNEL").or_else(|| default("vmlinuz"));
+    let initrd = get("SVQ_VDUSE_INITRD").or_else(|| default("initramfs.gz"));
+    let (Some(kernel), Some(initrd)) = (kernel, initrd) else {
         eprintln!(
             "{test}: skipped: no VDUSE guest in {} (scripts/peers/fixtures.sh builds it with \
              scripts/peers/vduse.sh; it needs the bookworm-backports 6.12 kernel package)",

@@ -242,7 +242,8 @@ mod raw {
 
 impl VdpaDevice {
     /// Opens `path`, takes ownership (SET_OWNER), probes it and acks the backend features svqd
-    /// uses: IOTLB_MSG_V2 (required), IOTLB_BATCH, SUSPEND and RESUME where offered.
+    /// uses: IOTLB_MSG_V2 (required), IOTLB_BATCH, SUSPEND, RESUME and IOTLB_PERSIST where
+    /// offered.
     pub fn open(path: &Path) -> Result<Self, VdpaError> {
         let shown = path.display().to_string();
         let s = path.to_str().ok_or_else(|| VdpaError::Open {
@@ -286,7 +287,8 @@ impl VdpaDevice {
             & ((1 << backend_bit::IOTLB_MSG_V2)
                 | (1 << backend_bit::IOTLB_BATCH)
                 | (1 << backend_bit::SUSPEND)
-                | (1 << backend_bit::RESUME));
+                | (1 << backend_bit::RESUME)
+                | (1 << backend_bit::IOTLB_PERSIST));
         dev.set_backend_features(want)
             .map_err(kernel("VHOST_SET_BACKEND_FEATURES"))?;
         let range = dev
@@ -356,6 +358,12 @@ impl VdpaDevice {
     /// Whether the device offers VHOST_VDPA_RESUME.
     pub fn can_resume(&self) -> bool {
         self.acked(backend_bit::RESUME)
+    }
+
+    /// Whether the device keeps its IOTLB across a reset (IOTLB_PERSIST acked). Without it a
+    /// parent may drop its own copy of the mappings on reset (VDUSE 6.12 keeps them).
+    pub fn iotlb_persists(&self) -> bool {
+        self.acked(backend_bit::IOTLB_PERSIST)
     }
 
     /// Whether IOTLB updates are sent in batches.
@@ -691,6 +699,25 @@ impl VdpaDevice {
             }
         }
         result
+    }
+
+    /// Sends every mapping again (INVALIDATE + UPDATE of each, one batch): after a reset of a
+    /// device without IOTLB_PERSIST, whose parent may have dropped them.
+    pub fn remap_all(&mut self) -> Result<(), VdpaError> {
+        let ops: Vec<IotlbOp> = self
+            .iotlb
+            .mappings()
+            .flat_map(|m| {
+                [
+                    IotlbOp::Unmap {
+                        iova: m.iova,
+                        size: m.size,
+                    },
+                    IotlbOp::Map(*m),
+                ]
+            })
+            .collect();
+        self.update_iotlb(&ops)
     }
 
     /// Maps `maps` (one batch).
