@@ -59,6 +59,7 @@ impl Bench {
             used_ring: USED,
             event_idx: true,
             indirect: true,
+            in_order: false,
         };
         let layout = SplitLayout::new(SIZE).unwrap();
         let engine = ShadowVirtqueue::new(

@@ -16,6 +16,8 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// `VIRTIO_F_VERSION_1`.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_IN_ORDER`: descriptors used in ring order, completions in avail order.
+pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 
 /// Virtio feature bits passed through from the backend to the VMM.
 ///

@@ -812,6 +812,7 @@ impl ProxyState {
             used_ring: addr.used_gpa,
             event_idx: self.event_idx(),
             indirect: self.acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0,
+            in_order: self.acked_features & features::VIRTIO_F_IN_ORDER != 0,
         };
         let region = self.shadow_region(q, shadow_size)?;
         let start = svq::QueueState {

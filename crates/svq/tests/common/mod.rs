@@ -85,6 +85,7 @@ pub fn config(guest_size: u16, shadow_size: u16, event_idx: bool, indirect: bool
         used_ring: USED,
         event_idx,
         indirect,
+        in_order: false,
     }
 }
 
