@@ -237,6 +237,8 @@ pub struct SwitchReport {
     pub blocks_verified: u64,
     /// I/O during the switching.
     pub phase: Phase,
+    /// Virtio features the VMM acked (what the proxy offered, as negotiated).
+    pub acked_features: u64,
 }
 
 impl SwitchReport {
@@ -846,6 +848,7 @@ fn switching_body(
     let left = runner.drain(Duration::from_secs(10));
     drop(ticker);
     let workload = runner.stop();
+    let acked_features = vmm.acked_features();
     drop(vmm);
     let guest = match Arc::try_unwrap(workload) {
         Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
@@ -865,6 +868,7 @@ fn switching_body(
             anomalies: guest.anomalies().iter().map(|a| a.to_string()).collect(),
             blocks_verified: 0,
             phase: Phase::between(a, b),
+            acked_features,
         },
         guest,
     ))
