@@ -1,6 +1,8 @@
 //! forward_avail + forward_used per descriptor: 1-, 2- and 4-descriptor chains, batches of 1 and
-//! 32, EVENT_IDX on, dirty logging on (the migration case). Only the two engine calls are timed
-//! (`iter_custom`); the simulated guest and device run outside the timed sections.
+//! 32, EVENT_IDX on, dirty logging on (the migration case); the same with VIRTIO_F_IN_ORDER on
+//! both rings, the device writing one used element per batch (the engine splits it into one
+//! completion per chain). Only the two engine calls are timed (`iter_custom`); the simulated
+//! guest and device run outside the timed sections.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -28,10 +30,11 @@ struct Bench {
     layout: SplitLayout,
     batch: u16,
     chain_len: u16,
+    in_order: bool,
 }
 
 impl Bench {
-    fn new(chain_len: u16, batch: u16) -> Self {
+    fn new(chain_len: u16, batch: u16, in_order: bool) -> Self {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         // A fixed descriptor table: chain k uses descriptors k*n .. k*n+n; readable 64-byte
         // headers, then one writable 1500-byte buffer on its own page.
@@ -59,6 +62,7 @@ impl Bench {
             used_ring: USED,
             event_idx: true,
             indirect: true,
+            in_order,
         };
         let layout = SplitLayout::new(SIZE).unwrap();
         let engine = ShadowVirtqueue::new(
@@ -79,6 +83,7 @@ impl Bench {
             layout,
             batch,
             chain_len,
+            in_order,
         }
     }
 
@@ -101,19 +106,26 @@ impl Bench {
             .unwrap();
     }
 
-    /// Device: complete everything available on the shadow ring, in order, 1500 bytes each.
+    /// Device: complete everything available on the shadow ring, in order, 1500 bytes each
+    /// (IN_ORDER: one used element for all of it, naming the last chain).
     fn device_complete(&mut self) {
         let base = self.engine.ring().area().as_ptr();
         let idx = self
             .shadow_u16(self.layout.avail_offset() + 2)
             .load(Ordering::Acquire);
+        let batch_start = self.dev_used;
         while self.dev_last_avail != idx {
             let head = self
                 .shadow_u16(
                     self.layout.avail_offset() + 4 + 2 * usize::from(self.dev_last_avail % SIZE),
                 )
                 .load(Ordering::Relaxed);
-            let e = self.layout.used_offset() + 4 + 8 * usize::from(self.dev_used % SIZE);
+            let slot = if self.in_order {
+                batch_start
+            } else {
+                self.dev_used
+            };
+            let e = self.layout.used_offset() + 4 + 8 * usize::from(slot % SIZE);
             // SAFETY: used element inside the shadow ring.
             unsafe {
                 let p = base.add(e) as *mut u32;
@@ -147,13 +159,17 @@ impl Bench {
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("forward_avail+forward_used");
     for chain_len in [1u16, 2, 4] {
-        for batch in [1u16, 32] {
+        for (batch, in_order) in [(1u16, false), (32, false), (1, true), (32, true)] {
             g.throughput(Throughput::Elements(u64::from(chain_len * batch)));
+            let order = if in_order { ", in order" } else { "" };
             g.bench_with_input(
-                BenchmarkId::new(format!("{chain_len}-desc chains"), format!("batch {batch}")),
+                BenchmarkId::new(
+                    format!("{chain_len}-desc chains"),
+                    format!("batch {batch}{order}"),
+                ),
                 &(chain_len, batch),
                 |b, &(n, bt)| {
-                    let mut s = Bench::new(n, bt);
+                    let mut s = Bench::new(n, bt, in_order);
                     b.iter_custom(|iters| (0..iters).map(|_| s.cycle()).sum());
                     assert!(s.engine.broken().is_none());
                     assert_eq!(s.engine.in_flight(), 0);

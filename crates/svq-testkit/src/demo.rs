@@ -106,6 +106,7 @@ impl DemoOptions {
             queues: self.queues,
             event_idx: !self.no_event_idx,
             indirect: true,
+            in_order: false,
             blk_delay: (self.max_delay_us > 0).then(|| CompletionDelay {
                 min: Duration::from_micros(self.max_delay_us / 50),
                 max: Duration::from_micros(self.max_delay_us),

@@ -84,6 +84,9 @@ pub struct ScenarioOptions {
     pub event_idx: bool,
     /// Negotiate INDIRECT_DESC.
     pub indirect: bool,
+    /// Net: the device offers VIRTIO_F_IN_ORDER and the VMM acks it (whatever `vmm.in_order`
+    /// says); the guest keeps the in-order rules whenever the VMM acked the bit.
+    pub in_order: bool,
     /// Block backend completion delay (asynchronous, out of order).
     pub blk_delay: Option<CompletionDelay>,
     /// Block backend drops the connection when a completion must signal a closed call fd
@@ -128,6 +131,7 @@ impl Default for ScenarioOptions {
             queues: 1,
             event_idx: true,
             indirect: true,
+            in_order: false,
             blk_delay: Some(CompletionDelay {
                 min: Duration::from_micros(20),
                 max: Duration::from_micros(1500),
@@ -233,6 +237,8 @@ pub struct SwitchReport {
     pub blocks_verified: u64,
     /// I/O during the switching.
     pub phase: Phase,
+    /// Virtio features the VMM acked (what the proxy offered, as negotiated).
+    pub acked_features: u64,
 }
 
 impl SwitchReport {
@@ -439,6 +445,7 @@ fn start_side(
             NetOptions {
                 queue_pairs: opts.queues,
                 event_idx: opts.event_idx,
+                in_order: opts.in_order,
                 ..Default::default()
             },
         )?),
@@ -463,8 +470,21 @@ fn start_side(
     })
 }
 
+/// The VMM options of a scenario (`in_order` asks the VMM to ack IN_ORDER too).
+fn vmm_options(opts: &ScenarioOptions) -> VmmOptions {
+    VmmOptions {
+        in_order: opts.vmm.in_order || opts.in_order,
+        ..opts.vmm
+    }
+}
+
 fn make_guest(ram: Arc<GuestRam>, vmm: &Vmm, opts: &ScenarioOptions) -> std::io::Result<AnyGuest> {
     Ok(match opts.device {
+        DeviceKind::Blk if vmm.in_order() => {
+            return Err(std::io::Error::other(
+                "the blk guest does not drive VIRTIO_F_IN_ORDER",
+            ))
+        }
         DeviceKind::Blk => AnyGuest::Blk(BlkGuest::new(
             ram,
             BlkGuestOptions {
@@ -484,6 +504,7 @@ fn make_guest(ram: Arc<GuestRam>, vmm: &Vmm, opts: &ScenarioOptions) -> std::io:
                 depth: opts.depth,
                 event_idx: vmm.event_idx(),
                 indirect: vmm.indirect(),
+                in_order: vmm.in_order(),
                 seed: opts.seed,
                 ..Default::default()
             },
@@ -630,7 +651,7 @@ fn migration_body(
 ) -> Result<MigrationScenarioReport, ScenarioError> {
     let side = new_side(0)?;
     let ram = GuestRam::new("svq-guest-0", opts.ram_size)?;
-    let mut vmm = match Vmm::connect(&side.vmm_socket, ram.clone(), opts.vmm) {
+    let mut vmm = match Vmm::connect(&side.vmm_socket, ram.clone(), vmm_options(opts)) {
         Ok(v) => v,
         Err(e) => {
             side.stop();
@@ -743,7 +764,7 @@ fn hops(
         ticker.set(&format!("migrating ({hop}/{})", opts.hops.max(1)));
         let dst = new_side(hop)?;
         let dst_ram = GuestRam::new(&format!("svq-guest-{hop}"), opts.ram_size)?;
-        let dst_vmm_opts = opts.vmm;
+        let dst_vmm_opts = vmm_options(opts);
         let dst_sock = dst.vmm_socket.clone();
         let migrated = migrate(
             runner,
@@ -851,7 +872,7 @@ fn switching_body(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(SwitchReport, AnyGuest), ScenarioError> {
     let ram = GuestRam::new("svq-guest", opts.ram_size)?;
-    let mut vmm = Vmm::connect(&side.vmm_socket, ram.clone(), opts.vmm)?;
+    let mut vmm = Vmm::connect(&side.vmm_socket, ram.clone(), vmm_options(opts))?;
     let guest = make_guest(ram, &vmm, opts)?;
     vmm.start_queues(guest.queues())?;
     let prog = guest.progress();
@@ -913,6 +934,7 @@ fn switching_body(
     let left = runner.drain(Duration::from_secs(10));
     drop(ticker);
     let workload = runner.stop();
+    let acked_features = vmm.acked_features();
     drop(vmm);
     let guest = match Arc::try_unwrap(workload) {
         Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
@@ -932,6 +954,7 @@ fn switching_body(
             anomalies: guest.anomalies().iter().map(|a| a.to_string()).collect(),
             blocks_verified: 0,
             phase: Phase::between(a, b),
+            acked_features,
         },
         guest,
     ))

@@ -34,6 +34,8 @@ use crate::guest::vring::{DriverQueue, QueueLayout};
 
 /// Bit 26: the device must log its writes (migration running).
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// Bit 35: VIRTIO_F_IN_ORDER (descriptors used in ring order, completions in avail order).
+pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 
 /// How the memory table is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +67,9 @@ pub struct VmmOptions {
     pub event_idx: bool,
     /// Negotiate VIRTIO_RING_F_INDIRECT_DESC if offered.
     pub indirect: bool,
+    /// Negotiate VIRTIO_F_IN_ORDER if offered (the guest driver must then keep its rules: see
+    /// [`crate::guest::vring::DriverQueue::in_order`]).
+    pub in_order: bool,
     /// How long to retry connecting while the socket is not there yet.
     pub connect_timeout: Duration,
 }
@@ -76,6 +81,7 @@ impl Default for VmmOptions {
             log_style: LogStyle::Qemu,
             event_idx: true,
             indirect: true,
+            in_order: false,
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -244,6 +250,9 @@ impl Vmm {
         if !opts.indirect {
             acked &= !(1u64 << VIRTIO_RING_F_INDIRECT_DESC);
         }
+        if !opts.in_order {
+            acked &= !VIRTIO_F_IN_ORDER;
+        }
         vh("SET_FEATURES", fe.set_features(acked))?;
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
@@ -286,6 +295,11 @@ impl Vmm {
     /// Whether EVENT_IDX was negotiated.
     pub fn event_idx(&self) -> bool {
         self.acked & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0
+    }
+
+    /// Whether VIRTIO_F_IN_ORDER was negotiated.
+    pub fn in_order(&self) -> bool {
+        self.acked & VIRTIO_F_IN_ORDER != 0
     }
 
     /// Whether INDIRECT_DESC was negotiated.

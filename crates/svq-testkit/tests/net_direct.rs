@@ -9,6 +9,10 @@ use svq_testkit::guest::GuestWorkload;
 use svq_testkit::vmm::{Vmm, VmmOptions};
 
 fn run(event_idx: bool, pairs: u16) {
+    run_with(event_idx, pairs, false)
+}
+
+fn run_with(event_idx: bool, pairs: u16, in_order: bool) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
     let be = serve_net(
@@ -16,6 +20,7 @@ fn run(event_idx: bool, pairs: u16) {
         NetOptions {
             queue_pairs: pairs,
             event_idx,
+            in_order,
             ..Default::default()
         },
     )
@@ -26,18 +31,21 @@ fn run(event_idx: bool, pairs: u16) {
         ram.clone(),
         VmmOptions {
             event_idx,
+            in_order,
             ..Default::default()
         },
     )
     .unwrap();
     assert_eq!(vmm.num_queues(), 2 * u64::from(pairs));
     assert!(!vmm.supports_logging());
+    assert_eq!(vmm.in_order(), in_order);
     let guest = NetGuest::new(
         ram.clone(),
         NetGuestOptions {
             pairs,
             event_idx: vmm.event_idx(),
             indirect: vmm.indirect(),
+            in_order: vmm.in_order(),
             ..Default::default()
         },
     )
@@ -74,4 +82,11 @@ fn echo_event_idx_one_pair() {
 #[test]
 fn echo_no_event_idx_two_pairs() {
     run(false, 2);
+}
+
+/// The echo device offers VIRTIO_F_IN_ORDER and completes in order: the in-order guest sees no
+/// ordering fault.
+#[test]
+fn echo_in_order_two_pairs() {
+    run_with(true, 2, true);
 }

@@ -66,6 +66,21 @@ pub enum QueueError {
         /// The id the device wrote into the shadow used ring.
         id: u32,
     },
+    /// With VIRTIO_F_IN_ORDER, a used element names a chain whose batch (every chain in flight
+    /// up to it, in avail order) is larger than the used index the device published: the
+    /// device completed out of order, or wrote the element before publishing the batch.
+    #[error(
+        "in-order device used id {id} (a batch of {batch} chains) but published only {published} \
+         used elements"
+    )]
+    InOrderBatchBeyondUsed {
+        /// The id the device wrote into the shadow used ring.
+        id: u16,
+        /// Chains the element completes (the oldest in flight up to `id`).
+        batch: u16,
+        /// Used elements the device published past the last one consumed.
+        published: u16,
+    },
     /// The device's used index moved more than a ring size ahead.
     #[error("device used index jumped from {last} to {new}")]
     UsedIndexJump {

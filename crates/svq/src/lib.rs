@@ -20,7 +20,7 @@
 //! let cfg = QueueConfig {
 //!     guest_size: 4, shadow_size: 8,
 //!     desc_table: 0x1000, avail_ring: 0x2000, used_ring: 0x3000,
-//!     event_idx: false, indirect: false,
+//!     event_idx: false, indirect: false, in_order: false,
 //! };
 //! // The shadow ring in memory we own; the device sees it at 0x1_0000_0000.
 //! let area = RingArea::new_owned(SplitLayout::new(8)?.total_bytes(), 0x1_0000_0000);

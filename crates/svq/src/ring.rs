@@ -10,6 +10,16 @@
 //! release store; used elements are read after an acquire load of the used index. The free list
 //! lives in private memory (never read back from the shared table), so a device scribbling over
 //! the descriptor table cannot corrupt our bookkeeping.
+//!
+//! With `VIRTIO_F_IN_ORDER` (virtio 1.x, "In-order use of descriptors") the ring changes in two
+//! ways. Descriptors are used in ring order: a chain starts at the descriptor after the previous
+//! chain's last one, `next` is `x + 1` (0 after the last table entry), so a device may find the
+//! next head without reading the avail ring. And the device completes chains in the order they
+//! were made available, and may write ONE used element for a batch: at the used position of the
+//! batch's first chain, with the id of its last chain, the used index advanced by the batch size.
+//! The skipped chains were used completely; [`ShadowRing::next_used`] still returns one element
+//! per chain (a skipped chain's length is its device-writable byte count), so the engine and the
+//! guest see one completion per chain either way.
 
 use crate::error::QueueError;
 use std::any::Any;
@@ -321,8 +331,10 @@ pub trait ShadowRing: Send {
     /// Make every added chain visible to the device (one index publish). Returns whether the
     /// device asked to be kicked (NO_NOTIFY / avail_event honoured).
     fn publish(&mut self) -> bool;
-    /// Next used element, its descriptors already back on the free list. Validates the element
-    /// (id in flight, index not jumping).
+    /// Next used element (one per chain, also when an IN_ORDER device wrote one element for a
+    /// batch), its descriptors already back on the free list. Validates the element (id in
+    /// flight, index not jumping; with IN_ORDER: the batch it ends lies inside the published
+    /// used index).
     fn next_used(&mut self) -> Result<Option<UsedElem>, QueueError>;
     /// Ask the device to notify on its next used element; returns true if elements arrived in
     /// the meantime (the caller must process them, or it would wait for a call that never comes).
@@ -358,11 +370,27 @@ pub struct SplitShadowRing {
     layout: SplitLayout,
     size: u16,
     event_idx: bool,
+    /// VIRTIO_F_IN_ORDER: descriptors allocated in ring order, completions in avail order
+    /// (possibly one used element per batch).
+    in_order: bool,
     base: u16,
-    /// Private links: free list for free descriptors, chain links for used ones.
+    /// Private links: free list for free descriptors, chain links for used ones. With IN_ORDER
+    /// always `i + 1` (wrapping): `free_head` is the next descriptor in ring order.
     next: Vec<u16>,
     /// Per chain head: number of descriptors (0: not a head in flight).
     chain_len: Vec<u16>,
+    /// Per chain head: device-writable bytes (saturating): the length of a chain an IN_ORDER
+    /// device completed inside a batch without writing its used element.
+    writable_len: Vec<u32>,
+    /// Per chain head: the avail position it was published at (IN_ORDER: its used position).
+    head_pos: Vec<u16>,
+    /// Per avail position (mod size): the head published there. A private copy: the device
+    /// could scribble over the shared avail ring.
+    pos_head: Vec<u16>,
+    /// IN_ORDER: chains of the batch being returned still to go (the last one carries the
+    /// length of the element the device wrote), and that length.
+    batch_left: u16,
+    batch_len: u32,
     free_head: u16,
     num_free: u16,
     in_flight: u16,
@@ -374,19 +402,22 @@ pub struct SplitShadowRing {
     last_used: u16,
     /// Device used index as last loaded (avoid a load per element).
     seen_used: u16,
-    /// Chain under construction: descriptors pushed, the last one, its WRITE flag.
+    /// Chain under construction: descriptors pushed, the last one, its WRITE flag, its
+    /// device-writable bytes.
     b_n: u16,
     b_cur: u16,
     b_write: bool,
     /// `VRING_AVAIL_F_NO_INTERRUPT` is set in the avail flags (without EVENT_IDX, while the
     /// transport polls).
     no_interrupt: bool,
+    b_writable: u32,
 }
 
 impl std::fmt::Debug for SplitShadowRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SplitShadowRing")
             .field("size", &self.size)
+            .field("in_order", &self.in_order)
             .field("base", &self.base)
             .field("avail_idx", &self.next_avail)
             .field("last_used", &self.last_used)
@@ -400,8 +431,31 @@ impl SplitShadowRing {
     /// Lay out and initialise a ring of `size` in `area`, starting at index `base`: the area is
     /// zeroed, avail.idx = used.idx = used_event = avail_event = base. The device must be told `base` with
     /// `SET_VRING_BASE` (vhost reads used.idx from memory when the ring starts, so it must already
-    /// be there).
+    /// be there). Chains never complete in any particular order (no VIRTIO_F_IN_ORDER; see
+    /// [`SplitShadowRing::new_in_order`]).
     pub fn new(area: RingArea, size: u16, event_idx: bool, base: u16) -> Result<Self, QueueError> {
+        Self::build(area, size, event_idx, false, base)
+    }
+
+    /// As [`SplitShadowRing::new`], for a device that negotiated VIRTIO_F_IN_ORDER: descriptors
+    /// are used in ring order from table offset 0, and the device completes chains in order,
+    /// possibly with one used element per batch.
+    pub fn new_in_order(
+        area: RingArea,
+        size: u16,
+        event_idx: bool,
+        base: u16,
+    ) -> Result<Self, QueueError> {
+        Self::build(area, size, event_idx, true, base)
+    }
+
+    fn build(
+        area: RingArea,
+        size: u16,
+        event_idx: bool,
+        in_order: bool,
+        base: u16,
+    ) -> Result<Self, QueueError> {
         let layout = SplitLayout::new(size)?;
         if area.len() < layout.total_bytes() {
             return Err(QueueError::InvalidConfig(
@@ -427,9 +481,15 @@ impl SplitShadowRing {
             layout,
             size,
             event_idx,
+            in_order,
             base,
             next,
             chain_len: vec![0; size as usize],
+            writable_len: vec![0; size as usize],
+            head_pos: vec![0; size as usize],
+            pos_head: vec![0; size as usize],
+            batch_left: 0,
+            batch_len: 0,
             free_head: 0,
             num_free: size,
             in_flight: 0,
@@ -441,6 +501,7 @@ impl SplitShadowRing {
             b_cur: 0,
             b_write: false,
             no_interrupt: false,
+            b_writable: 0,
         };
         r.avail_idx_ref().store(base.to_le(), Ordering::Relaxed);
         r.used_idx_ref().store(base.to_le(), Ordering::Relaxed);
@@ -494,10 +555,21 @@ impl SplitShadowRing {
         self.u16_at(self.layout.used + 4 + 8 * self.size as usize)
     }
 
-    /// Put the descriptors of chain `head` (in flight) back on the free list.
+    /// Whether the ring runs with VIRTIO_F_IN_ORDER.
+    pub fn in_order(&self) -> bool {
+        self.in_order
+    }
+
+    /// Put the descriptors of chain `head` (in flight) back on the free list. With IN_ORDER the
+    /// chain is the oldest in flight (completions) or among the newest (take-back, which moves
+    /// `free_head` itself): its descriptors rejoin the free run without relinking.
     #[inline(always)]
     fn free_chain(&mut self, head: u16) {
         let n = std::mem::take(&mut self.chain_len[usize::from(head)]);
+        if self.in_order {
+            self.num_free += n;
+            return;
+        }
         let mut last = head;
         for _ in 1..n {
             last = self.next[usize::from(last)];
@@ -505,6 +577,80 @@ impl SplitShadowRing {
         self.next[usize::from(last)] = self.free_head;
         self.free_head = head;
         self.num_free += n;
+    }
+
+    /// Load the device's used index if everything seen so far was consumed; false when no
+    /// element is pending.
+    #[inline(always)]
+    fn used_pending(&mut self) -> Result<bool, QueueError> {
+        if self.last_used == self.seen_used {
+            let idx = u16::from_le(self.used_idx_ref().load(Ordering::Acquire));
+            if idx.wrapping_sub(self.last_used) > self.in_flight {
+                return Err(QueueError::UsedIndexJump {
+                    last: self.last_used,
+                    new: idx,
+                });
+            }
+            self.seen_used = idx;
+        }
+        Ok(self.last_used != self.seen_used)
+    }
+
+    /// [`ShadowRing::next_used`] with IN_ORDER: read the element at the oldest chain's used
+    /// position; it names the last chain of a batch, and the chains are returned one by one in
+    /// avail order from the private avail copy.
+    #[inline]
+    fn next_used_in_order(&mut self) -> Result<Option<UsedElem>, QueueError> {
+        if self.batch_left == 0 {
+            if !self.used_pending()? {
+                return Ok(None);
+            }
+            let off = self.layout.used + 4 + 8 * (self.last_used & (self.size - 1)) as usize;
+            // SAFETY: in-bounds, 4-byte aligned used element; published by the acquire load
+            // in `used_pending`.
+            let (id, len) = unsafe {
+                let p = self.at(off) as *const u32;
+                (
+                    u32::from_le(p.read_volatile()),
+                    u32::from_le(p.add(1).read_volatile()),
+                )
+            };
+            if id >= u32::from(self.size) || self.chain_len[id as usize] == 0 {
+                return Err(QueueError::BogusUsedId { id });
+            }
+            // In flight, so published at a position in last_used..next_avail: the batch covers
+            // every chain from the oldest up to it, and the device must have published them all.
+            let batch = self.head_pos[id as usize]
+                .wrapping_sub(self.last_used)
+                .wrapping_add(1);
+            let mut published = self.seen_used.wrapping_sub(self.last_used);
+            if batch > published {
+                // The cached index may be older than the element (a second publish since).
+                self.seen_used = self.last_used;
+                self.used_pending()?;
+                published = self.seen_used.wrapping_sub(self.last_used);
+            }
+            if batch > published {
+                return Err(QueueError::InOrderBatchBeyondUsed {
+                    id: id as u16,
+                    batch,
+                    published,
+                });
+            }
+            self.batch_left = batch;
+            self.batch_len = len;
+        }
+        let head = self.pos_head[usize::from(self.last_used & (self.size - 1))];
+        self.batch_left -= 1;
+        let len = if self.batch_left == 0 {
+            self.batch_len
+        } else {
+            self.writable_len[usize::from(head)]
+        };
+        self.free_chain(head);
+        self.in_flight -= 1;
+        self.last_used = self.last_used.wrapping_add(1);
+        Ok(Some(UsedElem { id: head, len }))
     }
 
     #[inline(always)]
@@ -541,6 +687,7 @@ impl ShadowRing for SplitShadowRing {
         debug_assert!(self.num_free > 0);
         self.b_n = 0;
         self.b_cur = self.free_head;
+        self.b_writable = 0;
         self.free_head
     }
 
@@ -566,6 +713,9 @@ impl ShadowRing for SplitShadowRing {
             },
         );
         self.b_write = d.write;
+        if d.write {
+            self.b_writable = self.b_writable.saturating_add(d.len);
+        }
         self.b_n += 1;
         true
     }
@@ -582,6 +732,9 @@ impl ShadowRing for SplitShadowRing {
         self.free_head = self.next[usize::from(last)];
         self.num_free -= self.b_n;
         self.chain_len[usize::from(head)] = self.b_n;
+        self.writable_len[usize::from(head)] = self.b_writable;
+        self.head_pos[usize::from(head)] = self.next_avail;
+        self.pos_head[usize::from(self.next_avail & (self.size - 1))] = head;
         self.in_flight += 1;
         let slot = self.layout.avail + 4 + 2 * usize::from(self.next_avail & (self.size - 1));
         // Relaxed: published by the release store of avail.idx in `publish`.
@@ -598,8 +751,9 @@ impl ShadowRing for SplitShadowRing {
 
     fn take_back(&mut self, device_avail_idx: u16) -> Result<Vec<u16>, QueueError> {
         let n = self.next_avail.wrapping_sub(device_avail_idx);
-        // Everything not yet completed is either taken (before the base) or not (after it).
-        if n > self.in_flight {
+        // Everything not yet completed is either taken (before the base) or not (after it); the
+        // rest of a batch being returned was taken too.
+        if n > self.in_flight - self.batch_left {
             return Err(QueueError::BogusVringBase {
                 base: device_avail_idx,
                 used: self.next_avail.wrapping_sub(self.in_flight),
@@ -617,6 +771,7 @@ impl ShadowRing for SplitShadowRing {
             if id >= self.size
                 || self.chain_len[usize::from(id)] == 0
                 || std::mem::replace(&mut seen[usize::from(id)], true)
+                || self.pos_head[usize::from(pos & (self.size - 1))] != id
             {
                 return Err(QueueError::InvalidConfig(
                     "shadow avail ring was overwritten while the device held it",
@@ -626,6 +781,10 @@ impl ShadowRing for SplitShadowRing {
         }
         for &id in &ids {
             self.free_chain(id);
+        }
+        if let (true, Some(&oldest)) = (self.in_order, ids.first()) {
+            // The newest chains went back: ring-order allocation resumes at the oldest of them.
+            self.free_head = oldest;
         }
         self.in_flight -= n;
         self.next_avail = device_avail_idx;
@@ -656,6 +815,9 @@ impl ShadowRing for SplitShadowRing {
 
     #[inline]
     fn next_used(&mut self) -> Result<Option<UsedElem>, QueueError> {
+        if self.in_order {
+            return self.next_used_in_order();
+        }
         if self.last_used == self.seen_used {
             let idx = u16::from_le(self.used_idx_ref().load(Ordering::Acquire));
             if idx.wrapping_sub(self.last_used) > self.in_flight {
@@ -697,6 +859,10 @@ impl ShadowRing for SplitShadowRing {
     }
 
     fn enable_used_notify(&mut self) -> bool {
+        if self.batch_left > 0 {
+            // Chains of a batch already read are waiting to be returned.
+            return true;
+        }
         if self.event_idx {
             self.used_event_ref()
                 .store(self.last_used.to_le(), Ordering::Relaxed);
@@ -759,6 +925,136 @@ mod tests {
         }
         r.used_idx_ref()
             .store(idx.wrapping_add(1).to_le(), Ordering::Release);
+    }
+
+    /// Play an IN_ORDER device: one used element (`id`, `len`) for a batch of `n` chains.
+    fn device_batch(r: &SplitShadowRing, id: u32, len: u32, n: u16) {
+        let idx = u16::from_le(r.used_idx_ref().load(Ordering::Relaxed));
+        device_complete(r, id, len);
+        r.used_idx_ref()
+            .store(idx.wrapping_add(n).to_le(), Ordering::Release);
+    }
+
+    fn in_order_ring(size: u16, event_idx: bool, base: u16) -> SplitShadowRing {
+        let l = SplitLayout::new(size).unwrap();
+        SplitShadowRing::new_in_order(
+            RingArea::new_owned(l.total_bytes(), 0x1_0000_0000),
+            size,
+            event_idx,
+            base,
+        )
+        .unwrap()
+    }
+
+    fn desc(len: u32, write: bool) -> ShadowDesc {
+        ShadowDesc {
+            addr: 0x1000,
+            len,
+            write,
+        }
+    }
+
+    #[test]
+    fn in_order_uses_descriptors_in_ring_order_and_splits_batches() {
+        let mut r = in_order_ring(4, true, 0xfffe);
+        assert!(r.in_order());
+        let a = r.add_chain(&[desc(10, false), desc(20, true)]).unwrap();
+        let b = r.add_chain(&[desc(30, true)]).unwrap();
+        assert_eq!((a, b), (0, 2), "chains start where the previous one ended");
+        assert_eq!(read_desc(&r, 0).next, 1);
+        r.publish();
+        device_complete(&r, u32::from(a), 7);
+        assert_eq!(r.next_used().unwrap(), Some(UsedElem { id: a, len: 7 }));
+        // Wraps around the table end: descriptor 3, then 0 (`next` of the last entry is 0).
+        let c = r.add_chain(&[desc(40, true), desc(50, true)]).unwrap();
+        assert_eq!(c, 3);
+        let d3 = read_desc(&r, 3);
+        assert_eq!((d3.flags, d3.next), (DESC_F_WRITE | DESC_F_NEXT, 0));
+        assert_eq!(read_desc(&r, 0).flags, DESC_F_WRITE);
+        r.publish();
+        // One element for B and C: B was written completely (its writable bytes).
+        device_batch(&r, u32::from(c), 5, 2);
+        assert!(r.enable_used_notify(), "elements are pending");
+        assert_eq!(r.next_used().unwrap(), Some(UsedElem { id: b, len: 30 }));
+        assert!(
+            r.enable_used_notify(),
+            "the batch is not returned whole yet"
+        );
+        assert_eq!(r.next_used().unwrap(), Some(UsedElem { id: c, len: 5 }));
+        assert_eq!(r.next_used().unwrap(), None);
+        assert!(!r.enable_used_notify());
+        assert_eq!(
+            r.used_event_ref().load(Ordering::Relaxed),
+            0xfffeu16.wrapping_add(3)
+        );
+        assert_eq!((r.num_free(), r.in_flight()), (4, 0));
+        // Allocation continues in ring order after the wrapped chain.
+        assert_eq!(r.add_chain(&[desc(1, false)]).unwrap(), 1);
+    }
+
+    #[test]
+    fn in_order_device_breaking_the_order_is_detected() {
+        let three = |r: &mut SplitShadowRing| {
+            let ids: Vec<u16> = (0..3)
+                .map(|_| r.add_chain(&[desc(8, true)]).unwrap())
+                .collect();
+            r.publish();
+            ids
+        };
+        // The last chain's id with the used index advanced by 1: a batch of 3 not published.
+        let mut r = in_order_ring(4, false, 0);
+        let ids = three(&mut r);
+        device_complete(&r, u32::from(ids[2]), 8);
+        assert_eq!(
+            r.next_used(),
+            Err(QueueError::InOrderBatchBeyondUsed {
+                id: ids[2],
+                batch: 3,
+                published: 1
+            })
+        );
+        // An id that is not a head in flight (free descriptor, then one completed already).
+        let mut r = in_order_ring(4, false, 0);
+        let ids = three(&mut r);
+        device_complete(&r, 3, 8);
+        assert_eq!(r.next_used(), Err(QueueError::BogusUsedId { id: 3 }));
+        let mut r = in_order_ring(4, false, 0);
+        let ids2 = three(&mut r);
+        assert_eq!(ids, ids2);
+        device_complete(&r, u32::from(ids[0]), 8);
+        device_complete(&r, u32::from(ids[0]), 8);
+        assert!(r.next_used().unwrap().is_some());
+        assert_eq!(
+            r.next_used(),
+            Err(QueueError::BogusUsedId {
+                id: u32::from(ids[0])
+            })
+        );
+        // An id beyond the ring.
+        let mut r = in_order_ring(4, false, 0);
+        three(&mut r);
+        device_complete(&r, 9, 8);
+        assert_eq!(r.next_used(), Err(QueueError::BogusUsedId { id: 9 }));
+    }
+
+    #[test]
+    fn in_order_take_back_rewinds_ring_order_allocation() {
+        let mut r = in_order_ring(8, false, 0x10);
+        let a = r.add_chain(&[desc(8, true), desc(8, true)]).unwrap();
+        let b = r.add_chain(&[desc(8, true)]).unwrap();
+        let c = r.add_chain(&[desc(8, true), desc(8, true)]).unwrap();
+        r.publish();
+        // The device took A only.
+        assert_eq!(r.take_back(0x11).unwrap(), vec![b, c]);
+        assert_eq!((r.num_free(), r.in_flight(), r.avail_idx()), (6, 1, 0x11));
+        // Allocation resumes where B was; A completes normally afterwards.
+        assert_eq!(r.add_chain(&[desc(8, true)]).unwrap(), b);
+        r.publish();
+        device_batch(&r, u32::from(b), 3, 2);
+        assert_eq!(r.next_used().unwrap(), Some(UsedElem { id: a, len: 16 }));
+        assert_eq!(r.next_used().unwrap(), Some(UsedElem { id: b, len: 3 }));
+        assert_eq!(r.next_used().unwrap(), None);
+        assert_eq!(r.num_free(), 8);
     }
 
     fn read_desc(r: &SplitShadowRing, i: u16) -> RawDesc {

@@ -28,6 +28,16 @@
 //!    leaves the shadow ring with [`ShadowVirtqueue::reclaim_untaken`]: the guest avail index
 //!    steps back over it, and the device finds it in the guest ring.
 //!
+//! With VIRTIO_F_IN_ORDER ([`QueueConfig::in_order`], negotiated on both rings) the guest
+//! expects its chains back in the order it made them available. The engine keeps that order end
+//! to end: chains enter the shadow ring in guest avail order (imported in-flight chains first,
+//! oldest first), the shadow ring allocates descriptors in ring order and hands back the device's
+//! completions one chain at a time in avail order (a device batch is split: see
+//! [`crate::ring`]), and the guest gets one used element per chain, which is always valid for an
+//! in-order driver (and the only form some read: DPDK's in-order receive path takes each
+//! element's length). [`ShadowVirtqueue::export_state`] lists in-flight chains oldest first so
+//! that an importer keeps the order too.
+//!
 //! A violation by the guest or the device breaks only this queue: the error is logged once
 //! (`tracing::warn!`) and returned by every later call, which does no work.
 
@@ -58,6 +68,10 @@ pub struct QueueConfig {
     pub event_idx: bool,
     /// VIRTIO_RING_F_INDIRECT_DESC negotiated (the guest may post indirect tables).
     pub indirect: bool,
+    /// VIRTIO_F_IN_ORDER negotiated (the same on both rings): the shadow ring uses descriptors
+    /// in ring order and accepts one used element per batch; the guest gets its chains back in
+    /// avail order, one used element each.
+    pub in_order: bool,
 }
 
 /// A guest chain forwarded to the device and not completed yet.
@@ -77,9 +91,10 @@ pub struct QueueState {
     pub last_avail_idx: u16,
     /// Next guest used index the engine will write.
     pub used_idx: u16,
-    /// Guest chains taken from the avail ring but not completed. On import, these chains are
-    /// forwarded to the device again (before any new avail chain): pass only chains that no
-    /// device will complete otherwise.
+    /// Guest chains taken from the avail ring but not completed, oldest first (the order they
+    /// were taken). On import, these chains are forwarded to the device again, in this order and
+    /// before any new avail chain (with IN_ORDER the guest gets them back in this order): pass
+    /// only chains that no device will complete otherwise.
     pub in_flight: Vec<InFlightChain>,
 }
 
@@ -180,6 +195,8 @@ struct Slot {
     live: bool,
     /// The guest chain came from the resubmit list (imported state), not the avail ring.
     resubmitted: bool,
+    /// Forwarding order (exported state lists in-flight chains oldest first).
+    seq: u64,
     guest_head: u16,
     writable: Vec<(u64, u32)>,
 }
@@ -209,6 +226,8 @@ pub struct ShadowVirtqueue<T: Translate, R: ShadowRing = SplitShadowRing> {
     slots: Vec<Slot>,
     /// Imported in-flight guest heads to forward before new avail chains.
     resubmit: VecDeque<u16>,
+    /// Sequence number of the next chain forwarded.
+    next_seq: u64,
     forwarding: bool,
     shadow_was_full: bool,
     /// The transport polls both rings: notifications are not re-armed after a batch
@@ -264,13 +283,18 @@ impl<T: Translate> ShadowVirtqueue<T, SplitShadowRing> {
         start: QueueState,
         shadow_base: u16,
     ) -> Result<Self, QueueError> {
-        let r = SplitShadowRing::new(ring, cfg.shadow_size, cfg.event_idx, shadow_base)?;
+        let r = if cfg.in_order {
+            SplitShadowRing::new_in_order(ring, cfg.shadow_size, cfg.event_idx, shadow_base)?
+        } else {
+            SplitShadowRing::new(ring, cfg.shadow_size, cfg.event_idx, shadow_base)?
+        };
         Self::with_ring(cfg, r, xlate, start)
     }
 }
 
 impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
-    /// Build the engine over an already initialised shadow ring of any format.
+    /// Build the engine over an already initialised shadow ring of any format (with
+    /// [`QueueConfig::in_order`], one that keeps the IN_ORDER rules).
     pub fn with_ring(
         cfg: QueueConfig,
         ring: R,
@@ -311,6 +335,7 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
             used_flags_checked: false,
             slots,
             resubmit: start.in_flight.iter().map(|c| c.head).collect(),
+            next_seq: 0,
             forwarding: true,
             shadow_was_full: false,
             suppressing: false,
@@ -382,24 +407,24 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
     }
 
     /// Guest-side state: what the device must resume from after a switch back to passthrough
-    /// (SET_VRING_BASE = `last_avail_idx` once `in_flight` is empty).
+    /// (SET_VRING_BASE = `last_avail_idx` once `in_flight` is empty). In-flight chains are
+    /// listed oldest first: the ones in the shadow ring in forwarding order, then the imported
+    /// ones not forwarded yet (every chain in the shadow ring was forwarded before them: the
+    /// resubmit list drains first, and chains taken back return to its front).
     pub fn export_state(&self) -> QueueState {
-        let mut in_flight: Vec<InFlightChain> = self
-            .resubmit
-            .iter()
-            .map(|&head| InFlightChain {
+        let mut live: Vec<&Slot> = self.slots.iter().filter(|s| s.live).collect();
+        live.sort_unstable_by_key(|s| s.seq);
+        let in_flight = live
+            .into_iter()
+            .map(|s| InFlightChain {
+                head: s.guest_head,
+                writable: s.writable.clone(),
+            })
+            .chain(self.resubmit.iter().map(|&head| InFlightChain {
                 head,
                 writable: Vec::new(),
-            })
+            }))
             .collect();
-        for s in &self.slots {
-            if s.live {
-                in_flight.push(InFlightChain {
-                    head: s.guest_head,
-                    writable: s.writable.clone(),
-                });
-            }
-        }
         QueueState {
             last_avail_idx: self.last_avail,
             used_idx: self.used_idx,
@@ -613,6 +638,8 @@ impl<T: Translate, R: ShadowRing> ShadowVirtqueue<T, R> {
         self.ring.commit_chain();
         slot.live = true;
         slot.resubmitted = resubmitted;
+        slot.seq = self.next_seq;
+        self.next_seq += 1;
         slot.guest_head = head;
         batch.chains += 1;
         batch.descriptors += u32::from(n);

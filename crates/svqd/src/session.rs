@@ -13,7 +13,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::BackendDevice;
 use crate::config::{ProxyConfig, ShadowPolicy};
 use crate::error::ProxyError;
-use crate::features::{VHOST_F_LOG_ALL, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::features::{
+    VHOST_F_LOG_ALL, VIRTIO_F_IN_ORDER, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use crate::memory::MemoryTable;
 use crate::queue::QueueSlot;
 use crate::space::{ShadowSpace, TableCtx};
@@ -160,6 +162,7 @@ impl Session {
         RingFeatures {
             event_idx: self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0,
             indirect: self.acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0,
+            in_order: self.acked_features & VIRTIO_F_IN_ORDER != 0,
         }
     }
 

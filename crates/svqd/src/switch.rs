@@ -32,6 +32,8 @@ pub struct RingFeatures {
     pub event_idx: bool,
     /// VIRTIO_RING_F_INDIRECT_DESC.
     pub indirect: bool,
+    /// VIRTIO_F_IN_ORDER: the device may complete a batch with one used element.
+    pub in_order: bool,
 }
 
 /// The parts of a session a mode switch works on.
@@ -448,6 +450,7 @@ impl Switch<'_> {
             used_ring: addr.used_gpa,
             event_idx: self.features.event_idx,
             indirect: self.features.indirect,
+            in_order: self.features.in_order,
         };
         let (space, ctx) = self.table();
         let region = space.region_for(ctx, q, shadow_size)?;

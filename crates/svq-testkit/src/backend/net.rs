@@ -43,6 +43,9 @@ pub struct NetOptions {
     pub max_queue_size: u16,
     /// Offer VIRTIO_RING_F_EVENT_IDX.
     pub event_idx: bool,
+    /// Offer VIRTIO_F_IN_ORDER: the echo device completes every chain it pops before popping
+    /// the next one, one used element each, so it already keeps the in-order rules.
+    pub in_order: bool,
     /// Frames held per pair while no receive buffer is posted; more are dropped.
     pub backlog: usize,
     /// MAC address in the config space.
@@ -55,6 +58,7 @@ impl Default for NetOptions {
             queue_pairs: 1,
             max_queue_size: 256,
             event_idx: true,
+            in_order: false,
             backlog: 4096,
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
         }
@@ -260,6 +264,9 @@ impl VhostUserBackend for NetBackend {
         }
         if self.0.opts.queue_pairs > 1 {
             f |= 1u64 << VIRTIO_NET_F_MQ;
+        }
+        if self.0.opts.in_order {
+            f |= crate::vmm::VIRTIO_F_IN_ORDER;
         }
         f
     }

@@ -36,6 +36,8 @@ pub struct NetGuestOptions {
     pub event_idx: bool,
     /// Use indirect descriptors.
     pub indirect: bool,
+    /// VIRTIO_F_IN_ORDER negotiated: queues keep its rules and check completion order.
+    pub in_order: bool,
     /// Seed.
     pub seed: u64,
 }
@@ -49,6 +51,7 @@ impl Default for NetGuestOptions {
             indirect_pct: 30,
             event_idx: true,
             indirect: true,
+            in_order: false,
             seed: 11,
         }
     }
@@ -101,13 +104,10 @@ impl NetGuest {
                 .alloc_pages(QueueLayout::bytes_needed(opts.queue_size, 4))
                 .ok_or_else(oom)?;
             let layout = QueueLayout::at(base, opts.queue_size, 4);
-            queues.push(DriverQueue::new(
-                ram.memory(),
-                q,
-                layout,
-                opts.event_idx,
-                opts.indirect,
-            )?);
+            queues.push(
+                DriverQueue::new(ram.memory(), q, layout, opts.event_idx, opts.indirect)?
+                    .in_order(opts.in_order),
+            );
             let mut s = Vec::new();
             for _ in 0..opts.depth {
                 s.push(a.alloc_pages(PAGE_SIZE).ok_or_else(oom)?);

@@ -9,7 +9,7 @@
 
 pub mod sim;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use svq::ring::{vring_need_event, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
@@ -85,6 +85,7 @@ pub fn config(guest_size: u16, shadow_size: u16, event_idx: bool, indirect: bool
         used_ring: USED,
         event_idx,
         indirect,
+        in_order: false,
     }
 }
 
@@ -121,11 +122,18 @@ fn st32(mem: &Mem, a: u64, v: u32) {
 }
 
 /// The guest driver: posts chains into the guest ring, kicks with suppression, reaps used
-/// elements on interrupts.
+/// elements on interrupts. With IN_ORDER ([`Driver::in_order`]) it takes descriptors in ring
+/// order, accepts one used element per batch (as Linux's in-order driver does) and panics on a
+/// completion out of avail order.
 pub struct Driver {
     pub size: u16,
     pub event_idx: bool,
-    free: Vec<u16>,
+    pub in_order: bool,
+    /// Free descriptors: a stack, or with IN_ORDER a queue in ring order (completions return
+    /// the oldest chain's descriptors, which go to the back).
+    free: VecDeque<u16>,
+    /// IN_ORDER: outstanding heads in avail order.
+    avail_order: VecDeque<u16>,
     /// head -> (descriptors taken from the table, buffers)
     pub outstanding: HashMap<u16, (Vec<u16>, Vec<Buf>)>,
     pub next_avail: u16,
@@ -147,7 +155,9 @@ impl Driver {
         Driver {
             size,
             event_idx,
+            in_order: false,
             free: (0..size).rev().collect(),
+            avail_order: VecDeque::new(),
             outstanding: HashMap::new(),
             next_avail: start,
             published: start,
@@ -155,9 +165,32 @@ impl Driver {
         }
     }
 
+    /// Drive the ring with VIRTIO_F_IN_ORDER (before posting anything).
+    pub fn in_order(mut self, on: bool) -> Self {
+        assert!(self.outstanding.is_empty());
+        self.in_order = on;
+        if on {
+            self.free = (0..self.size).collect();
+        }
+        self
+    }
+
+    fn take_desc(&mut self) -> Option<u16> {
+        if self.in_order {
+            self.free.pop_front()
+        } else {
+            self.free.pop_back()
+        }
+    }
+
     /// The head the next `post` will use.
     pub fn peek_head(&self) -> u16 {
-        *self.free.last().expect("a free descriptor")
+        let h = if self.in_order {
+            self.free.front()
+        } else {
+            self.free.back()
+        };
+        *h.expect("a free descriptor")
     }
 
     pub fn free_descs(&self) -> usize {
@@ -171,7 +204,7 @@ impl Driver {
         if need == 0 || self.free.len() < need {
             return None;
         }
-        let descs: Vec<u16> = (0..need).map(|_| self.free.pop().unwrap()).collect();
+        let descs: Vec<u16> = (0..need).map(|_| self.take_desc().unwrap()).collect();
         let head = descs[0];
         if indirect {
             let table = INDIRECT + 0x400 * u64::from(head);
@@ -218,6 +251,9 @@ impl Driver {
         st16(mem, slot, head);
         self.next_avail = self.next_avail.wrapping_add(1);
         self.outstanding.insert(head, (descs, bufs.to_vec()));
+        if self.in_order {
+            self.avail_order.push_back(head);
+        }
         Some(head)
     }
 
@@ -251,6 +287,10 @@ impl Driver {
                 let id = ld32(mem, e);
                 let len = ld32(mem, e + 4);
                 let head = u16::try_from(id).expect("used id fits u16");
+                if self.in_order {
+                    self.reap_batch(head, len, idx, &mut out);
+                    continue;
+                }
                 let (descs, bufs) = self
                     .outstanding
                     .remove(&head)
@@ -274,14 +314,49 @@ impl Driver {
         }
     }
 
+    /// IN_ORDER: the element at `last_used` names the last chain of a batch that starts at the
+    /// oldest outstanding chain; the others were used completely (their writable bytes).
+    fn reap_batch(&mut self, id: u16, len: u32, idx: u16, out: &mut Vec<(u16, u32, Vec<Buf>)>) {
+        let k = self
+            .avail_order
+            .iter()
+            .position(|&h| h == id)
+            .unwrap_or_else(|| panic!("in-order guest got head {id} that is not outstanding"))
+            + 1;
+        assert!(
+            k <= usize::from(idx.wrapping_sub(self.last_used)),
+            "in-order batch of {k} beyond the used index"
+        );
+        for n in 0..k {
+            let head = self.avail_order.pop_front().unwrap();
+            let (descs, bufs) = self.outstanding.remove(&head).unwrap();
+            self.free.extend(descs);
+            let len = if n + 1 == k {
+                len
+            } else {
+                writable_bytes(&bufs)
+            };
+            out.push((head, len, bufs));
+        }
+        self.last_used = self.last_used.wrapping_add(k as u16);
+    }
+
     /// Ask for no interrupts (without EVENT_IDX) or the opposite.
     pub fn set_no_interrupt(&self, mem: &Mem, on: bool) {
         st16(mem, AVAIL, u16::from(on));
     }
 }
 
+/// Device-writable bytes of a chain (what a chain used completely reports).
+pub fn writable_bytes(bufs: &[Buf]) -> u32 {
+    bufs.iter()
+        .filter(|b| b.write)
+        .fold(0u32, |n, b| n.saturating_add(b.len))
+}
+
 /// The device on the shadow ring: pops chains when kicked, completes them in any order with
-/// any length, writes the bytes it reports (a pattern), and calls with suppression.
+/// any length (with IN_ORDER: in order, possibly one used element per batch), writes the bytes
+/// it reports (a pattern), and calls with suppression.
 pub struct Device {
     pub size: u16,
     pub event_idx: bool,
@@ -295,6 +370,9 @@ pub struct Device {
     pub popped: Vec<(u16, Vec<Buf>)>,
     /// Accept indirect descriptors (a device running the guest ring in passthrough).
     pub allow_indirect: bool,
+    /// IN_ORDER ring written by a driver from descriptor 0: the descriptor the next chain must
+    /// start at (checked, as is `next` = `x + 1` inside chains).
+    pub ring_order: Option<u16>,
 }
 
 impl Device {
@@ -321,6 +399,7 @@ impl Device {
             published_used: used,
             popped: Vec::new(),
             allow_indirect: false,
+            ring_order: None,
         }
     }
 
@@ -344,6 +423,9 @@ impl Device {
                 );
                 let mut bufs = Vec::new();
                 let mut i = head;
+                if let Some(want) = self.ring_order {
+                    assert_eq!(head, want, "IN_ORDER: chain does not start in ring order");
+                }
                 loop {
                     assert!(i < self.size);
                     let a = self.desc + 16 * u64::from(i);
@@ -378,9 +460,20 @@ impl Device {
                     });
                     assert!(bufs.len() <= self.size as usize, "loop in shadow chain");
                     if fl & DESC_F_NEXT == 0 {
+                        if let Some(next) = self.ring_order.as_mut() {
+                            *next = (i + 1) & (self.size - 1);
+                        }
                         break;
                     }
+                    let prev = i;
                     i = ld16(mem, a + 14);
+                    if self.ring_order.is_some() {
+                        assert_eq!(
+                            i,
+                            (prev + 1) & (self.size - 1),
+                            "IN_ORDER: next is not x + 1"
+                        );
+                    }
                 }
                 self.popped.push((head, bufs));
                 self.last_avail = self.last_avail.wrapping_add(1);
@@ -423,6 +516,46 @@ impl Device {
         st32(mem, e + 4, len);
         self.used_idx = self.used_idx.wrapping_add(1);
         (id, bufs)
+    }
+
+    /// IN_ORDER: complete the oldest `lens.len()` popped chains, in order, writing `lens[i]`
+    /// bytes into chain `i`; with `batch`, one used element (the last chain's id and length)
+    /// for all of them (the caller passes the writable size for the others: they must be used
+    /// completely). Not published until [`Device::publish`].
+    pub fn complete_in_order(
+        &mut self,
+        mem: &Mem,
+        lens: &[u32],
+        batch: bool,
+    ) -> Vec<(u16, Vec<Buf>)> {
+        let done: Vec<(u16, Vec<Buf>)> = self.popped.drain(..lens.len()).collect();
+        for (k, ((id, bufs), &len)) in done.iter().zip(lens).enumerate() {
+            let mut rem = len;
+            for b in bufs.iter().filter(|b| b.write) {
+                let n = rem.min(b.len);
+                if n > 0 {
+                    mem.write_slice(&vec![0x5au8; n as usize], GuestAddress(b.addr))
+                        .unwrap();
+                }
+                rem -= n;
+            }
+            if batch && k + 1 < lens.len() {
+                assert_eq!(
+                    len,
+                    writable_bytes(bufs),
+                    "a skipped chain is used completely"
+                );
+                continue;
+            }
+            // A batch's element goes where its first chain's would have gone.
+            let e = self.used + 4 + 8 * u64::from(self.used_idx & (self.size - 1));
+            st32(mem, e, u32::from(*id));
+            st32(mem, e + 4, len);
+            self.used_idx = self
+                .used_idx
+                .wrapping_add(if batch { lens.len() as u16 } else { 1 });
+        }
+        done
     }
 
     /// Publish used elements; returns whether the device must call.

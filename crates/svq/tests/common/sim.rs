@@ -1,6 +1,9 @@
 //! A whole queue in simulation: guest driver + engine (or passthrough) + device, with every
 //! notification delivered only when its sender decided to send it (so a lost kick or call shows
 //! up as a chain that never completes), and an independent model of what the dirty log must hold.
+//! With `cfg.in_order` the driver and both devices keep the IN_ORDER rules (the driver panics
+//! on a completion out of avail order, the shadow device on descriptors out of ring order) and
+//! the devices often write one used element per batch.
 
 use super::*;
 use std::collections::{BTreeSet, HashMap};
@@ -43,10 +46,25 @@ fn log_bytes() -> usize {
     (RAM_SIZE / 4096 / 8) as usize
 }
 
+/// The device of a fresh shadow ring (IN_ORDER: descriptors start at 0, in ring order).
+fn shadow_device(cfg: &QueueConfig, e: &ShadowVirtqueue<IdentityTranslation>) -> Device {
+    let mut dev = Device::new(
+        e.device_addrs(),
+        cfg.shadow_size,
+        cfg.event_idx,
+        e.shadow_base(),
+    );
+    if cfg.in_order {
+        dev.ring_order = Some(0);
+    }
+    dev
+}
+
 impl Sim {
     pub fn new(cfg: QueueConfig, guest_start: u16, shadow_base: u16, seed: u64) -> Self {
         let m = memories();
-        let drv = Driver::new(&m.guest, cfg.guest_size, cfg.event_idx, guest_start);
+        let drv = Driver::new(&m.guest, cfg.guest_size, cfg.event_idx, guest_start)
+            .in_order(cfg.in_order);
         let first = Arc::new(DirtyLog::new_owned(log_bytes()));
         let engine = ShadowVirtqueue::new_with_base(
             cfg,
@@ -60,12 +78,7 @@ impl Sim {
             shadow_base,
         )
         .unwrap();
-        let dev = Device::new(
-            engine.device_addrs(),
-            cfg.shadow_size,
-            cfg.event_idx,
-            shadow_base,
-        );
+        let dev = shadow_device(&cfg, &engine);
         Sim {
             m,
             cfg,
@@ -236,9 +249,17 @@ impl Sim {
         }
     }
 
-    /// The device completes up to `count` popped chains in random order with random lengths.
+    /// The device completes up to `count` popped chains in random order with random lengths
+    /// (IN_ORDER: in order, in batches of random size, each with one used element or one per
+    /// chain).
     pub fn device_complete(&mut self, count: usize) {
-        for _ in 0..count {
+        let random_order = if self.cfg.in_order {
+            self.device_complete_in_order(count);
+            0
+        } else {
+            count
+        };
+        for _ in 0..random_order {
             if self.dev.popped.is_empty() {
                 break;
             }
@@ -279,6 +300,46 @@ impl Sim {
             } else {
                 self.guest_irq = true;
             }
+        }
+    }
+
+    fn device_complete_in_order(&mut self, count: usize) {
+        let mut left = count.min(self.dev.popped.len());
+        let shadow = self.shadow_mode();
+        while left > 0 {
+            let k = 1 + (self.rand() % left as u64) as usize;
+            let batch = k > 1 && self.rand() & 1 == 0;
+            let writable: Vec<u32> = self.dev.popped[..k]
+                .iter()
+                .map(|(_, bufs)| writable_bytes(bufs))
+                .collect();
+            let mut lens = Vec::with_capacity(k);
+            for (i, w) in writable.into_iter().enumerate() {
+                lens.push(if batch && i + 1 < k {
+                    w
+                } else {
+                    // Sometimes more than the chain holds, as in random order.
+                    (self.rand() % (u64::from(w) + 64)) as u32
+                });
+            }
+            let mem = if shadow {
+                &self.m.device
+            } else {
+                &self.m.guest
+            };
+            let done = self.dev.complete_in_order(mem, &lens, batch);
+            for ((_, bufs), len) in done.into_iter().zip(lens) {
+                if shadow {
+                    let mut rem = u64::from(len);
+                    for b in bufs.iter().filter(|b| b.write) {
+                        let n = rem.min(u64::from(b.len));
+                        self.expected_pages.extend(pages(b.addr, n));
+                        rem -= n;
+                    }
+                }
+                assert!(self.expected_len.insert(bufs[0].addr, len).is_none());
+            }
+            left -= k;
         }
     }
 
@@ -385,7 +446,15 @@ impl Sim {
             }
             assert!(self.dev.popped.is_empty());
             let st = self.engine().export_state();
-            assert!(st.in_flight.is_empty());
+            if !st.in_flight.is_empty() {
+                // Imported chains not forwarded yet (a replaced shadow ring smaller than what
+                // was in flight): no device would complete them after the switch, so the
+                // queue stays shadowed (as svqd does).
+                assert_eq!(self.engine().in_flight(), 0);
+                self.engine().set_forwarding(true);
+                self.forward_avail();
+                return;
+            }
             self.engine = None;
             self.dev_call = false;
             self.dev = Device::with_used(
@@ -423,17 +492,68 @@ impl Sim {
             )
             .unwrap();
             assert_eq!(e.shadow_base(), shadow_base);
-            self.dev = Device::new(
-                e.device_addrs(),
-                shadow_size,
-                self.cfg.event_idx,
-                shadow_base,
-            );
+            self.dev = shadow_device(&self.cfg, &e);
             self.engine = Some(e);
             self.dev_kick = false;
             // Chains posted while switching: forward once.
             self.forward_avail();
         }
+    }
+
+    /// Shadow mode only: replace the shadow ring and its device mid-traffic with chains in flight
+    /// (as after a backend reconnect). The old device may complete some chains (relayed), its
+    /// untaken chains may be reclaimed, and it forgets the chains it took; the engine's exported
+    /// state goes to a new engine on a new ring of `shadow_size` at `shadow_base`, which forwards
+    /// those chains again before any new one.
+    pub fn reshadow(&mut self, shadow_base: u16, shadow_size: u16) {
+        if !self.shadow_mode() {
+            return;
+        }
+        self.engine().set_forwarding(false);
+        if self.rand() & 1 == 0 {
+            self.deliver_dev_kick();
+        }
+        let n = (self.rand() % (self.dev.popped.len() as u64 + 1)) as usize;
+        self.device_complete(n);
+        self.forward_used();
+        if self.rand() & 1 == 0 {
+            // Stopped: the chains it never took go back to the guest ring.
+            let base = self.dev.last_avail;
+            let avail_event = USED + 4 + 8 * u64::from(self.cfg.guest_size);
+            let old_event = ld16(&self.m.guest, avail_event);
+            let in_flight = self.engine().in_flight();
+            let back = self
+                .engine
+                .as_mut()
+                .unwrap()
+                .reclaim_untaken(&self.m.guest, &self.log, base)
+                .unwrap();
+            assert_eq!(usize::from(back) + self.dev.popped.len(), in_flight);
+            if self.cfg.event_idx && ld16(&self.m.guest, avail_event) != old_event {
+                self.expected_pages.extend(pages(avail_event, 2));
+            }
+        }
+        // The device forgets what it took; nothing of it was written.
+        self.dev.popped.clear();
+        let st = self.engine().export_state();
+        assert!(st.in_flight.len() >= self.engine().in_flight());
+        self.engine = None;
+        self.cfg.shadow_size = shadow_size;
+        self.area_flip = !self.area_flip;
+        let off = if self.area_flip { 0x8_0000 } else { 0 };
+        let e = ShadowVirtqueue::new_with_base(
+            self.cfg,
+            shadow_area(&self.m, off, shadow_size),
+            IdentityTranslation,
+            st,
+            shadow_base,
+        )
+        .unwrap();
+        self.dev = shadow_device(&self.cfg, &e);
+        self.engine = Some(e);
+        self.dev_kick = false;
+        self.dev_call = false;
+        self.forward_avail();
     }
 
     /// Deliver everything until quiet; every posted chain must then be complete.
