@@ -81,7 +81,9 @@ fn wait_traffic(vu: &Proc, d: &Svqd, base: (u64, u64), more: u64, what: &str) ->
 }
 
 fn status(d: &Svqd) -> serde_json::Value {
-    let out = d.ctl(&["query-status"]).unwrap_or_else(|e| panic!("{e}"));
+    let out = d
+        .ctl(&["--json", "query-status"])
+        .unwrap_or_else(|e| panic!("{e}"));
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("query-status: {e}: {out}"))
 }
 
@@ -143,7 +145,8 @@ fn net_dpdk_virtio_user_in_order_through_svqd() {
         .unwrap_or_else(|e| panic!("{e}\n{}", d.proc.log_tail(30)));
     let c = wait_traffic(&vu, &d, c, 10_000, "traffic back in passthrough");
     let stats: serde_json::Value =
-        serde_json::from_str(&d.ctl(&["query-stats"]).unwrap_or_default()).unwrap_or_default();
+        serde_json::from_str(&d.ctl(&["--json", "query-stats"]).unwrap_or_default())
+            .unwrap_or_default();
     let switches = stats_sum(&stats, "mode_switches");
     eprintln!("{TOGGLES} round trips, then passthrough {c:?}; mode switches {switches}");
     // Both rings: on, TOGGLES x (off, on), off.
