@@ -333,6 +333,9 @@ impl AnyBackend {
     }
 }
 
+/// Starts side `n` of an [`ExternalDevice`]: a proxy listening for the VMM on the given socket.
+pub type LaunchSide<'a> = dyn FnMut(u32, &Path) -> Result<Box<dyn Proxy>, String> + 'a;
+
 /// A block device the testkit does not serve itself (a vDPA device behind svqd, say): the caller
 /// starts each side's proxy, which reaches the device on its own; every side serves the same
 /// image, which is checked block by block against the guest's model at the end.
@@ -341,7 +344,7 @@ pub struct ExternalDevice<'a> {
     pub disk: PathBuf,
     /// Starts side `n` (0: the first source, then one per migration hop): a proxy listening
     /// for the VMM on the given socket.
-    pub launch: &'a mut dyn FnMut(u32, &Path) -> Result<Box<dyn Proxy>, String>,
+    pub launch: &'a mut LaunchSide<'a>,
 }
 
 fn start_external_side(

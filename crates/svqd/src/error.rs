@@ -59,7 +59,7 @@ pub enum ProxyError {
     Io(&'static str, io::Error),
     /// The vhost-vdpa device refused a request, or cannot be opened.
     #[error("vDPA device: {0}")]
-    Vdpa(#[from] crate::vdpa::VdpaError),
+    Vdpa(#[from] crate::backend::vdpa::VdpaError),
     /// A request that the current configuration does not allow.
     #[error("{0}")]
     NotAllowed(String),

@@ -34,7 +34,6 @@ pub mod sigbus;
 pub mod space;
 pub mod stats;
 pub mod switch;
-pub mod vdpa;
 pub mod worker;
 
 pub use api::ControlTarget;

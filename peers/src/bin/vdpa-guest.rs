@@ -32,11 +32,12 @@ use svq_testkit::scenario::{
     run_migration_external, run_switching_external, ExternalDevice, Proxy as TestProxy,
     ScenarioOptions,
 };
-use svqd::report::QueueCounters;
-use svqd::vdpa::{
+use svqd::backend::vdpa::{
     backend_feature_names, iotlb::identity_mappings, VdpaDevice, VdpaError,
-    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_F_ACCESS_PLATFORM,
 };
+use svqd::features::VIRTIO_F_VERSION_1;
+use svqd::report::QueueCounters;
 use svqd::{ControlTarget, Proxy, ProxyConfig, ProxyThread, ShadowPolicy};
 
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;

@@ -1,5 +1,6 @@
 //! A vhost-vdpa device (`/dev/vhost-vdpa-N`) as a [`BackendDevice`]: the VMM speaks vhost-user
-//! to svqd, svqd drives the device through [`crate::vdpa`].
+//! to svqd, svqd drives the device through [`device`] (its ioctls) and [`iotlb`] (svqd's mirror of the
+//! device's IOTLB).
 //!
 //! vhost-user and vhost-vdpa differ in what "stopping a ring" means, and this file is where the
 //! difference is absorbed:
@@ -25,10 +26,13 @@
 //!   IOVAs, which is what the flag means) and never shown to the VMM; VHOST_USER_F_PROTOCOL_FEATURES
 //!   never reaches the device.
 //!
-//! A device whose several rings run at once cannot have one of them stopped and restarted
-//! without SUSPEND: the reset would stop the others with requests in flight. That is refused
-//! (the error names the running rings); single-queue devices (virtio-blk with one queue, what
-//! VDUSE tests cover) switch freely.
+//! With SUSPEND and RESUME one ring moves while the others wait, suspended, where they are (they
+//! are not reconfigured: the resume continues them). Without them, a device whose several rings
+//! run at once cannot have one of them stopped and restarted: the reset would stop the others
+//! with requests in flight. That is refused (the error names the running rings) unless those
+//! rings took nothing since they started — which is how a VMM's ring-by-ring start looks, each
+//! later ring restarting the device once. Single-queue devices (virtio-blk with one queue, what
+//! VDUSE tests cover) switch freely. `tests.rs` runs both paths on an in-memory device.
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
@@ -41,7 +45,16 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{BackendDevice, DeviceRegion, DeviceResult, RingAddressSpace};
 use crate::error::ProxyError;
 use crate::features::{VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1};
-use crate::vdpa::{backend_feature_names, IotlbOp, Mapping, VdpaDevice, VIRTIO_F_ACCESS_PLATFORM};
+pub mod device;
+#[cfg(test)]
+mod fake;
+pub mod iotlb;
+
+pub use device::{
+    backend_bit, backend_feature_names, status, DeviceInfo, VdpaDevice, VdpaError, VdpaOps,
+    VIRTIO_F_ACCESS_PLATFORM,
+};
+pub use iotlb::{IotlbError, IotlbMap, IotlbOp, Mapping};
 
 /// Where the device is in its status lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +95,8 @@ impl Ring {
 }
 
 /// A vhost-vdpa device behind svqd. See the module docs.
-pub struct VdpaBackend {
-    dev: VdpaDevice,
+pub struct VdpaBackend<D: VdpaOps = VdpaDevice> {
+    dev: D,
     /// Features as the proxy acked them (what [`BackendDevice::acked_features`] reports).
     acked: Option<u64>,
     /// Features set on the device.
@@ -102,29 +115,35 @@ fn dup(fd: &EventFd) -> Result<EventFd, ProxyError> {
     fd.try_clone().map_err(|e| ProxyError::Io("dup eventfd", e))
 }
 
-impl VdpaBackend {
+impl VdpaBackend<VdpaDevice> {
     /// Opens the device (a clear error when it is missing or in use) and probes it.
     pub fn open(path: &Path) -> Result<Self, ProxyError> {
         let dev = VdpaDevice::open(path)?;
-        let info = *dev.info();
-        if info.features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(ProxyError::NotAllowed(format!(
-                "vDPA device {} does not offer VERSION_1 (features {:#x})",
-                path.display(),
-                info.features
-            )));
-        }
         tracing::info!(
             device = %path.display(),
-            device_id = info.device_id,
-            features = format_args!("{:#x}", info.features),
-            backend_features = %backend_feature_names(info.backend_features).join("|"),
-            queues = info.num_queues,
-            iova_first = format_args!("{:#x}", info.iova_first),
-            iova_last = format_args!("{:#x}", info.iova_last),
+            device_id = dev.info().device_id,
+            features = format_args!("{:#x}", dev.info().features),
+            backend_features = %backend_feature_names(dev.info().backend_features).join("|"),
+            queues = dev.info().num_queues,
+            iova_first = format_args!("{:#x}", dev.info().iova_first),
+            iova_last = format_args!("{:#x}", dev.info().iova_last),
             suspend = dev.can_suspend(),
             "opened vDPA device"
         );
+        Self::with_device(dev)
+    }
+}
+
+impl<D: VdpaOps> VdpaBackend<D> {
+    /// A backend over an opened device (refused without VERSION_1).
+    pub fn with_device(dev: D) -> Result<Self, ProxyError> {
+        let info = *dev.info();
+        if info.features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(ProxyError::NotAllowed(format!(
+                "the vDPA device does not offer VERSION_1 (features {:#x})",
+                info.features
+            )));
+        }
         Ok(VdpaBackend {
             rings: (0..info.num_queues).map(|_| Ring::default()).collect(),
             dev,
@@ -138,7 +157,7 @@ impl VdpaBackend {
     }
 
     /// The device layer underneath.
-    pub fn device(&self) -> &VdpaDevice {
+    pub fn device(&self) -> &D {
         &self.dev
     }
 
@@ -183,7 +202,17 @@ impl VdpaBackend {
             Phase::Reset | Phase::FeaturesOk => Ok(()),
             Phase::Suspended if self.dev.can_resume() => Ok(()),
             Phase::Running | Phase::Suspended => {
-                let running = self.running_rings();
+                // Rings that took nothing since they started (a VMM starting its rings one by
+                // one, the device already started with the first) restart harmlessly.
+                let running: Vec<usize> = self
+                    .running_rings()
+                    .into_iter()
+                    .filter(|&r| {
+                        self.dev
+                            .vring_base(r)
+                            .map_or(true, |now| now != self.rings[r].base)
+                    })
+                    .collect();
                 if !running.is_empty() {
                     return Err(ProxyError::NotAllowed(format!(
                         "vDPA device: queue {q} cannot be reconfigured while queue(s) {running:?} \
@@ -220,9 +249,11 @@ impl VdpaBackend {
         match self.phase {
             Phase::Running => return Ok(()),
             Phase::Suspended => {
-                // Only reached with RESUME (make_configurable resets otherwise).
+                // Only reached with RESUME (make_configurable resets otherwise). The rings that
+                // were stopped get their (new) configuration again; the others resume where the
+                // device holds them (their bases here are stale: pushing one would rewind it).
                 for q in 0..self.rings.len() {
-                    if self.rings[q].started {
+                    if self.rings[q].started && self.rings[q].stopped {
                         self.push_ring(q)?;
                         self.rings[q].stopped = false;
                     }
@@ -303,7 +334,7 @@ impl VdpaBackend {
     }
 }
 
-impl BackendDevice for VdpaBackend {
+impl<D: VdpaOps> BackendDevice for VdpaBackend<D> {
     fn kind(&self) -> &'static str {
         "vhost-vdpa"
     }
@@ -436,7 +467,8 @@ impl BackendDevice for VdpaBackend {
             )));
         }
         let maps = Self::mappings(region);
-        self.dev.map(&maps)?;
+        let ops: Vec<IotlbOp> = maps.iter().map(|&m| IotlbOp::Map(m)).collect();
+        self.dev.update_iotlb(&ops)?;
         self.regions.insert(region.gpa, (region.size, maps));
         Ok(())
     }
@@ -493,7 +525,7 @@ impl BackendDevice for VdpaBackend {
     fn set_vring_kick(&mut self, q: usize, kick: &EventFd) -> DeviceResult<()> {
         let fd = dup(kick)?;
         let r = self.ring(q)?;
-        if r.running() && self.phase == Phase::Running {
+        if r.running() && matches!(self.phase, Phase::Running | Phase::Suspended) {
             self.dev.set_vring_kick(q, &fd)?;
             self.ring(q)?.kick = Some(fd);
             return Ok(());
@@ -538,9 +570,9 @@ impl BackendDevice for VdpaBackend {
     /// those completions before the ring moves.
     fn get_vring_base(&mut self, q: usize) -> DeviceResult<u16> {
         self.ring(q)?;
-        if self.rings[q].running() && self.phase == Phase::Running {
+        if self.rings[q].running() && matches!(self.phase, Phase::Running | Phase::Suspended) {
             self.dev.set_vring_kick(q, &self.idle_kick)?;
-            if self.dev.can_suspend() {
+            if self.dev.can_suspend() && self.phase == Phase::Running {
                 self.dev.suspend()?;
                 self.phase = Phase::Suspended;
             }
@@ -618,3 +650,6 @@ impl BackendDevice for VdpaBackend {
     /// Nothing to shut down: dropping the device closes it, which resets it in the kernel.
     fn close(&self) {}
 }
+
+#[cfg(test)]
+mod tests;

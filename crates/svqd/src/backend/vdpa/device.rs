@@ -1,18 +1,17 @@
 //! A vhost-vdpa device (`/dev/vhost-vdpa-N`) as svqd drives it: open and probe, backend features,
 //! the virtio status handshake, IOTLB v2 maps in batches, vrings, config space, reset, and
-//! SUSPEND/RESUME where the device offers them.
+//! SUSPEND/RESUME where the device offers them. [`VdpaOps`] is what the backend needs of it (the
+//! seam where the tests put a device with SUSPEND, which VDUSE lacks).
 //!
 //! Built on the vhost crate's `VhostKernVdpa`; raw ioctls only where vhost 0.18 lacks the call
 //! (`VHOST_VDPA_RESUME`). Addresses given to the device (ring addresses, descriptor buffers) are
-//! IOVAs: svqd maps its own memory into the device's IOTLB ([`iotlb`]) and chooses the IOVAs.
+//! IOVAs: svqd maps its own memory into the device's IOTLB ([`super::iotlb`]) and chooses the IOVAs.
 //!
 //! Measured against VDUSE (Linux 6.12, qemu-storage-daemon 10 vduse-blk; docs/VDPA.md):
 //! open resets the device and is exclusive (a second open is `EBUSY`); per-vring ioctls need
 //! SET_OWNER first (`EPERM`); there is no SUSPEND (`EOPNOTSUPP` for the backend feature and for the
 //! ioctl at DRIVER_OK); IOTLB errors are all `EFAULT`; memory must be a shared file mapping; right
 //! after DRIVER_OK the call eventfd fires once without a used entry.
-
-pub mod iotlb;
 
 use std::fs::File;
 use std::io;
@@ -29,10 +28,10 @@ use vhost::{
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use iotlb::{IotlbError, IotlbMap, IotlbOp, Mapping};
+use crate::features::VIRTIO_F_VERSION_1;
 
-/// virtio feature bit: VERSION_1.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+use super::iotlb::{IotlbError, IotlbMap, IotlbOp, Mapping};
+
 /// virtio feature bit: ACCESS_PLATFORM (the device goes through an IOMMU: the vhost-vdpa IOTLB).
 pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 
@@ -738,6 +737,134 @@ impl VdpaDevice {
             ops.push(IotlbOp::Unmap { iova, size: m.size });
         }
         self.update_iotlb(&ops)
+    }
+}
+
+/// What [`super::VdpaBackend`] needs of a vhost-vdpa device: [`VdpaDevice`] in svqd, a device
+/// with SUSPEND and RESUME in the tests (no vDPA device on hand offers them).
+pub trait VdpaOps: Send {
+    /// What was probed at open.
+    fn info(&self) -> &DeviceInfo;
+    /// VHOST_VDPA_SUSPEND was offered and acked.
+    fn can_suspend(&self) -> bool;
+    /// VHOST_VDPA_RESUME was offered and acked.
+    fn can_resume(&self) -> bool;
+    /// IOTLB_PERSIST was acked.
+    fn iotlb_persists(&self) -> bool;
+    /// VHOST_VDPA_GET_STATUS.
+    fn status(&self) -> Result<u8, VdpaError>;
+    /// Status 0.
+    fn reset(&self) -> Result<(), VdpaError>;
+    /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK.
+    fn negotiate(&self, features: u64) -> Result<(), VdpaError>;
+    /// DRIVER_OK.
+    fn driver_ok(&self) -> Result<(), VdpaError>;
+    /// VHOST_SET_VRING_NUM.
+    fn set_vring_num(&self, index: usize, num: u16) -> Result<(), VdpaError>;
+    /// VHOST_SET_VRING_ADDR (IOVAs).
+    fn set_vring_addr(
+        &self,
+        index: usize,
+        num: u16,
+        desc: u64,
+        avail: u64,
+        used: u64,
+    ) -> Result<(), VdpaError>;
+    /// VHOST_SET_VRING_BASE.
+    fn set_vring_base(&self, index: usize, base: u16) -> Result<(), VdpaError>;
+    /// VHOST_GET_VRING_BASE.
+    fn vring_base(&self, index: usize) -> Result<u16, VdpaError>;
+    /// VHOST_SET_VRING_KICK.
+    fn set_vring_kick(&self, index: usize, fd: &EventFd) -> Result<(), VdpaError>;
+    /// VHOST_SET_VRING_CALL.
+    fn set_vring_call(&self, index: usize, fd: &EventFd) -> Result<(), VdpaError>;
+    /// VHOST_VDPA_SET_VRING_ENABLE.
+    fn set_vring_enable(&self, index: usize, on: bool) -> Result<(), VdpaError>;
+    /// VHOST_VDPA_GET_CONFIG.
+    fn config(&self, offset: u32, len: u32) -> Result<Vec<u8>, VdpaError>;
+    /// VHOST_VDPA_SET_CONFIG.
+    fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), VdpaError>;
+    /// VHOST_VDPA_SUSPEND.
+    fn suspend(&self) -> Result<(), VdpaError>;
+    /// VHOST_VDPA_RESUME.
+    fn resume(&self) -> Result<(), VdpaError>;
+    /// IOTLB updates, batched.
+    fn update_iotlb(&mut self, ops: &[IotlbOp]) -> Result<(), VdpaError>;
+    /// Every mapping sent again.
+    fn remap_all(&mut self) -> Result<(), VdpaError>;
+}
+
+/// Forwards to the inherent methods (which the device-layer tools also use directly).
+impl VdpaOps for VdpaDevice {
+    fn info(&self) -> &DeviceInfo {
+        VdpaDevice::info(self)
+    }
+    fn can_suspend(&self) -> bool {
+        VdpaDevice::can_suspend(self)
+    }
+    fn can_resume(&self) -> bool {
+        VdpaDevice::can_resume(self)
+    }
+    fn iotlb_persists(&self) -> bool {
+        VdpaDevice::iotlb_persists(self)
+    }
+    fn status(&self) -> Result<u8, VdpaError> {
+        VdpaDevice::status(self)
+    }
+    fn reset(&self) -> Result<(), VdpaError> {
+        VdpaDevice::reset(self)
+    }
+    fn negotiate(&self, features: u64) -> Result<(), VdpaError> {
+        VdpaDevice::negotiate(self, features)
+    }
+    fn driver_ok(&self) -> Result<(), VdpaError> {
+        VdpaDevice::driver_ok(self)
+    }
+    fn set_vring_num(&self, index: usize, num: u16) -> Result<(), VdpaError> {
+        VdpaDevice::set_vring_num(self, index, num)
+    }
+    fn set_vring_addr(
+        &self,
+        index: usize,
+        num: u16,
+        desc: u64,
+        avail: u64,
+        used: u64,
+    ) -> Result<(), VdpaError> {
+        VdpaDevice::set_vring_addr(self, index, num, desc, avail, used)
+    }
+    fn set_vring_base(&self, index: usize, base: u16) -> Result<(), VdpaError> {
+        VdpaDevice::set_vring_base(self, index, base)
+    }
+    fn vring_base(&self, index: usize) -> Result<u16, VdpaError> {
+        VdpaDevice::vring_base(self, index)
+    }
+    fn set_vring_kick(&self, index: usize, fd: &EventFd) -> Result<(), VdpaError> {
+        VdpaDevice::set_vring_kick(self, index, fd)
+    }
+    fn set_vring_call(&self, index: usize, fd: &EventFd) -> Result<(), VdpaError> {
+        VdpaDevice::set_vring_call(self, index, fd)
+    }
+    fn set_vring_enable(&self, index: usize, on: bool) -> Result<(), VdpaError> {
+        VdpaDevice::set_vring_enable(self, index, on)
+    }
+    fn config(&self, offset: u32, len: u32) -> Result<Vec<u8>, VdpaError> {
+        VdpaDevice::config(self, offset, len)
+    }
+    fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), VdpaError> {
+        VdpaDevice::set_config(self, offset, data)
+    }
+    fn suspend(&self) -> Result<(), VdpaError> {
+        VdpaDevice::suspend(self)
+    }
+    fn resume(&self) -> Result<(), VdpaError> {
+        VdpaDevice::resume(self)
+    }
+    fn update_iotlb(&mut self, ops: &[IotlbOp]) -> Result<(), VdpaError> {
+        VdpaDevice::update_iotlb(self, ops)
+    }
+    fn remap_all(&mut self) -> Result<(), VdpaError> {
+        VdpaDevice::remap_all(self)
     }
 }
 
