@@ -15,6 +15,7 @@ pub mod guest;
 pub mod proc;
 pub mod qmp;
 pub mod scenario;
+pub mod vduse;
 pub mod vm;
 
 use std::collections::HashMap;

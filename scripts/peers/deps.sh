@@ -12,7 +12,8 @@ SUDO=""
 
 # busybox-static, kmod, cpio: guest initramfs. dpdk-dev: dpdk-testpmd (vhost-user-net peer).
 # xz-utils/zstd: kernel modules may be compressed. gcc/libc6-dev: static guest helper programs.
-PKGS=(busybox-static kmod cpio dpdk-dev xz-utils zstd gcc libc6-dev)
+# iproute2: the `vdpa` tool in the VDUSE guest.
+PKGS=(busybox-static kmod cpio dpdk-dev xz-utils zstd gcc libc6-dev iproute2)
 # Operations tests (crates/svqd/tests/ops.rs): virt-xml-validate (+ xmllint) for the libvirt XML,
 # promtool for the metrics. systemd-analyze comes with systemd.
 PKGS+=(libvirt-clients libxml2-utils prometheus)

@@ -5,9 +5,11 @@
 #     kroot/      a Debian kernel package unpacked with dpkg -x
 #     guest/      vmlinuz + initramfs.gz (busybox-static, virtio modules, /init workloads)
 #     cargo/bin/  vhost-device-rng, vhost-device-vsock (cargo install --locked)
+#     vduse/      a 6.12 kernel (VDUSE, vhost-vdpa) + initramfs for the vDPA tests (vduse.sh)
 #     env         shell fragment with the paths (sourced by scripts, read by the Rust harness)
 # Idempotent: each step is skipped when its output is already there. Safe to re-run.
-# Options (env): SVQ_PEERS_NO_CARGO=1 skips the cargo-installed backends.
+# Options (env): SVQ_PEERS_NO_CARGO=1 skips the cargo-installed backends, SVQ_PEERS_NO_VDUSE=1 the
+# VDUSE guest.
 # With --print-env, all progress goes to stderr and stdout carries only `export VAR=value` lines
 # for the test suite (eval "$(scripts/peers/fixtures.sh --print-env)").
 set -euo pipefail
@@ -37,27 +39,7 @@ die() { echo "fixtures: ERROR: $*" >&2; exit 1; }
 # A private apt directory with its own sources, lists and cache: the system's apt state is not
 # touched. The backports source is derived from the machine's own first Debian source.
 APT="$FIX/apt"
-APT_OPTS=(-o "Dir::Etc::SourceList=$APT/sources.list" -o "Dir::Etc::SourceParts=$APT/sources.list.d"
-	-o "Dir::State=$APT/state" -o "Dir::State::status=/var/lib/dpkg/status" -o "Dir::Cache=$APT/cache"
-	-o "Debug::NoLocking=1")
-
-derive_backports_source() {
-	mkdir -p "$APT/sources.list.d" "$APT/state/lists/partial" "$APT/cache/archives/partial"
-	: >"$APT/sources.list"
-	local f
-	f="$(ls /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1 || true)"
-	if [ -n "$f" ]; then
-		# First deb822 stanza, with the suite replaced.
-		awk -v s="$BPO" 'BEGIN{p=1} /^[[:space:]]*$/{if(seen) exit; next} {seen=1}
-			/^Suites:/{print "Suites: " s; next} {print}' "$f" >"$APT/sources.list.d/backports.sources"
-		grep -q '^URIs:' "$APT/sources.list.d/backports.sources" || die "no URIs in first stanza of $f"
-	elif [ -f /etc/apt/sources.list ]; then
-		awk -v s="$BPO" '/^deb[[:space:]]/{ $3=s; print; exit }' /etc/apt/sources.list >"$APT/sources.list"
-		[ -s "$APT/sources.list" ] || die "no deb line in /etc/apt/sources.list"
-	else
-		die "no apt sources found to derive $BPO from"
-	fi
-}
+. "$HERE/apt-backports.sh"
 
 # ---------------------------------------------------------------- QEMU 10 (dpkg -x)
 QEMU_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
@@ -160,6 +142,19 @@ if [ "${SVQ_PEERS_NO_CARGO:-0}" != 1 ]; then
 	rm -rf "$FIX/cargo-target"
 fi
 
+# ---------------------------------------------------------------- VDUSE guest (vhost-vdpa tests)
+# A bookworm-backports 6.12 kernel with VDUSE + vhost-vdpa and an initramfs with qemu-storage-daemon
+# and the vdpa tool. Optional: without it the VDUSE tests skip and say why.
+VDUSE_KERNEL="" VDUSE_INITRD=""
+if [ "${SVQ_PEERS_NO_VDUSE:-0}" != 1 ]; then
+	if SVQ_FIXTURES="$FIX" bash "$HERE/vduse.sh"; then
+		VDUSE_KERNEL="$FIX/vduse/vmlinuz"
+		VDUSE_INITRD="$FIX/vduse/initramfs.gz"
+	else
+		log "WARNING: the VDUSE fixture could not be built (see above); the VDUSE tests will skip"
+	fi
+fi
+
 # ---------------------------------------------------------------- env file
 cat >"$FIX/env" <<EOF
 SVQ_QEMU=$QEMU_BIN
@@ -172,6 +167,8 @@ SVQ_QSD=$(command -v qemu-storage-daemon)
 SVQ_TESTPMD=$(command -v dpdk-testpmd || true)
 SVQ_VHOST_RNG=$([ -x "$CROOT/bin/vhost-device-rng" ] && echo "$CROOT/bin/vhost-device-rng")
 SVQ_VHOST_VSOCK=$([ -x "$CROOT/bin/vhost-device-vsock" ] && echo "$CROOT/bin/vhost-device-vsock")
+SVQ_VDUSE_KERNEL=$VDUSE_KERNEL
+SVQ_VDUSE_INITRD=$VDUSE_INITRD
 EOF
 log "ready in $FIX"
 if [ "$PRINT_ENV" = 1 ]; then

@@ -311,6 +311,8 @@ impl GuestWorkload for AnyGuest {
 enum AnyBackend {
     Blk(BlkHandle),
     Net(NetHandle),
+    /// A block device the testkit does not serve (see [`ExternalDevice`]): its image.
+    External(PathBuf),
 }
 
 impl AnyBackend {
@@ -318,6 +320,7 @@ impl AnyBackend {
         match self {
             AnyBackend::Blk(b) => format!("{:?}", b.stats()),
             AnyBackend::Net(n) => format!("{:?}", n.stats()),
+            AnyBackend::External(disk) => format!("external device on {}", disk.display()),
         }
     }
 
@@ -325,8 +328,79 @@ impl AnyBackend {
         match self {
             AnyBackend::Blk(b) => b.stop(),
             AnyBackend::Net(n) => n.stop(),
+            AnyBackend::External(_) => {}
         }
     }
+}
+
+/// Starts side `n` of an [`ExternalDevice`]: a proxy listening for the VMM on the given socket.
+pub type LaunchSide<'a> = dyn FnMut(u32, &Path) -> Result<Box<dyn Proxy>, String> + 'a;
+
+/// A block device the testkit does not serve itself (a vDPA device behind svqd, say): the caller
+/// starts each side's proxy, which reaches the device on its own; every side serves the same
+/// image, which is checked block by block against the guest's model at the end.
+pub struct ExternalDevice<'a> {
+    /// The image the device serves.
+    pub disk: PathBuf,
+    /// Starts side `n` (0: the first source, then one per migration hop): a proxy listening
+    /// for the VMM on the given socket.
+    pub launch: &'a mut LaunchSide<'a>,
+}
+
+fn start_external_side(
+    dir: &Path,
+    n: u32,
+    dev: &mut ExternalDevice<'_>,
+) -> Result<Side, ScenarioError> {
+    let vmm_socket = dir.join(format!("side{n}-vmm.sock"));
+    let proxy = (dev.launch)(n, &vmm_socket).map_err(ScenarioError::Proxy)?;
+    Ok(Side {
+        backend: AnyBackend::External(dev.disk.clone()),
+        proxy: Some(proxy),
+        vmm_socket,
+    })
+}
+
+/// [`run_migration`] with an [`ExternalDevice`] (block only): each side is a proxy the caller
+/// starts.
+pub fn run_migration_external(
+    opts: &ScenarioOptions,
+    dev: &mut ExternalDevice<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MigrationScenarioReport, ScenarioError> {
+    if opts.device != DeviceKind::Blk {
+        return Err(ScenarioError::Proxy(
+            "an external device is a block device".into(),
+        ));
+    }
+    let dir = tempfile::Builder::new().prefix("svq-scenario").tempdir()?;
+    let mut new_side = |n: u32| start_external_side(dir.path(), n, dev);
+    migration_body(opts, &mut new_side, progress)
+}
+
+/// [`run_switching`] with an [`ExternalDevice`] (block only).
+pub fn run_switching_external(
+    opts: &ScenarioOptions,
+    dev: &mut ExternalDevice<'_>,
+    switches: u64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<SwitchReport, ScenarioError> {
+    if opts.device != DeviceKind::Blk {
+        return Err(ScenarioError::Proxy(
+            "an external device is a block device".into(),
+        ));
+    }
+    let dir = tempfile::Builder::new().prefix("svq-switch").tempdir()?;
+    let side = start_external_side(dir.path(), 0, dev)?;
+    let r = switching_body(opts, &side, switches, progress);
+    let r = r.map(|(mut rep, guest)| {
+        let mut extra = Vec::new();
+        rep.blocks_verified = verify_disk(&guest, &side, &mut extra);
+        rep.anomalies.extend(extra);
+        rep
+    });
+    side.stop();
+    r
 }
 
 /// Everything of one side (source or destination) but the guest.
@@ -499,15 +573,30 @@ impl Drop for Ticker {
 }
 
 fn verify_disk(guest: &AnyGuest, side: &Side, anomalies: &mut Vec<String>) -> u64 {
-    let (AnyGuest::Blk(g), AnyBackend::Blk(b)) = (guest, &side.backend) else {
+    use std::os::unix::fs::FileExt;
+    let AnyGuest::Blk(g) = guest else {
         return 0;
+    };
+    let external = match &side.backend {
+        AnyBackend::External(path) => match std::fs::File::open(path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                anomalies.push(format!("cannot open the image {}: {e}", path.display()));
+                return 0;
+            }
+        },
+        AnyBackend::Blk(_) => None,
+        AnyBackend::Net(_) => return 0,
+    };
+    let read = |buf: &mut [u8], off: u64| match (&side.backend, &external) {
+        (AnyBackend::Blk(b), _) => b.disk().read_at(buf, off),
+        (_, Some(f)) => f.read_exact_at(buf, off),
+        _ => Err(std::io::Error::other("no disk")),
     };
     let mut buf = vec![0u8; BLOCK as usize];
     let mut n = 0;
     for (blk, _) in g.model().iter().enumerate() {
-        if b.disk().read_at(&mut buf, blk as u64 * BLOCK).is_err()
-            || buf != g.expected_block(blk as u64)
-        {
+        if read(&mut buf, blk as u64 * BLOCK).is_err() || buf != g.expected_block(blk as u64) {
             anomalies.push(format!(
                 "disk block {blk} does not hold what the guest wrote"
             ));

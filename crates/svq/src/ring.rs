@@ -49,9 +49,10 @@ pub fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
 
 /// Byte layout of a split virtqueue of a given size (virtio 1.x, event-idx fields included).
 ///
-/// The three parts are placed back to back at the alignments the spec requires (descriptor table
-/// 16, avail ring 2, used ring 4); the used ring starts on its own 64-byte cache line so the
-/// device's used-ring writes do not share a line with our avail ring.
+/// The descriptor table and the avail ring are placed back to back at the alignments the spec
+/// requires (16 and 2); the used ring starts on its own 4 KiB page, so the device's used-ring
+/// writes never share a cache line with our avail ring, and a device behind an IOMMU (vhost-vdpa's
+/// IOTLB maps whole pages) can be given the driver part read-only and the device part read-write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SplitLayout {
     size: u16,
@@ -63,6 +64,8 @@ pub struct SplitLayout {
 impl SplitLayout {
     /// Alignment of the area start the layout needs.
     pub const ALIGN: usize = 64;
+    /// Alignment of the used ring's offset (a page: see the type's docs).
+    pub const USED_ALIGN: usize = 4096;
 
     /// Layout for `size` entries (a power of two, 1..=32768).
     pub fn new(size: u16) -> Result<Self, QueueError> {
@@ -72,7 +75,7 @@ impl SplitLayout {
             ));
         }
         let avail = Self::desc_bytes(size);
-        let used = (avail + Self::avail_bytes(size, true)).next_multiple_of(64);
+        let used = (avail + Self::avail_bytes(size, true)).next_multiple_of(Self::USED_ALIGN);
         let total = used + Self::used_bytes(size, true);
         Ok(SplitLayout {
             size,
@@ -1063,7 +1066,7 @@ mod tests {
     fn layout_matches_spec_sizes() {
         let l = SplitLayout::new(256).unwrap();
         assert_eq!(l.avail_offset(), 4096);
-        assert_eq!(l.used_offset() % 64, 0);
+        assert_eq!(l.used_offset() % SplitLayout::USED_ALIGN, 0);
         assert!(l.used_offset() >= 4096 + 6 + 512);
         assert_eq!(l.total_bytes(), l.used_offset() + 6 + 8 * 256);
         assert_eq!(l.used_addr(0x1000), 0x1000 + l.used_offset() as u64);

@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// vhost-user proxy that makes backends without dirty logging live-migratable.
 ///
-/// svqd listens on --socket for the VMM and connects to the backend at --backend. Queues run in
+/// svqd listens on --socket for the VMM and drives the device at --backend (a vhost-user
+/// backend, or a vhost-vdpa device). Queues run in
 /// passthrough (no data-path overhead) until the VMM starts dirty logging for a migration (or
 /// `svqctl set-shadow on`); then they run through a shadow virtqueue that logs every page the
 /// backend writes.
@@ -19,8 +20,10 @@ pub struct Cli {
     /// vhost-user socket to create for the VMM (mode 0600).
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
-    /// vhost-user socket of the backend (retried for a few seconds while it starts).
-    #[arg(long, value_name = "PATH")]
+    /// The device: a vhost-user backend's socket (retried for a few seconds while it starts),
+    /// or vdpa:/dev/vhost-vdpa-N for a vhost-vdpa device (opened at start; a missing or busy
+    /// device is an error).
+    #[arg(long, value_name = "PATH|vdpa:DEV")]
     pub backend: PathBuf,
     /// Control socket for svqctl (QMP-style JSON lines, mode 0600).
     #[arg(long, value_name = "PATH")]

@@ -1,6 +1,6 @@
 //! Configuration of one proxy instance.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// When queues run through the shadow virtqueue.
@@ -34,7 +34,8 @@ impl ShadowPolicy {
 pub struct ProxyConfig {
     /// vhost-user socket svqd listens on for the VMM.
     pub socket: PathBuf,
-    /// vhost-user socket of the real backend.
+    /// The real device: a vhost-user socket, or `vdpa:PATH` for a vhost-vdpa device node (see
+    /// [`ProxyConfig::backend_target`]).
     pub backend: PathBuf,
     /// Shadow policy.
     pub shadow: ShadowPolicy,
@@ -75,7 +76,32 @@ pub const DEFAULT_BATCH_WAIT_US: u64 = 25;
 /// Longest `--poll-us`: a worker polling longer would hold a CPU for nothing.
 pub const MAX_POLL_US: u64 = 100_000;
 
+/// How svqd reaches the device named by [`ProxyConfig::backend`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendTarget<'a> {
+    /// A vhost-user backend listening on this socket.
+    VhostUser(&'a Path),
+    /// A vhost-vdpa device node (`/dev/vhost-vdpa-N`).
+    Vdpa(&'a Path),
+}
+
+/// Prefix of [`ProxyConfig::backend`] that names a vhost-vdpa device.
+pub const VDPA_PREFIX: &str = "vdpa:";
+
 impl ProxyConfig {
+    /// The device to drive: `vdpa:PATH` is a vhost-vdpa device node, anything else a vhost-user
+    /// socket (a socket whose name starts with `vdpa:` is written `./vdpa:...`).
+    pub fn backend_target(&self) -> BackendTarget<'_> {
+        match self
+            .backend
+            .to_str()
+            .and_then(|s| s.strip_prefix(VDPA_PREFIX))
+        {
+            Some(dev) => BackendTarget::Vdpa(Path::new(dev)),
+            None => BackendTarget::VhostUser(&self.backend),
+        }
+    }
+
     /// A configuration with the defaults for everything but the two sockets.
     pub fn new(socket: impl Into<PathBuf>, backend: impl Into<PathBuf>) -> Self {
         ProxyConfig {

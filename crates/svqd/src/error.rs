@@ -57,6 +57,9 @@ pub enum ProxyError {
     /// A system call failed.
     #[error("{0}: {1}")]
     Io(&'static str, io::Error),
+    /// The vhost-vdpa device refused a request, or cannot be opened.
+    #[error("vDPA device: {0}")]
+    Vdpa(#[from] crate::backend::vdpa::VdpaError),
     /// A request that the current configuration does not allow.
     #[error("{0}")]
     NotAllowed(String),

@@ -115,6 +115,7 @@ impl VmmRegion {
             mmap_offset: self.mmap_offset,
             fd: self.file.as_raw_fd(),
             host_addr: self.mapping.as_ptr() as u64,
+            device_readonly: 0,
         }
     }
 }

@@ -10,8 +10,8 @@ use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::ControlTarget;
-use crate::backend::{BackendDevice, VhostUserDevice};
-use crate::config::{ProxyConfig, ShadowPolicy};
+use crate::backend::{BackendDevice, VdpaBackend, VhostUserDevice};
+use crate::config::{BackendTarget, ProxyConfig, ShadowPolicy};
 use crate::early_enable::EarlyEnable;
 use crate::error::ProxyError;
 use crate::report::{StatsReport, StatusReport};
@@ -366,10 +366,14 @@ fn device_span(cfg: &ProxyConfig) -> tracing::Span {
     tracing::info_span!("device", socket = %cfg.socket.display())
 }
 
-/// Connect to the configured backend.
+/// Connect to the configured backend (open it, for a vhost-vdpa device).
 fn connect_device(cfg: &ProxyConfig) -> Result<Box<dyn BackendDevice>, ProxyError> {
+    let path = match cfg.backend_target() {
+        BackendTarget::Vdpa(dev) => return Ok(Box::new(VdpaBackend::open(dev)?)),
+        BackendTarget::VhostUser(path) => path,
+    };
     let mut device = VhostUserDevice::connect(
-        &cfg.backend,
+        path,
         cfg.backend_connect_timeout,
         cfg.backend_request_timeout,
     )?;

@@ -144,6 +144,9 @@ impl ShadowRegion {
             mmap_offset: 0,
             fd: self.file.as_raw_fd(),
             host_addr: self.host_addr(),
+            // The descriptor table and avail ring come before the used ring, which starts on its
+            // own page.
+            device_readonly: SplitLayout::new(self.ring_size).map_or(0, |l| l.used_offset() as u64),
         }
     }
 }

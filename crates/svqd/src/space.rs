@@ -95,9 +95,13 @@ impl ShadowSpace {
         self.alloc.as_ref().map(|a| a.gpa.range().0)
     }
 
+    /// Addresses for a region of `size` bytes svqd maps at `host`: a GPA (an IOVA for a
+    /// vhost-vdpa device) above all guest RAM and inside the device's `range`, and a user
+    /// address above all of the VMM's.
     fn allocate(
         &mut self,
         mem: &MemoryTable,
+        range: Option<(u64, u64)>,
         size: u64,
         host: u64,
     ) -> Result<(u64, u64), ProxyError> {
@@ -105,10 +109,18 @@ impl ShadowSpace {
         let alloc = match &mut self.alloc {
             Some(a) => a,
             None => {
-                let gpa_first = mem.gpa_end().max(SHADOW_GPA_FLOOR).next_multiple_of(GIB);
+                let (first, last) = range.unwrap_or((0, u64::MAX));
+                // The 1 TiB floor only where the device reaches well beyond it.
+                let floor = if last / 2 >= SHADOW_GPA_FLOOR {
+                    SHADOW_GPA_FLOOR
+                } else {
+                    0
+                };
+                let gpa_first = mem.gpa_end().max(floor).max(first).next_multiple_of(GIB);
+                let gpa_last = last.min((1u64 << 52) - 1);
                 let uva_first = mem.uva_end().next_multiple_of(GIB).max(GIB);
                 self.alloc.insert(Allocators {
-                    gpa: IovaTree::new(gpa_first, (1u64 << 52) - 1).map_err(err)?,
+                    gpa: IovaTree::new(gpa_first, gpa_last).map_err(err)?,
                     uva: IovaTree::new(uva_first, (1u64 << 63) - 1).map_err(err)?,
                 })
             }
@@ -229,7 +241,8 @@ impl ShadowSpace {
             self.drop_region(ctx.reborrow(), r)?;
         }
         let mut region = ShadowRegion::create(q, size)?;
-        let (gpa, uva) = self.allocate(ctx.mem, region.size, region.host_addr())?;
+        let range = ctx.device.address_range();
+        let (gpa, uva) = self.allocate(ctx.mem, range, region.size, region.host_addr())?;
         region.gpa = gpa;
         region.uva = uva;
         if let Err(e) = self.add_to_device(ctx, &region) {

@@ -15,9 +15,11 @@ use crate::error::ProxyError;
 
 #[cfg(test)]
 pub mod recording;
+pub mod vdpa;
 pub mod vhost_user;
 pub mod watchdog;
 
+pub use vdpa::VdpaBackend;
 pub use vhost_user::VhostUserDevice;
 
 /// Result of a request to the device.
@@ -39,6 +41,10 @@ pub struct DeviceRegion {
     pub fd: RawFd,
     /// Where svqd itself maps the region (what a kernel device is told to translate to).
     pub host_addr: u64,
+    /// Bytes at the start of the region that the device only reads (a shadow ring's descriptor
+    /// table and driver area; a whole number of pages); 0 for guest RAM. A device behind an
+    /// IOMMU (vhost-vdpa) gets this part mapped read-only.
+    pub device_readonly: u64,
 }
 
 impl DeviceRegion {
@@ -97,6 +103,11 @@ pub trait BackendDevice: Send {
     /// Which addresses SET_VRING_ADDR carries.
     fn ring_address_space(&self) -> RingAddressSpace {
         RingAddressSpace::VmmUser
+    }
+    /// The addresses the device can reach (`first..=last`), when it is limited (a vhost-vdpa
+    /// device's IOVA range): shadow rings are placed inside it.
+    fn address_range(&self) -> Option<(u64, u64)> {
+        None
     }
 
     // -- memory table ----------------------------------------------------------------------
