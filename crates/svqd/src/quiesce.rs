@@ -30,10 +30,15 @@ pub const QUIESCE_LIMIT: Duration = Duration::from_secs(2);
 /// ends the wait soon after the ring got quiet).
 const POLL: Duration = Duration::from_micros(100);
 
-/// With a trustworthy `avail_event`: how long it must stay equal to `used.idx` (it can be stale
-/// inside a vhost-user-backend pop loop, which refreshes it only when re-enabling notifications).
-const SETTLE_PERIOD: Duration = Duration::from_millis(1);
-const SETTLE_HITS: u32 = 10;
+/// With a trustworthy `avail_event`: how long it must stay equal to `used.idx`, and in how many
+/// looks. Long enough for a backend's signal of its last completion to be out (a single-threaded
+/// backend such as qemu-storage-daemon pushes and signals in one step, so any look after the push
+/// is late enough); it need not cover a stale `avail_event` inside a vhost-user-backend pop loop
+/// (which refreshes it only when re-enabling notifications): what such a backend still holds at
+/// GET_VRING_BASE is verified and waited for after it (`drain.rs`), and it keeps no closed call
+/// fd to trip over.
+const SETTLE_PERIOD: Duration = Duration::from_micros(200);
+const SETTLE_HITS: u32 = 3;
 
 /// One look at a ring's indices in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
