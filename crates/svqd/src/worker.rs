@@ -444,8 +444,7 @@ fn run(
     if !setup.batch_wait.is_zero() {
         // The batch wait is tens of microseconds: without this, the default 50 µs timer slack
         // would triple it.
-        // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the calling thread.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+        crate::quiesce::precise_sleeps();
     }
     let stats = setup.stats.clone();
     let _clock = CpuClock::publish(&stats);
