@@ -24,6 +24,7 @@ pub mod features;
 pub mod handler;
 pub mod memory;
 pub mod metrics;
+pub mod pacing;
 pub mod proxy;
 pub mod queue;
 pub mod quiesce;

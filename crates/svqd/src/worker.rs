@@ -10,7 +10,9 @@
 //! (the poll phase). Only then are notifications re-armed, with the engine's fence and re-check
 //! (`arm_notifications`): work that slipped in meanwhile starts another round instead of being
 //! stranded, and the worker sleeps in `epoll_wait`. Under load a wake moves rings, not bursts,
-//! and no syscall is made per descriptor. Counters are added once per batch; the thread's CPU
+//! and no syscall is made per descriptor. Between phases of flowing traffic and after the last
+//! one, [`Pacer`] decides whether the worker sleeps the batch wait or goes on, and how long it
+//! polls: it sleeps where busy peers want the CPU, and keeps going where the CPU is its own. Counters are added once per batch; the thread's CPU
 //! time is read by the control plane from the thread's CPU clock, not by the worker.
 
 use std::os::fd::AsRawFd;
@@ -27,6 +29,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::SharedMemory;
+use crate::pacing::Pacer;
 use crate::sigbus;
 use crate::stats::QueueStats;
 
@@ -189,8 +192,8 @@ struct Loop {
     backend_kick: Arc<EventFd>,
     backend_call: Arc<EventFd>,
     stats: Arc<QueueStats>,
-    poll: Duration,
-    batch_wait: Duration,
+    /// Sleep or go on between work phases, and how long to poll after them.
+    pacer: Pacer,
     reported: bool,
     /// [`sigbus::faults_on_this_thread`] when the worker started: a later fault means the VMM
     /// truncated memory this queue touched, and what it reads or writes can no longer be trusted.
@@ -302,6 +305,7 @@ impl Loop {
     /// longer than one batch wait plus one phase.
     fn work(&mut self, cmd_pending: &AtomicBool, may_defer: bool) -> bool {
         let mut polled = Duration::ZERO;
+        let poll = self.pacer.poll_budget();
         let mut moved = 0u32;
         let mut deferred = false;
         loop {
@@ -331,13 +335,13 @@ impl Loop {
                     }
                     continue;
                 }
-                if self.poll.is_zero() || cmd_pending.load(Ordering::Relaxed) {
+                if poll.is_zero() || cmd_pending.load(Ordering::Relaxed) {
                     break;
                 }
                 let now = Instant::now();
                 match idle_since {
                     None => idle_since = Some(now),
-                    Some(t) if now.duration_since(t) >= self.poll => break,
+                    Some(t) if now.duration_since(t) >= poll => break,
                     Some(_) => std::hint::spin_loop(),
                 }
             }
@@ -440,8 +444,7 @@ fn run(
     if !setup.batch_wait.is_zero() {
         // The batch wait is tens of microseconds: without this, the default 50 µs timer slack
         // would triple it.
-        // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the calling thread.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+        crate::quiesce::precise_sleeps();
     }
     let stats = setup.stats.clone();
     let _clock = CpuClock::publish(&stats);
@@ -455,8 +458,7 @@ fn run(
         backend_kick: setup.backend_kick,
         backend_call: setup.backend_call,
         stats: setup.stats,
-        poll: setup.poll,
-        batch_wait: setup.batch_wait,
+        pacer: Pacer::new(setup.batch_wait, setup.poll),
         reported: false,
         faults_seen: sigbus::faults_on_this_thread(),
         memory_lost: false,
@@ -493,10 +495,12 @@ fn run(
     // pending on the kick fd), and completions that raced the switch: work at once.
     let mut work = true;
     loop {
-        // Flowing traffic: sleep the batch wait with notifications off, then work again.
-        while work && stopping.is_none() && l.work(&cmd_pending, !l.batch_wait.is_zero()) {
-            std::thread::sleep(l.batch_wait);
-            QueueStats::add(&l.stats.worker_wakeups, 1);
+        // Flowing traffic: with notifications off, sleep the batch wait (or, on a CPU nobody
+        // else wants, go straight on), then work again.
+        while work && stopping.is_none() && l.work(&cmd_pending, l.pacer.defers()) {
+            if l.pacer.between_phases() {
+                QueueStats::add(&l.stats.worker_wakeups, 1);
+            }
         }
         if stopping.is_some() {
             break;

@@ -150,6 +150,24 @@ fn qsd_like_backend_event_idx_survives_switches() {
     stress_with(true, 1, 40, Trigger::Control, true);
 }
 
+/// A fast device (requests complete in 5–50 µs, as a RAM-backed or NVMe disk) behind a
+/// qemu-storage-daemon-like backend with EVENT_IDX: many switches, the same ledger checks; the
+/// printed times are the switch cost itself rather than the wait for a slow request in flight.
+#[test]
+fn fast_device_qsd_like_switches() {
+    stress_rig(
+        RigOptions {
+            queues: 1,
+            event_idx: true,
+            qsd_like: true,
+            delay: Some((5, 50)),
+            ..Default::default()
+        },
+        100,
+        Trigger::Control,
+    );
+}
+
 /// The poll phase (`--poll-us`) and pinned workers (`--worker-cpus`) under traffic and switches:
 /// polling must never strand a chain nor complete one twice (the same ledger checks as above).
 #[test]

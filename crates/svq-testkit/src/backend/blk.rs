@@ -507,7 +507,8 @@ impl BlkBackend {
         }
     }
 
-    /// Completes a batch of due requests, then notifies each touched ring once.
+    /// Completes a batch of due requests, then notifies each touched ring once (qsd-like: each
+    /// request as it completes).
     fn complete_batch(&self, batch: Vec<Pending>) {
         let Some(atomic) = lock(&self.0.mem).clone() else {
             return;
@@ -535,8 +536,20 @@ impl BlkBackend {
                     .late_completions
                     .fetch_add(1, Ordering::Relaxed);
             }
-            if let Err(e) = p.vring.add_used(p.req.segs.head, len) {
-                tracing::warn!("blk: late add_used failed on queue {}: {e}", p.queue);
+            let add_used = || {
+                if let Err(e) = p.vring.add_used(p.req.segs.head, len) {
+                    tracing::warn!("blk: late add_used failed on queue {}: {e}", p.queue);
+                }
+            };
+            if self.0.opts.disconnect_on_closed_call {
+                // As qemu-storage-daemon: each completion pushed and signalled in one step of
+                // its single thread, which also handles GET_VRING_BASE.
+                p.vring.completing(|| {
+                    add_used();
+                    self.notify(&p.vring);
+                });
+            } else {
+                add_used();
             }
             self.0.stats.completed.fetch_add(1, Ordering::Relaxed);
             self.0.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -546,7 +559,7 @@ impl BlkBackend {
                     *n = n.saturating_sub(1);
                 }
             }
-            if !touched_q.contains(&p.queue) {
+            if !self.0.opts.disconnect_on_closed_call && !touched_q.contains(&p.queue) {
                 touched_q.push(p.queue);
                 touched.push(p.vring);
             }

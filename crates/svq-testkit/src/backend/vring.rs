@@ -42,6 +42,9 @@ pub struct GatedVring {
     inner: VringRwLock<BackendMemory>,
     gate: Arc<Gate>,
     rekick: Arc<Mutex<Option<RekickHook>>>,
+    /// Held across a completion and its signal, and by a call fd change: a single-threaded
+    /// backend (qemu-storage-daemon) never handles GET_VRING_BASE between the two.
+    completing: Arc<Mutex<()>>,
 }
 
 impl GatedVring {
@@ -51,6 +54,13 @@ impl GatedVring {
         if h.is_none() {
             *h = Some(make());
         }
+    }
+
+    /// Runs `complete` (a used entry and its signal) with no call fd change in between, as one
+    /// step of a single-threaded backend.
+    pub fn completing<R>(&self, complete: impl FnOnce() -> R) -> R {
+        let _g = self.completing.lock().unwrap_or_else(|e| e.into_inner());
+        complete()
     }
 
     fn open_gate(&self) {
@@ -74,6 +84,7 @@ impl VringT<BackendMemory> for GatedVring {
             inner: VringRwLock::new(mem, max_queue_size)?,
             gate: Arc::new(Gate::default()),
             rekick: Arc::new(Mutex::new(None)),
+            completing: Arc::new(Mutex::new(())),
         })
     }
 
@@ -241,7 +252,9 @@ impl VringT<BackendMemory> for GatedVring {
     /// tolerate a spurious interrupt at every ring (re)start.
     fn set_call(&self, file: Option<File>) {
         let some = file.is_some();
+        let guard = self.completing.lock().unwrap_or_else(|e| e.into_inner());
         self.inner.set_call(file);
+        drop(guard);
         if some {
             if let Err(e) = self.inner.signal_used_queue() {
                 tracing::debug!("backend: initial call signal failed: {e}");
