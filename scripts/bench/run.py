@@ -1,18 +1,27 @@
 #!/usr/bin/env python3
 """svqd data-path benchmark: direct vs svqd passthrough vs svqd shadow, side by side in one run.
 
-DPDK testpmd is both peers (virtio-user driver -> [svqd] -> net_vhost device). Each round runs the
-three paths back to back (adjacent in time, so the machine's drift hits them alike) and reports,
-per round, each path's rate, its ratio to direct, the CPU share every process got, and svqd's
-worker CPU time per forwarded descriptor; then the median of the per-round ratios.
+Each round runs the three paths back to back (adjacent in time, so the machine's drift hits them
+alike) and reports, per round, each path's rate, its ratio to direct, the CPU share every process
+got, and svqd's worker CPU time per forwarded descriptor; then the median of the per-round ratios.
 
-Layouts (2-core machine):
+Workloads:
+  dpdk  DPDK testpmd is both peers (virtio-user driver -> [svqd] -> net_vhost device); rate in
+        packets/s.
+  blk   target/release/blk-load (the testkit's guest driver behind a simulated VMM: 4 KiB random
+        reads/writes at --depth per queue, every read checked against its model, the image
+        compared with the model at the end) -> [svqd] -> qemu-storage-daemon's vhost-user-blk
+        export of a fresh raw image in --image-dir (tmpfs by default); rate in IOPS, with p50/p99
+        latency. A path with any data error is reported FAILED and the run exits 1.
+
+DPDK layouts (2-core machine; the blk workload runs unpinned):
   contended  two testpmd processes, the driver (txonly) on CPU 0 and the device (rxonly) on CPU 1;
              svqd shares both CPUs with busy-polling lcores.
   dedicated  one testpmd holding both ports, one forwarding lcore on CPU 1 looping io between
              them; CPU 0 is svqd's (the virtio-user port is attached after svqd is up).
 
   scripts/bench/run.py --rounds 5 --seconds 8 --layout contended --pkt 64 --queues 1
+  scripts/bench/run.py --workload blk --rounds 5 --seconds 8 --depth 16 --read-pct 50
 Writes bench-results/<stamp>/{results.json,table.md,plot.svg}. Not a test: numbers drift by
 tens of percent between runs on a shared machine; compare only within one run.
 """
@@ -122,14 +131,31 @@ def io_packets(proc):
     die("testpmd did not answer show port stats")
 
 
-def svqd_stats(ctl):
+def svqd_stats(ctl, field="descriptors"):
     out = subprocess.run([str(REPO / "target/release/svqctl"), "-c", ctl, "--json", "stats"],
                          capture_output=True, text=True, check=True).stdout
-    return sum(q["descriptors"] for q in json.loads(out)["queues"])
+    return sum(q[field] for q in json.loads(out)["queues"])
+
+
+def virtio_user_vdev(target, q):
+    # virtio-user refuses more than one queue pair without a control queue ("multi-q requires
+    # ctrl-q"); it serves that queue itself, the backend only sees the data queue pairs.
+    return f"net_virtio_user0,path={target},queues={q},queue_size=1024" + (",cq=1" if q > 1 else "")
+
+
+def start_svqd(path, a, dev_sock, vmm_sock, ctl, logs, pin=None):
+    policy = "never" if path == "passthrough" else "always"
+    argv = [str(REPO / "target/release/svqd"), "--socket", vmm_sock, "--backend", dev_sock,
+            "--control", ctl, "--shadow", policy] + a.svqd_arg
+    if pin is not None:
+        argv = ["taskset", "-c", pin] + argv
+    p = Proc("svqd", argv, logs)
+    wait_path(vmm_sock)
+    return p
 
 
 def run_path(path, a, work, logs):
-    """One measurement: `path` in direct/passthrough/shadow. Returns a dict of results."""
+    """One DPDK measurement: `path` in direct/passthrough/shadow. Returns a dict of results."""
     work.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     dev_sock, vmm_sock, ctl = str(work / "dev.sock"), str(work / "svqd.sock"), str(work / "ctl.sock")
@@ -150,17 +176,12 @@ def run_path(path, a, work, logs):
         wait_path(dev_sock)
         target = dev_sock
         if path != "direct":
-            policy = "never" if path == "passthrough" else "always"
-            argv = [str(REPO / "target/release/svqd"), "--socket", vmm_sock, "--backend", dev_sock,
-                    "--control", ctl, "--shadow", policy] + a.svqd_arg
-            if a.layout == "dedicated":
-                argv = ["taskset", "-c", "0"] + argv
-            procs["svqd"] = Proc("svqd", argv, logs)
-            wait_path(vmm_sock)
+            procs["svqd"] = start_svqd(path, a, dev_sock, vmm_sock, ctl, logs,
+                                       "0" if a.layout == "dedicated" else None)
             target = vmm_sock
         if a.layout == "contended":
             procs["driver"] = Proc("driver", testpmd_base("drv", "0@0,1@0", [
-                f"net_virtio_user0,path={target},queues={q},queue_size=1024"]) + [
+                virtio_user_vdev(target, q)]) + [
                 "--", f"--rxq={q}", f"--txq={q}", "--nb-cores=1", "--forward-mode=txonly",
                 f"--txpkts={a.pkt}", "--stats-period=1", "--total-num-mbufs=16384"], logs)
             rate_proc, port = procs["device"], 0
@@ -168,8 +189,7 @@ def run_path(path, a, work, logs):
             # Attach the driver port now that its socket listens, then loop packets between the
             # two ports with io forwarding, seeded by one burst.
             tp = procs["testpmd"]
-            cmd = (f"port attach net_virtio_user0,path={target},queues={q},queue_size=1024\n"
-                   "port start all\n")
+            cmd = f"port attach {virtio_user_vdev(target, q)}\nport start all\n"
             tp.p.stdin.write(cmd.encode())
             tp.p.stdin.flush()
             # Seed only once both ports run end to end (a burst sent while the driver's receive
@@ -212,7 +232,98 @@ def run_path(path, a, work, logs):
                 pass
 
 
-def svg_plot(rounds, out):
+def find_qsd():
+    """qemu-storage-daemon: $SVQ_QSD, else the fixtures' env file (scripts/peers/fixtures.sh), else PATH."""
+    if os.environ.get("SVQ_QSD"):
+        return os.environ["SVQ_QSD"]
+    fx = Path(os.environ.get("SVQ_FIXTURES") or Path.home() / ".cache/svq-fixtures") / "env"
+    if fx.exists():
+        for line in fx.read_text().splitlines():
+            k, _, v = line.partition("=")
+            if k.strip() == "SVQ_QSD" and v.strip() and os.path.exists(v.strip()):
+                return v.strip()
+    return shutil.which("qemu-storage-daemon")
+
+
+def run_blk_path(path, a, r, work, logs):
+    """One block measurement: blk-load -> [svqd in `path` mode] -> qemu-storage-daemon."""
+    work.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    dev_sock, vmm_sock, ctl = str(work / "dev.sock"), str(work / "svqd.sock"), str(work / "ctl.sock")
+    # A fresh, fully allocated image per path: the driver's model starts from an all-zero disk,
+    # and no path pays for allocating blocks another path already touched.
+    image = Path(a.image_dir) / f"svqb-{os.getpid()}-r{r}-{path}.raw"
+    fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, a.disk_mib << 20)
+    finally:
+        os.close(fd)
+    procs = {}
+    try:
+        procs["qsd"] = Proc("qsd", [a.qsd, "--blockdev",
+                                    f"driver=file,node-name=file0,filename={image}",
+                                    "--export", "type=vhost-user-blk,id=exp0,node-name=file0,"
+                                    f"addr.type=unix,addr.path={dev_sock},writable=on,"
+                                    f"num-queues={a.queues}"], logs)
+        wait_path(dev_sock)
+        target = dev_sock
+        if path != "direct":
+            procs["svqd"] = start_svqd(path, a, dev_sock, vmm_sock, ctl, logs)
+            target = vmm_sock
+        procs["blk-load"] = Proc("blk-load", [
+            str(REPO / "target/release/blk-load"), "--socket", target, "--queues", str(a.queues),
+            "--depth", str(a.depth), "--read-pct", str(a.read_pct),
+            "--indirect-pct", str(a.indirect_pct), "--blocks", str((a.disk_mib << 20) // 4096),
+            "--warmup", str(a.warmup), "--seconds", str(a.seconds), "--seed", str(r + 1),
+            "--verify-image", str(image)], logs)
+        # CPU and svqd's counters are sampled inside blk-load's measured window (the counters
+        # reset when the VMM disconnects), with a margin on both sides.
+        time.sleep(a.warmup + 0.2)
+        load = procs["blk-load"]
+        if not load.alive():
+            die(f"blk-load exited early on the {path} path:\n{load.text()[-2000:]}")
+        t0 = time.time()
+        ticks0 = {k: cpu_ticks(p.p.pid) for k, p in procs.items()}
+        svqd = procs.get("svqd")
+        w0 = cpu_ticks(svqd.p.pid, "svqd-q") if svqd else 0
+        d0 = (svqd_stats(ctl), svqd_stats(ctl, "chains")) if svqd else (0, 0)
+        time.sleep(max(a.seconds - 0.4, 0.1))
+        wall = time.time() - t0
+        share = {k: (cpu_ticks(p.p.pid) - ticks0[k]) / CLK / wall for k, p in procs.items()}
+        res = {"path": path, "share": share}
+        if svqd:
+            w1 = cpu_ticks(svqd.p.pid, "svqd-q")
+            d1 = (svqd_stats(ctl), svqd_stats(ctl, "chains"))
+            cpu_ns = (w1 - w0) / CLK * 1e9
+            res["descriptors"], res["chains"] = d1[0] - d0[0], d1[1] - d0[1]
+            res["ns_per_desc"] = cpu_ns / res["descriptors"] if res["descriptors"] else None
+            res["ns_per_req"] = cpu_ns / res["chains"] if res["chains"] else None
+        try:
+            load.p.wait(a.seconds + 60)
+        except subprocess.TimeoutExpired:
+            die(f"blk-load did not finish on the {path} path; see {logs}")
+        lines = [l for l in load.text().splitlines() if l.startswith("{")]
+        if not lines:
+            die(f"blk-load printed no result on the {path} path:\n{load.text()[-2000:]}")
+        out = json.loads(lines[-1])
+        res.update({k: out[k] for k in ("iops", "p50_us", "p99_us", "mean_us", "max_us", "requests",
+                                        "errors", "first_error", "reads_verified",
+                                        "image_blocks_verified")})
+        res["ok"] = load.p.returncode == 0 and out["errors"] == 0
+        return res
+    finally:
+        # Front to back: svqd before its backend, so that it stops without waiting for a peer.
+        for p in reversed(list(procs.values())):
+            if not p.log.closed:
+                p.stop()
+        for f in (dev_sock, vmm_sock, ctl, image):
+            try:
+                os.unlink(f)
+            except OSError:
+                pass
+
+
+def svg_plot(rounds, out, target=None):
     paths = ["passthrough", "shadow"]
     colors = {"passthrough": "#4c78a8", "shadow": "#f58518"}
     w, h, pad = 120 + 90 * len(rounds), 260, 40
@@ -220,9 +331,10 @@ def svg_plot(rounds, out):
              f'<text x="{pad}" y="16">svqd rate / direct rate, per round (1.0 = parity)</text>',
              f'<line x1="{pad}" y1="{h-pad}" x2="{w-10}" y2="{h-pad}" stroke="black"/>']
     scale = (h - 2 * pad) / 1.1
-    y1 = h - pad - scale
-    parts.append(f'<line x1="{pad}" y1="{y1:.1f}" x2="{w-10}" y2="{y1:.1f}" stroke="#999" stroke-dasharray="4"/>')
-    parts.append(f'<text x="4" y="{y1+4:.1f}">1.0</text>')
+    for level in [1.0] + ([target] if target else []):
+        y1 = h - pad - scale * level
+        parts.append(f'<line x1="{pad}" y1="{y1:.1f}" x2="{w-10}" y2="{y1:.1f}" stroke="#999" stroke-dasharray="4"/>')
+        parts.append(f'<text x="4" y="{y1+4:.1f}">{level:.2f}</text>')
     for i, r in enumerate(rounds):
         for j, p in enumerate(paths):
             ratio = r["ratios"].get(p) or 0
@@ -238,57 +350,150 @@ def svg_plot(rounds, out):
     out.write_text("\n".join(parts))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--layout", choices=["contended", "dedicated"], default="contended")
-    ap.add_argument("--pkt", type=int, default=64)
-    ap.add_argument("--queues", type=int, default=1)
-    ap.add_argument("--out", default=str(REPO / "bench-results"))
-    ap.add_argument("--svqd-arg", action="append", default=[],
-                    help="extra svqd argument (repeatable), e.g. --svqd-arg=--poll-us=50")
-    a = ap.parse_args()
-    for tool in ("dpdk-testpmd", "taskset", "stdbuf"):
-        if not shutil.which(tool):
-            die(f"{tool} not found (dpdk-testpmd: Debian package dpdk-dev; scripts/peers/deps.sh)")
-    if not (REPO / "target/release/svqd").exists():
-        die("build first: cargo build --release -p svqd")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(a.out) / stamp
-    out.mkdir(parents=True)
-    rounds = []
-    # Sockets live in a short temporary directory (sun_path is 108 bytes); logs are kept.
-    with tempfile.TemporaryDirectory(prefix="svqb-") as tmp:
-        for r in range(a.rounds):
-            res = {p: run_path(p, a, Path(tmp) / f"r{r}-{p}", out / "logs" / f"r{r}-{p}")
-                   for p in ("direct", "passthrough", "shadow")}
-            if not res["direct"]["pps"]:
-                die(f"no rate measured on the direct path; see {out / 'logs'}")
-            direct = res["direct"]["pps"]
-            ratios = {p: (res[p]["pps"] / direct if direct else None) for p in ("passthrough", "shadow")}
-            rounds.append({"results": res, "ratios": ratios})
-            print(f"round {r+1}: direct {direct/1e6:.2f} Mpps, passthrough x{ratios['passthrough']:.3f}, "
-                  f"shadow x{ratios['shadow']:.3f} "
-                  f"({res['shadow'].get('ns_per_desc') or 0:.0f} ns svqd CPU/descriptor)", flush=True)
-    med = {p: statistics.median([r["ratios"][p] for r in rounds if r["ratios"][p] is not None] or [0])
-           for p in ("passthrough", "shadow")}
-    summary = {"args": vars(a), "cpus": os.cpu_count(), "rounds": rounds, "median_ratio": med}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+def dpdk_round(a, r, tmp, out):
+    res = {p: run_path(p, a, Path(tmp) / f"r{r}-{p}", out / "logs" / f"r{r}-{p}")
+           for p in ("direct", "passthrough", "shadow")}
+    if not res["direct"]["pps"]:
+        die(f"no rate measured on the direct path; see {out / 'logs'}")
+    direct = res["direct"]["pps"]
+    ratios = {p: res[p]["pps"] / direct for p in ("passthrough", "shadow")}
+    print(f"round {r+1}: direct {direct/1e6:.2f} Mpps, passthrough x{ratios['passthrough']:.3f}, "
+          f"shadow x{ratios['shadow']:.3f} "
+          f"({res['shadow'].get('ns_per_desc') or 0:.0f} ns svqd CPU/descriptor)", flush=True)
+    return {"results": res, "ratios": ratios}
+
+
+def blk_round(a, r, tmp, out):
+    res = {p: run_blk_path(p, a, r, Path(tmp) / f"r{r}-{p}", out / "logs" / f"r{r}-{p}")
+           for p in ("direct", "passthrough", "shadow")}
+    for p, x in res.items():
+        if not x["ok"]:
+            print(f"round {r+1}: {p} path FAILED: {x['errors']} error(s), first: {x['first_error']}",
+                  file=sys.stderr, flush=True)
+    direct = res["direct"]["iops"] if res["direct"]["ok"] else None
+    ratios = {p: (res[p]["iops"] / direct if direct and res[p]["ok"] else None)
+              for p in ("passthrough", "shadow")}
+    fmt = lambda v: f"x{v:.3f}" if v is not None else "FAILED"
+    lat = lambda p: f"{res[p]['p50_us'] or 0:.0f}/{res[p]['p99_us'] or 0:.0f}"
+    print(f"round {r+1}: direct {res['direct']['iops']/1e3:.1f} kIOPS ({lat('direct')} us p50/p99), "
+          f"passthrough {fmt(ratios['passthrough'])} ({lat('passthrough')}), "
+          f"shadow {fmt(ratios['shadow'])} ({lat('shadow')}), "
+          f"{res['shadow'].get('ns_per_req') or 0:.0f} ns svqd CPU/request", flush=True)
+    return {"results": res, "ratios": ratios}
+
+
+def share_text(x):
+    return " ".join(f"{k} {v:.2f}" for k, v in x["share"].items())
+
+
+def dpdk_table(a, rounds, med):
     lines = [f"layout {a.layout}, {a.pkt} B, {a.queues} queue pair(s), {a.rounds} rounds of {a.seconds} s, "
              f"svqd {' '.join(a.svqd_arg) or '(defaults)'}",
              "", "| round | direct Mpps | passthrough | shadow | svqd ns/desc (shadow) | CPU share, direct | CPU share, shadow |",
              "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rounds):
         d, s = r["results"]["direct"], r["results"]["shadow"]
-        sh = lambda x: " ".join(f"{k} {v:.2f}" for k, v in x["share"].items())
         lines.append(f"| {i+1} | {d['pps']/1e6:.2f} | {r['ratios']['passthrough']:.3f} | {r['ratios']['shadow']:.3f} | "
-                     f"{(s.get('ns_per_desc') or 0):.0f} | {sh(d)} | {sh(s)} |")
+                     f"{(s.get('ns_per_desc') or 0):.0f} | {share_text(d)} | {share_text(s)} |")
     lines.append(f"| **median ratio** | | **{med['passthrough']:.3f}** | **{med['shadow']:.3f}** | | | |")
+    return lines
+
+
+def blk_table(a, rounds, med):
+    lines = [f"block: qemu-storage-daemon on a {a.disk_mib} MiB raw image in {a.image_dir}, "
+             f"{a.queues} queue(s), depth {a.depth}, 4 KiB, {a.read_pct}% reads, "
+             f"{a.indirect_pct}% indirect, {a.rounds} rounds of {a.seconds} s after {a.warmup} s warm-up, "
+             f"svqd {' '.join(a.svqd_arg) or '(defaults)'}",
+             "", "| round | direct kIOPS | passthrough | shadow | p50/p99 µs direct | p50/p99 µs passthrough "
+             "| p50/p99 µs shadow | svqd ns/desc, ns/request (shadow) | CPU share, direct | CPU share, passthrough "
+             "| CPU share, shadow |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: f"{v:.3f}" if v is not None else "FAILED"
+    for i, r in enumerate(rounds):
+        res = r["results"]
+        d, s = res["direct"], res["shadow"]
+        lat = lambda x: (f"{x['p50_us'] or 0:.0f} / {x['p99_us'] or 0:.0f}" if x["ok"]
+                         else f"FAILED ({x['errors']} errors)")
+        lines.append(f"| {i+1} | {d['iops']/1e3:.1f}{'' if d['ok'] else ' FAILED'} | "
+                     f"{fmt(r['ratios']['passthrough'])} | {fmt(r['ratios']['shadow'])} | "
+                     f"{lat(d)} | {lat(res['passthrough'])} | {lat(s)} | "
+                     f"{(s.get('ns_per_desc') or 0):.0f}, {(s.get('ns_per_req') or 0):.0f} | "
+                     f"{share_text(d)} | {share_text(res['passthrough'])} | {share_text(s)} |")
+    lines.append(f"| **median ratio** | | **{fmt(med['passthrough'])}** | **{fmt(med['shadow'])}** "
+                 "| | | | | | | |")
+    if med["shadow"] is not None:
+        met = "met" if med["shadow"] >= BLK_TARGET else "NOT met"
+        lines += ["", f"Target (issue 11): block through svqd shadow >= {BLK_TARGET:.2f} x direct IOPS at "
+                  f"queue depth 16. This run (depth {a.depth}): median x{med['shadow']:.3f}, {met}."]
+    return lines
+
+
+BLK_TARGET = 0.90
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=["dpdk", "blk"], default="dpdk")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--queues", type=int, default=1, help="queue pairs (dpdk) or queues (blk)")
+    ap.add_argument("--out", default=str(REPO / "bench-results"))
+    ap.add_argument("--svqd-arg", action="append", default=[],
+                    help="extra svqd argument (repeatable), e.g. --svqd-arg=--poll-us=50")
+    g = ap.add_argument_group("dpdk workload")
+    g.add_argument("--layout", choices=["contended", "dedicated"], default="contended")
+    g.add_argument("--pkt", type=int, default=64, help="packet size in bytes (txonly / tx_first)")
+    g = ap.add_argument_group("blk workload")
+    g.add_argument("--depth", type=int, default=16, help="requests in flight per queue")
+    g.add_argument("--read-pct", type=int, default=50, help="percentage of reads (rest: writes)")
+    g.add_argument("--indirect-pct", type=int, default=0,
+                   help="percentage of requests posted as indirect tables")
+    g.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
+    g.add_argument("--disk-mib", type=int, default=64, help="raw image size (requests spread over it)")
+    g.add_argument("--image-dir", default="/dev/shm", help="where the raw image lives (tmpfs: no disk noise)")
+    a = ap.parse_args()
+    if a.rounds < 1 or a.seconds <= 0.5 or a.queues < 1:
+        die("--rounds >= 1, --seconds > 0.5 and --queues >= 1 please")
+    if a.workload == "dpdk":
+        for tool in ("dpdk-testpmd", "taskset", "stdbuf"):
+            if not shutil.which(tool):
+                die(f"{tool} not found (dpdk-testpmd: Debian package dpdk-dev; scripts/peers/deps.sh)")
+    else:
+        a.qsd = find_qsd()
+        if not a.qsd:
+            die("qemu-storage-daemon not found: set SVQ_QSD or run scripts/peers/fixtures.sh")
+        if not (REPO / "target/release/blk-load").exists():
+            die("build first: cargo build --release -p svq-benches --bin blk-load")
+    if not (REPO / "target/release/svqd").exists():
+        die("build first: cargo build --release -p svqd")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(a.out) / stamp
+    out.mkdir(parents=True)
+    rounds = []
+    one_round = dpdk_round if a.workload == "dpdk" else blk_round
+    # Sockets live in a short temporary directory (sun_path is 108 bytes); logs are kept.
+    with tempfile.TemporaryDirectory(prefix="svqb-") as tmp:
+        for r in range(a.rounds):
+            rounds.append(one_round(a, r, tmp, out))
+    med = {}
+    for p in ("passthrough", "shadow"):
+        vals = [r["ratios"][p] for r in rounds if r["ratios"][p] is not None]
+        med[p] = statistics.median(vals) if vals else None
+    summary = {"args": vars(a), "cpus": os.cpu_count(), "rounds": rounds, "median_ratio": med}
+    if a.workload == "blk":
+        summary["target"] = {"shadow_over_direct_iops": BLK_TARGET, "at_depth": 16}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    lines = (dpdk_table if a.workload == "dpdk" else blk_table)(a, rounds, med)
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    svg_plot(rounds, out / "plot.svg")
+    svg_plot(rounds, out / "plot.svg", BLK_TARGET if a.workload == "blk" else None)
     print("\n".join(lines))
     print(f"\nresults in {out}")
+    failed = [(i + 1, p) for i, r in enumerate(rounds) for p, x in r["results"].items()
+              if not x.get("ok", True)]
+    if failed:
+        print(f"bench: data errors on {failed} (round, path): those paths are not rated; see "
+              f"{out / 'logs'}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::latency::LatencyHistogram;
 use super::ram::GuestRam;
 use super::vring::{Anomaly, Buf, DriverQueue, QueueLayout};
 use super::{splitmix, GuestAllocator, GuestWorkload, Ledger, Progress};
@@ -39,6 +41,11 @@ pub struct BlkGuestOptions {
     pub max_blocks: u16,
     /// Percentage of reads among data requests.
     pub read_pct: u8,
+    /// Percentage of flush and get-id requests (two thirds flushes) among all requests.
+    pub admin_pct: u8,
+    /// Split data buffers into 1..=3 descriptors at arbitrary offsets (off: one data descriptor
+    /// per request, as a kernel posts a page-aligned 4 KiB I/O).
+    pub split: bool,
     /// Percentage of requests posted through indirect tables (when negotiated).
     pub indirect_pct: u8,
     /// Use EVENT_IDX (must match what the VMM negotiated).
@@ -47,6 +54,8 @@ pub struct BlkGuestOptions {
     pub indirect: bool,
     /// Seed of the request generator.
     pub seed: u64,
+    /// Record every request's latency, post to reap ([`BlkGuest::latency`]).
+    pub record_latency: bool,
 }
 
 impl Default for BlkGuestOptions {
@@ -58,10 +67,13 @@ impl Default for BlkGuestOptions {
             blocks: 1024,
             max_blocks: 4,
             read_pct: 60,
+            admin_pct: 3,
+            split: true,
             indirect_pct: 30,
             event_idx: true,
             indirect: true,
             seed: 7,
+            record_latency: false,
         }
     }
 }
@@ -82,6 +94,7 @@ struct Req {
     block: u64,
     nblocks: u64,
     gen: u32,
+    posted: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +120,11 @@ pub struct BlkGuest {
     progress: Arc<Progress>,
     rng: XorShift,
     posting: bool,
+    latency: LatencyHistogram,
+    /// Block-sized scratch buffers (patterns written, read back and expected), so that a request
+    /// allocates nothing for its data.
+    scratch: Vec<u8>,
+    expected: Vec<u8>,
 }
 
 /// Byte `i` of the pattern of block `block` at generation `gen` (generation 0 = zeros, a fresh
@@ -183,6 +201,9 @@ impl BlkGuest {
             anomalies: Vec::new(),
             progress: Arc::new(Progress::default()),
             posting: true,
+            latency: LatencyHistogram::default(),
+            scratch: vec![0; BLOCK as usize],
+            expected: vec![0; BLOCK as usize],
         })
     }
 
@@ -196,6 +217,17 @@ impl BlkGuest {
         let mut b = vec![0u8; BLOCK as usize];
         pattern(block, self.model[block as usize], &mut b);
         b
+    }
+
+    /// Latencies of the requests completed since the start or the last
+    /// [`BlkGuest::reset_latency`] (empty unless [`BlkGuestOptions::record_latency`]).
+    pub fn latency(&self) -> &LatencyHistogram {
+        &self.latency
+    }
+
+    /// Forgets the latencies recorded so far (the end of a warm-up).
+    pub fn reset_latency(&mut self) {
+        self.latency.reset();
     }
 
     fn pick_range(&mut self) -> Option<(u64, u64)> {
@@ -212,6 +244,13 @@ impl BlkGuest {
     /// Splits `len` bytes at `addr` into 1..=3 segments (sector multiples not required by
     /// virtio: arbitrary splits test the device's stream handling).
     fn split(&mut self, addr: u64, len: u64, writable: bool) -> Vec<Buf> {
+        if !self.opts.split {
+            return vec![Buf {
+                addr,
+                len: len as u32,
+                writable,
+            }];
+        }
         let pieces = self.rng.range(1, 3).min(len);
         let mut out = Vec::new();
         let mut off = 0;
@@ -240,9 +279,10 @@ impl BlkGuest {
         };
         let slot = self.slots[qi][usize::from(slot_no)];
         let roll = self.rng.range(0, 99);
-        let op = if roll < 2 {
+        let admin = u64::from(self.opts.admin_pct);
+        let op = if roll < admin && roll * 3 < admin * 2 {
             Op::Flush
-        } else if roll < 3 {
+        } else if roll < admin {
             Op::GetId
         } else if self.rng.range(0, 99) < u64::from(self.opts.read_pct) {
             Op::Read
@@ -264,11 +304,10 @@ impl BlkGuest {
             Op::Write => {
                 gen = self.next_gen;
                 self.next_gen = self.next_gen.wrapping_add(1).max(1);
-                let mut buf = vec![0u8; BLOCK as usize];
                 for i in 0..nblocks {
-                    pattern(block + i, gen, &mut buf);
+                    pattern(block + i, gen, &mut self.scratch);
                     if mem
-                        .write_slice(&buf, GuestAddress(slot.data + i * BLOCK))
+                        .write_slice(&self.scratch, GuestAddress(slot.data + i * BLOCK))
                         .is_err()
                     {
                         return false;
@@ -309,6 +348,7 @@ impl BlkGuest {
             return false;
         }
         let token = self.next_token;
+        let posted = self.opts.record_latency.then(Instant::now);
         match self.queues[qi].add(mem, &bufs, indirect, token) {
             Ok(_) => {}
             Err(e) => {
@@ -331,6 +371,7 @@ impl BlkGuest {
                 block,
                 nblocks,
                 gen,
+                posted,
             },
         );
         self.ledger.issued += 1;
@@ -346,6 +387,9 @@ impl BlkGuest {
             return;
         };
         self.ledger.completed += 1;
+        if let Some(t) = req.posted {
+            self.latency.record(t.elapsed().as_nanos() as u64);
+        }
         let qi = usize::from(req.queue);
         let slot = self.slots[qi][usize::from(req.slot)];
         let ram = self.ram.clone();
@@ -370,18 +414,16 @@ impl BlkGuest {
         }
         match req.op {
             Op::Read if status == 0 => {
-                let mut got = vec![0u8; BLOCK as usize];
-                let mut want = vec![0u8; BLOCK as usize];
                 for i in 0..req.nblocks {
                     let b = req.block + i;
                     if mem
-                        .read_slice(&mut got, GuestAddress(slot.data + i * BLOCK))
+                        .read_slice(&mut self.scratch, GuestAddress(slot.data + i * BLOCK))
                         .is_err()
                     {
                         continue;
                     }
-                    pattern(b, self.model[b as usize], &mut want);
-                    if got != want {
+                    pattern(b, self.model[b as usize], &mut self.expected);
+                    if self.scratch != self.expected {
                         self.anomalies.push(Anomaly::Data(format!(
                             "read of block {b} (request {token}) does not hold generation {}",
                             self.model[b as usize]

@@ -4,10 +4,12 @@
 //! * [`vring`]: the driver side of split virtqueues laid out in that RAM.
 //! * [`blk`] / [`net`]: workloads that keep a virtio-blk or virtio-net device busy and verify every
 //!   byte the device wrote into guest RAM, and every request's single completion.
+//! * [`latency`]: a fixed-bucket latency histogram for benchmarks.
 //! * [`runner`]: the guest "vCPU" thread that runs a workload and can be paused (VM stop) and moved
 //!   to another RAM (after migration).
 
 pub mod blk;
+pub mod latency;
 pub mod net;
 pub mod ram;
 pub mod runner;
