@@ -7,18 +7,34 @@
 //! CPU to itself, a sleep only adds latency to every turnaround of a latency-bound loop: keep
 //! working while traffic flows and poll a little after it stops.
 //!
-//! The pacer tells them apart from the thread's own experience, once per [`WINDOW`] while traffic
-//! flows: it was preempted (involuntary context switches: someone else wanted this CPU), or a
-//! probe sleep of the batch wait came back late (the CPU was busy when the timer fired). Either
-//! makes it *contended* until a later window finds neither. It starts contended, the safe side.
+//! The pacer starts *contended* (the safe side) and judges again while traffic flows:
+//! - contended → own CPU: the CPUs the worker may run on were idle for at least [`IDLE_SHARE`] of
+//!   a [`SLEEPING_WINDOW`] (`/proc/stat`; nobody used the time the worker slept);
+//! - own CPU → contended, every [`SPINNING_WINDOW`]: the worker was preempted (involuntary
+//!   context switches) or waited to run (`/proc/thread-self/schedstat`) for more than
+//!   [`WAIT_SHARE`] of the window: someone else wants this CPU. Each such finding doubles how
+//!   long the next contended spell lasts at least (up to [`MAX_BACKOFF`]), so a CPU that is
+//!   shared after all is not taken back again and again.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-/// How often the pacer re-judges the CPU while traffic flows.
-pub const WINDOW: Duration = Duration::from_millis(10);
+/// How long the worker sleeps between phases before the idle time of its CPUs is judged
+/// (`/proc/stat` counts in 10 ms ticks: ten per CPU).
+pub const SLEEPING_WINDOW: Duration = Duration::from_millis(100);
 
-/// A probe sleep this much later than asked means the CPU was busy when the timer fired.
-const LATE_LIMIT: Duration = Duration::from_micros(50);
+/// How often a worker that keeps its CPU checks whether it was wanted by someone else.
+pub const SPINNING_WINDOW: Duration = Duration::from_millis(10);
+
+/// Idle share of the worker's CPUs, while it sleeps between phases, that means they are its own.
+const IDLE_SHARE: f64 = 0.2;
+
+/// Share of a window spent waiting to run that means the CPU is shared.
+const WAIT_SHARE: f64 = 0.05;
+
+/// Longest contended spell a repeated finding leads to.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The worker's pacing between and after work phases.
 #[derive(Debug)]
@@ -26,31 +42,101 @@ pub struct Pacer {
     batch_wait: Duration,
     poll: Duration,
     contended: bool,
+    cpus: Vec<usize>,
     window_start: Instant,
+    idle_at_start: Option<u64>,
     switches_at_start: u64,
+    waited_at_start: Option<u64>,
+    /// `/proc/thread-self/schedstat` of the worker thread (absent without CONFIG_SCHED_INFO).
+    schedstat: Option<File>,
+    /// The least a contended spell lasts now.
+    backoff: Duration,
 }
 
 /// Involuntary context switches of the calling thread so far.
 fn involuntary_switches() -> u64 {
-    // SAFETY: getrusage fills the zeroed struct it is given; RUSAGE_THREAD is the calling thread.
+    // SAFETY: a zeroed rusage is a valid value for getrusage to fill.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid, writable rusage.
+    // SAFETY: `ru` is a valid, writable rusage; RUSAGE_THREAD is the calling thread.
     if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
         return 0;
     }
     ru.ru_nivcsw as u64
 }
 
+/// The CPUs the calling thread may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set for sched_getaffinity to fill; pid 0 is
+    // the calling thread.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        set
+    };
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// Idle + iowait ticks of `cpus`, summed, from `/proc/stat`.
+fn idle_ticks(cpus: &[usize]) -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut total = 0;
+    for line in stat.lines() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        let mut f = rest.split_ascii_whitespace();
+        let Some(cpu) = f.next().and_then(|n| n.parse::<usize>().ok()) else {
+            continue; // the "cpu" total line
+        };
+        if !cpus.contains(&cpu) {
+            continue;
+        }
+        let v: Vec<u64> = f.take(5).filter_map(|x| x.parse().ok()).collect();
+        total += v.get(3)? + v.get(4).copied().unwrap_or(0);
+    }
+    Some(total)
+}
+
+/// Nanoseconds the thread behind `f` (a schedstat file) waited on a run queue.
+fn waited_ns(f: &File) -> Option<u64> {
+    let mut buf = [0u8; 128];
+    let n = f.read_at(&mut buf, 0).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    text.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
 impl Pacer {
     /// A pacer for the configured batch wait (`--batch-wait-us`) and poll budget (`--poll-us`).
-    /// Call from the worker thread.
+    /// Call from the worker thread, after pinning it.
     pub fn new(batch_wait: Duration, poll: Duration) -> Self {
+        let cpus = allowed_cpus();
+        let schedstat = File::open("/proc/thread-self/schedstat").ok();
         Pacer {
             batch_wait,
             poll,
             contended: true,
+            idle_at_start: idle_ticks(&cpus),
+            cpus,
             window_start: Instant::now(),
             switches_at_start: involuntary_switches(),
+            waited_at_start: schedstat.as_ref().and_then(waited_ns),
+            schedstat,
+            backoff: SLEEPING_WINDOW,
         }
     }
 
@@ -59,7 +145,7 @@ impl Pacer {
         !self.batch_wait.is_zero()
     }
 
-    /// The CPU was found wanted by others in the last window.
+    /// The CPU was last found wanted by others.
     pub fn contended(&self) -> bool {
         self.contended
     }
@@ -75,32 +161,67 @@ impl Pacer {
     }
 
     /// Between two work phases of flowing traffic: sleep the batch wait (contended CPU), or go
-    /// straight on (own CPU). Once per window the CPU is judged again, with a probe sleep.
-    /// Returns whether the thread slept.
+    /// straight on (own CPU), judging the CPU again when a window is over. Returns whether the
+    /// thread slept.
     pub fn between_phases(&mut self) -> bool {
-        let now = Instant::now();
-        let window_over = now.duration_since(self.window_start) >= WINDOW;
-        if !self.contended && !window_over {
-            return false;
+        let elapsed = self.window_start.elapsed();
+        if self.contended {
+            std::thread::sleep(self.batch_wait);
+            if elapsed >= self.backoff {
+                self.judge_sleeping(elapsed);
+            }
+            true
+        } else {
+            if elapsed >= SPINNING_WINDOW {
+                self.judge_spinning(elapsed);
+            }
+            false
         }
-        std::thread::sleep(self.batch_wait);
-        if window_over {
-            let late = now.elapsed().saturating_sub(self.batch_wait);
-            let switches = involuntary_switches();
-            self.judge(switches.wrapping_sub(self.switches_at_start), late);
-            self.switches_at_start = switches;
-            self.window_start = Instant::now();
-        }
-        true
     }
 
-    fn judge(&mut self, preempted: u64, late: Duration) {
-        let contended = preempted > 0 || late > LATE_LIMIT;
+    fn start_window(&mut self) {
+        self.window_start = Instant::now();
+        self.idle_at_start = idle_ticks(&self.cpus);
+        self.switches_at_start = involuntary_switches();
+        self.waited_at_start = self.schedstat.as_ref().and_then(waited_ns);
+    }
+
+    /// Contended so far: were the worker's CPUs idle while it slept?
+    fn judge_sleeping(&mut self, elapsed: Duration) {
+        let idle = match (self.idle_at_start, idle_ticks(&self.cpus)) {
+            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / ticks_per_second(),
+            _ => 0.0,
+        };
+        let capacity = elapsed.as_secs_f64() * self.cpus.len().max(1) as f64;
+        if idle >= IDLE_SHARE * capacity {
+            self.set_contended(false, "idle CPU time while sleeping");
+        }
+        self.start_window();
+    }
+
+    /// Keeping the CPU so far: was the worker preempted, or did it wait to run?
+    fn judge_spinning(&mut self, elapsed: Duration) {
+        let preempted = involuntary_switches().wrapping_sub(self.switches_at_start);
+        let waited = match (
+            self.waited_at_start,
+            self.schedstat.as_ref().and_then(waited_ns),
+        ) {
+            (Some(a), Some(b)) => Duration::from_nanos(b.saturating_sub(a)),
+            _ => Duration::ZERO,
+        };
+        if preempted > 0 || waited.as_secs_f64() > WAIT_SHARE * elapsed.as_secs_f64() {
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            self.set_contended(true, "preempted or waited to run");
+        }
+        self.start_window();
+    }
+
+    fn set_contended(&mut self, contended: bool, why: &'static str) {
         if contended != self.contended {
             tracing::debug!(
                 contended,
-                preempted,
-                late_us = late.as_micros() as u64,
+                why,
+                backoff_ms = self.backoff.as_millis() as u64,
                 "worker pacing"
             );
         }
@@ -113,26 +234,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn starts_contended_and_follows_the_evidence() {
-        let mut p = Pacer::new(Duration::from_micros(25), Duration::from_micros(50));
-        assert!(p.contended());
+    fn the_machine_answers_what_the_pacer_reads() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty());
+        assert!(idle_ticks(&cpus).is_some(), "/proc/stat");
+        let p = Pacer::new(Duration::from_micros(25), Duration::from_micros(50));
+        assert!(p.contended(), "starts on the safe side");
         assert_eq!(p.poll_budget(), Duration::ZERO);
-        p.judge(0, Duration::from_micros(5));
-        assert!(!p.contended());
-        assert_eq!(p.poll_budget(), Duration::from_micros(50));
-        p.judge(1, Duration::ZERO);
-        assert!(p.contended(), "preempted");
-        p.judge(0, Duration::from_micros(10));
-        p.judge(0, Duration::from_millis(2));
-        assert!(p.contended(), "a late probe");
     }
 
     #[test]
-    fn an_own_cpu_goes_straight_on_between_phases_within_a_window() {
+    fn a_spinning_worker_that_had_to_wait_backs_off_longer_each_time() {
+        let mut p = Pacer::new(Duration::from_micros(25), Duration::from_micros(50));
+        p.contended = false;
+        assert_eq!(p.poll_budget(), Duration::from_micros(50));
+        // Pretend the thread was preempted once in the window.
+        p.switches_at_start = involuntary_switches().wrapping_sub(1);
+        p.judge_spinning(Duration::from_nanos(1));
+        assert!(p.contended());
+        assert_eq!(p.backoff, SLEEPING_WINDOW * 2);
+        p.contended = false;
+        p.switches_at_start = involuntary_switches().wrapping_sub(1);
+        p.judge_spinning(Duration::from_nanos(1));
+        assert_eq!(p.backoff, SLEEPING_WINDOW * 4);
+    }
+
+    #[test]
+    fn a_sleeping_worker_on_an_idle_cpu_keeps_it() {
         let mut p = Pacer::new(Duration::from_micros(25), Duration::ZERO);
-        p.judge(0, Duration::ZERO);
-        assert!(!p.between_phases(), "no sleep inside the window");
-        p.contended = true;
-        assert!(p.between_phases(), "a contended CPU sleeps the batch wait");
+        // A window whose CPUs were idle throughout: the idle counter moved by the whole window.
+        let elapsed = Duration::from_millis(200);
+        let ticks = (elapsed.as_secs_f64() * ticks_per_second()) as u64 * p.cpus.len() as u64;
+        p.idle_at_start = idle_ticks(&p.cpus).map(|t| t.saturating_sub(ticks));
+        p.judge_sleeping(elapsed);
+        assert!(!p.contended());
+        assert!(!p.between_phases(), "an own CPU: no sleep between phases");
     }
 }
