@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """svqd data-path benchmark: direct vs svqd passthrough vs svqd shadow, side by side in one run.
 
-Each round runs the three paths back to back (adjacent in time, so the machine's drift hits them
+Each round runs the three paths back to back (direct first in odd-numbered rounds, last in the
+others, so a drift within rounds cancels over the run; adjacent in time, so the machine's drift hits them
 alike) and reports, per round, each path's rate, its ratio to direct, the CPU share every process
 got, and svqd's worker CPU time per forwarded descriptor; then the median of the per-round ratios.
 
@@ -350,9 +351,16 @@ def svg_plot(rounds, out, target=None):
     out.write_text("\n".join(parts))
 
 
+def path_order(r):
+    """The paths of round `r`: direct first in even rounds, last in odd ones (ABBA), so a drift of
+    the machine's speed within rounds favours neither side of a ratio over the run."""
+    order = ("direct", "passthrough", "shadow")
+    return order if r % 2 == 0 else order[::-1]
+
+
 def dpdk_round(a, r, tmp, out):
     res = {p: run_path(p, a, Path(tmp) / f"r{r}-{p}", out / "logs" / f"r{r}-{p}")
-           for p in ("direct", "passthrough", "shadow")}
+           for p in path_order(r)}
     if not res["direct"]["pps"]:
         die(f"no rate measured on the direct path; see {out / 'logs'}")
     direct = res["direct"]["pps"]
@@ -365,7 +373,7 @@ def dpdk_round(a, r, tmp, out):
 
 def blk_round(a, r, tmp, out):
     res = {p: run_blk_path(p, a, r, Path(tmp) / f"r{r}-{p}", out / "logs" / f"r{r}-{p}")
-           for p in ("direct", "passthrough", "shadow")}
+           for p in path_order(r)}
     for p, x in res.items():
         if not x["ok"]:
             print(f"round {r+1}: {p} path FAILED: {x['errors']} error(s), first: {x['first_error']}",
@@ -473,6 +481,10 @@ def main():
     one_round = dpdk_round if a.workload == "dpdk" else blk_round
     # Sockets live in a short temporary directory (sun_path is 108 bytes); logs are kept.
     with tempfile.TemporaryDirectory(prefix="svqb-") as tmp:
+        if a.workload == "dpdk":
+            # The first measurement of a run comes out off by up to 2x (caches, page faults,
+            # the host's frequency): one direct run before the rounds, discarded.
+            run_path("direct", a, Path(tmp) / "warmup", out / "logs" / "warmup")
         for r in range(a.rounds):
             rounds.append(one_round(a, r, tmp, out))
     med = {}

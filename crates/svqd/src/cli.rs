@@ -42,7 +42,8 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub drain_timeout: f64,
     /// Microseconds a shadow worker keeps polling the rings after work before it sleeps (0:
-    /// never). Polling trades CPU for fewer wake-ups under load; query-stats shows its cost.
+    /// never), only while no other thread wants its CPU. Polling trades CPU for fewer wake-ups
+    /// under load; query-stats shows its cost.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub poll_us: u32,
     /// CPUs the shadow workers run on, e.g. 0 or 2-3,6.
@@ -53,7 +54,8 @@ pub struct Cli {
     pub shadow_size: Option<u16>,
     /// While traffic flows, microseconds a shadow worker sleeps with notifications off between
     /// work phases so that a wake moves a ring rather than a burst (0: re-arm notifications
-    /// after every phase). Bounds the latency it adds under load.
+    /// after every phase). Only while other threads want its CPU; on a CPU of its own it goes
+    /// straight on. Bounds the latency it adds under load.
     #[arg(long, value_name = "N", default_value_t = crate::config::DEFAULT_BATCH_WAIT_US)]
     pub batch_wait_us: u64,
     /// Serve Prometheus metrics over HTTP at ADDR (e.g. 127.0.0.1:9710; GET /metrics).
