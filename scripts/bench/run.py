@@ -145,7 +145,7 @@ def virtio_user_vdev(target, q):
 
 
 def start_svqd(path, a, dev_sock, vmm_sock, ctl, logs, pin=None):
-    policy = "never" if path == "passthrough" else "always"
+    policy = {"passthrough": "never", "shadow": "always"}.get(path, path)
     argv = [str(REPO / "target/release/svqd"), "--socket", vmm_sock, "--backend", dev_sock,
             "--control", ctl, "--shadow", policy] + a.svqd_arg
     if pin is not None:
