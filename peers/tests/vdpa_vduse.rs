@@ -11,41 +11,19 @@ use svq_peers::TestDir;
 /// compared with the guest's model.
 #[test]
 fn vdpa_device_layer_verified_blk_io() {
-    let Some((s, vfx)) = setup("vdpa_device_layer_verified_blk_io") else {
-        return;
-    };
-    let dir = TestDir::new("vdpa-device");
-    let spec = GuestSpec::new(
-        "vdpa-device",
+    run_checks(
+        "vdpa_device_layer_verified_blk_io",
+        1,
         "vdpa-guest device ${SVQ_VDPA_DEVS%% *} $SVQ_DISK --requests 3000",
-    )
-    .file(Path::new(env!("CARGO_BIN_EXE_vdpa-guest")), "vdpa-guest");
-    let out = run_guest(&s.fx, &vfx, dir.path(), &spec).unwrap_or_else(|e| panic!("{e}"));
-    for l in out.lines("SVQ-VDPA ").chain(out.lines("SVQ-PASS ")) {
-        eprintln!("  {l}");
-    }
-    eprintln!("guest wall time {:?}", out.wall);
-    let failures = out.failures();
-    assert!(
-        failures.is_empty(),
-        "failures: {failures:#?}\n{}",
-        out.tail(30)
+        &[
+            "vdpa-open-errors",
+            "vdpa-config",
+            "vdpa-io",
+            "vdpa-restart",
+            "vdpa-disk",
+            "vdpa-unmap",
+        ],
     );
-    let passed = out.passed();
-    for check in [
-        "vdpa-open-errors",
-        "vdpa-config",
-        "vdpa-io",
-        "vdpa-restart",
-        "vdpa-disk",
-        "vdpa-unmap",
-    ] {
-        assert!(
-            passed.iter().any(|p| p == check),
-            "{check} not reported as passed:\n{}",
-            out.tail(40)
-        );
-    }
 }
 
 /// Runs `script` in a VDUSE guest with `disks` devices and the vdpa-guest and svqd binaries;

@@ -361,6 +361,16 @@ fn start_external_side(
     })
 }
 
+/// External devices are block devices (the image is what the end of a scenario verifies).
+fn external_blk_only(opts: &ScenarioOptions) -> Result<(), ScenarioError> {
+    if opts.device != DeviceKind::Blk {
+        return Err(ScenarioError::Proxy(
+            "an external device is a block device".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// [`run_migration`] with an [`ExternalDevice`] (block only): each side is a proxy the caller
 /// starts.
 pub fn run_migration_external(
@@ -368,11 +378,7 @@ pub fn run_migration_external(
     dev: &mut ExternalDevice<'_>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<MigrationScenarioReport, ScenarioError> {
-    if opts.device != DeviceKind::Blk {
-        return Err(ScenarioError::Proxy(
-            "an external device is a block device".into(),
-        ));
-    }
+    external_blk_only(opts)?;
     let dir = tempfile::Builder::new().prefix("svq-scenario").tempdir()?;
     let mut new_side = |n: u32| start_external_side(dir.path(), n, dev);
     migration_body(opts, &mut new_side, progress)
@@ -385,11 +391,7 @@ pub fn run_switching_external(
     switches: u64,
     progress: &mut dyn FnMut(&str),
 ) -> Result<SwitchReport, ScenarioError> {
-    if opts.device != DeviceKind::Blk {
-        return Err(ScenarioError::Proxy(
-            "an external device is a block device".into(),
-        ));
-    }
+    external_blk_only(opts)?;
     let dir = tempfile::Builder::new().prefix("svq-switch").tempdir()?;
     let side = start_external_side(dir.path(), 0, dev)?;
     let r = switching_body(opts, &side, switches, progress);

@@ -596,6 +596,26 @@ impl SplitShadowRing {
         Ok(self.last_used != self.seen_used)
     }
 
+    /// The used element at `last_used` (id, len), its id checked to name a chain in flight.
+    /// Only after `used.idx` was loaded with acquire and found beyond `last_used`.
+    #[inline]
+    fn used_elem_at_last_used(&self) -> Result<(u32, u32), QueueError> {
+        let off = self.layout.used + 4 + 8 * (self.last_used & (self.size - 1)) as usize;
+        // SAFETY: in-bounds, 4-byte aligned used element, published by the caller's acquire
+        // load of used.idx.
+        let (id, len) = unsafe {
+            let p = self.at(off) as *const u32;
+            (
+                u32::from_le(p.read_volatile()),
+                u32::from_le(p.add(1).read_volatile()),
+            )
+        };
+        if id >= u32::from(self.size) || self.chain_len[id as usize] == 0 {
+            return Err(QueueError::BogusUsedId { id });
+        }
+        Ok((id, len))
+    }
+
     /// [`ShadowRing::next_used`] with IN_ORDER: read the element at the oldest chain's used
     /// position; it names the last chain of a batch, and the chains are returned one by one in
     /// avail order from the private avail copy.
@@ -605,19 +625,7 @@ impl SplitShadowRing {
             if !self.used_pending()? {
                 return Ok(None);
             }
-            let off = self.layout.used + 4 + 8 * (self.last_used & (self.size - 1)) as usize;
-            // SAFETY: in-bounds, 4-byte aligned used element; published by the acquire load
-            // in `used_pending`.
-            let (id, len) = unsafe {
-                let p = self.at(off) as *const u32;
-                (
-                    u32::from_le(p.read_volatile()),
-                    u32::from_le(p.add(1).read_volatile()),
-                )
-            };
-            if id >= u32::from(self.size) || self.chain_len[id as usize] == 0 {
-                return Err(QueueError::BogusUsedId { id });
-            }
+            let (id, len) = self.used_elem_at_last_used()?;
             // In flight, so published at a position in last_used..next_avail: the batch covers
             // every chain from the oldest up to it, and the device must have published them all.
             let batch = self.head_pos[id as usize]
@@ -831,18 +839,7 @@ impl ShadowRing for SplitShadowRing {
                 return Ok(None);
             }
         }
-        let off = self.layout.used + 4 + 8 * (self.last_used & (self.size - 1)) as usize;
-        // SAFETY: in-bounds, 4-byte aligned used element; published by the acquire load above.
-        let (id, len) = unsafe {
-            let p = self.at(off) as *const u32;
-            (
-                u32::from_le(p.read_volatile()),
-                u32::from_le(p.add(1).read_volatile()),
-            )
-        };
-        if id >= u32::from(self.size) || self.chain_len[id as usize] == 0 {
-            return Err(QueueError::BogusUsedId { id });
-        }
+        let (id, len) = self.used_elem_at_last_used()?;
         let head = id as u16;
         self.free_chain(head);
         self.in_flight -= 1;
