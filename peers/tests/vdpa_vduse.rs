@@ -61,7 +61,8 @@ fn run_checks(test: &str, disks: u32, script: &str, checks: &[&str]) {
 /// svqd with `--backend vdpa:DEV` between the testkit's VMM and guest and a VDUSE blk device:
 /// clear errors for a missing or busy device, verified block I/O in passthrough, in shadow mode,
 /// and across 1000 runtime switches under load (the device has no SUSPEND: every switch drains
-/// the ring, resets the device and restarts it at the right index).
+/// the ring, resets the device and restarts it at the right index); a second VMM on the same
+/// svqd after the first disconnected.
 #[test]
 fn svqd_vdpa_passthrough_shadow_and_switches() {
     run_checks(
@@ -71,9 +72,11 @@ fn svqd_vdpa_passthrough_shadow_and_switches() {
          vdpa-guest cli /svq/svqd $D\n\
          vdpa-guest scenario $D $SVQ_DISK --shadow never\n\
          vdpa-guest scenario $D $SVQ_DISK --shadow always\n\
-         vdpa-guest scenario $D $SVQ_DISK --shadow auto --switches 1000",
+         vdpa-guest scenario $D $SVQ_DISK --shadow auto --switches 1000\n\
+         vdpa-guest reconnect $D $SVQ_DISK",
         &[
             "vdpa-cli",
+            "vdpa-reconnect",
             "vdpa-svqd-passthrough",
             "vdpa-svqd-shadow",
             "vdpa-svqd-switches",

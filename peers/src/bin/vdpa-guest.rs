@@ -2,7 +2,7 @@
 //! `/dev/vhost-vdpa-N`. Prints `SVQ-VDPA ...` facts, then `SVQ-PASS <check> ...` or
 //! `SVQ-FAIL <check>: <why>`; the exit status is 0 only when every check passed.
 //!
-//! * `device DEV DISK [--requests N]`: svqd's vhost-vdpa device layer (`svqd::vdpa`) driven
+//! * `device DEV DISK [--requests N]`: svqd's vhost-vdpa device layer (`svqd::backend::vdpa`) driven
 //!   directly, with the testkit's virtio driver as the guest: probe and error answers (missing
 //!   and busy device, SUSPEND), guest RAM (a shared memfd) mapped at IOVA = GPA in one IOTLB
 //!   batch, the status handshake, one split ring, verified block I/O (every read checked against
@@ -15,6 +15,8 @@
 //! * `migrate DEV0 DEV1 DISK [--no-log]`: a live migration by the testkit's oracle from svqd on
 //!   DEV0 to svqd on DEV1 (both export DISK); with `--no-log` (svqd's dirty log disabled, the
 //!   negative control) the oracle must fail.
+//! * `reconnect DEV DISK`: one svqd, two VMM sessions after each other (the first with shadow
+//!   round trips), each with verified I/O and the image checked.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -32,6 +34,7 @@ use svq_testkit::scenario::{
     run_migration_external, run_switching_external, ExternalDevice, Proxy as TestProxy,
     ScenarioOptions,
 };
+use svq_testkit::vmm::{Vmm, VmmOptions};
 use svqd::backend::vdpa::{
     backend_feature_names, iotlb::identity_mappings, VdpaDevice, VdpaError,
     VIRTIO_F_ACCESS_PLATFORM,
@@ -600,6 +603,72 @@ fn migrate(devs: [&Path; 2], disk: &Path, log: bool) -> Check {
     }
 }
 
+/// Two VMM sessions, one after the other, on one svqd and one vDPA device: the first does
+/// verified I/O across shadow round trips and disconnects (svqd resets and reopens the device for
+/// the next VMM), the second connects to the same socket and does verified I/O again. Each
+/// session's requests complete exactly once and the image matches its guest's model.
+fn reconnect(dev: &Path, disk: &Path) -> Check {
+    let controls: Controls = Arc::default();
+    let sock = Path::new("/tmp/svqd-reconnect.sock");
+    let proxy = launch(dev, sock, ShadowPolicy::Auto, true, &controls)?;
+    let control = controls
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .first()
+        .cloned()
+        .ok_or("no control handle")?;
+    let mut done = Vec::new();
+    let result = (|| -> Check {
+        for session in 0..2u64 {
+            // Each guest's model starts from a zeroed disk.
+            zero_image(disk, 8 << 20)?;
+            let ram = GuestRam::new("vdpa-reconnect-ram", 32 << 20).map_err(|e| e.to_string())?;
+            let mut vmm = Vmm::connect(sock, ram.clone(), VmmOptions::default())
+                .map_err(|e| format!("session {session}: connect: {e}"))?;
+            let guest = BlkGuest::new(
+                ram,
+                BlkGuestOptions {
+                    depth: 16,
+                    blocks: 2048,
+                    event_idx: vmm.event_idx(),
+                    indirect: vmm.indirect(),
+                    seed: 21 + session,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            let runner = vmm
+                .run_guest(guest)
+                .map_err(|e| format!("session {session}: start: {e}"))?;
+            runner.pause();
+            let mut steps = vec![run_io(&runner, 500, "passthrough")?];
+            if session == 0 {
+                for on in [true, false, true, false] {
+                    control.set_shadow(on)?;
+                    steps.push(run_io(
+                        &runner,
+                        300,
+                        if on { "shadow" } else { "passthrough" },
+                    )?);
+                }
+            }
+            let guest = runner.stop();
+            let guest = guest.lock().unwrap_or_else(|e| e.into_inner());
+            let disk_check = check_disk(disk, &guest)?;
+            drop(vmm);
+            // svqd notices the disconnect and reopens the device for the next VMM.
+            std::thread::sleep(Duration::from_millis(300));
+            done.push(format!(
+                "session {session}: {} | {disk_check}",
+                steps.join(" | ")
+            ));
+        }
+        Ok(done.join("; "))
+    })();
+    proxy.stop();
+    result
+}
+
 /// The svqd binary refuses a missing and a busy device, with a message saying which.
 fn cli(svqd: &Path, dev: &Path) -> Check {
     let run = |backend: &str| -> Result<(bool, String), String> {
@@ -648,7 +717,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: vdpa-guest device DEV DISK [--requests N] | cli SVQD DEV | \
                  scenario DEV DISK --shadow always|auto|never [--switches N] | \
-                 migrate DEV0 DEV1 DISK [--no-log]";
+                 migrate DEV0 DEV1 DISK [--no-log] | reconnect DEV DISK";
     let mut rep = Report { failed: false };
     let a = |i: usize| Path::new(args[i].as_str());
     let r = match args.get(1).map(String::as_str) {
@@ -682,6 +751,10 @@ fn main() -> ExitCode {
                 }
                 _ => Err(usage.into()),
             }
+        }
+        Some("reconnect") if args.len() >= 4 => {
+            rep.record("vdpa-reconnect", reconnect(a(2), a(3)));
+            Ok(())
         }
         Some("migrate") if args.len() >= 5 => {
             let log = !args.iter().any(|x| x == "--no-log");
