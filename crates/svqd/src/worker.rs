@@ -12,8 +12,9 @@
 //! stranded, and the worker sleeps in `epoll_wait`. Under load a wake moves rings, not bursts,
 //! and no syscall is made per descriptor. Between phases of flowing traffic and after the last
 //! one, [`Pacer`] decides whether the worker sleeps the batch wait or goes on, and how long it
-//! polls: it sleeps where busy peers want the CPU, and keeps going where the CPU is its own. Counters are added once per batch; the thread's CPU
-//! time is read by the control plane from the thread's CPU clock, not by the worker.
+//! polls: it sleeps where busy peers want the CPU, and keeps going where the CPU is its own.
+//! Counters are added once per batch; the thread's CPU time is read by the control plane from the
+//! thread's CPU clock, not by the worker.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
