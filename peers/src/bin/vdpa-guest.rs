@@ -509,10 +509,12 @@ fn scenario(dev: &Path, disk: &Path, shadow: ShadowPolicy, switches: u64) -> Che
             "passthrough, yet {} chains were shadowed",
             q.chains
         )),
-        (ShadowPolicy::Auto, n) if n > 0 && q.mode_switches != n => why.push(format!(
-            "{} mode switches counted, {n} asked for",
-            q.mode_switches
-        )),
+        // The probe samples every 20 ms and svqd forgets the counters when the VMM leaves, so
+        // the last switch may fall after the last sample; more than asked, or fewer by more than
+        // one, is a miscount.
+        (ShadowPolicy::Auto, n) if n > 0 && !(n - 1..=n).contains(&q.mode_switches) => why.push(
+            format!("{} mode switches counted, {n} asked for", q.mode_switches),
+        ),
         _ => {}
     }
     if !why.is_empty() {
