@@ -351,22 +351,25 @@ def svg_plot(rounds, out, target=None):
     out.write_text("\n".join(parts))
 
 
-def path_order(r):
+def path_order(r, control=False):
     """The paths of round `r`: direct first in even rounds, last in odd ones (ABBA), so a drift of
-    the machine's speed within rounds favours neither side of a ratio over the run."""
-    order = ("direct", "passthrough", "shadow")
+    the machine's speed within rounds favours neither side of a ratio over the run. `control`
+    adds a second direct measurement at the other end of the round (`direct2`)."""
+    order = ("direct", "passthrough", "shadow") + (("direct2",) if control else ())
     return order if r % 2 == 0 else order[::-1]
 
 
 def dpdk_round(a, r, tmp, out):
-    res = {p: run_path(p, a, Path(tmp) / f"r{r}-{p}", out / "logs" / f"r{r}-{p}")
-           for p in path_order(r)}
+    res = {p: run_path("direct" if p == "direct2" else p, a, Path(tmp) / f"r{r}-{p}",
+                       out / "logs" / f"r{r}-{p}")
+           for p in path_order(r, a.control_direct)}
     if not res["direct"]["pps"]:
         die(f"no rate measured on the direct path; see {out / 'logs'}")
     direct = res["direct"]["pps"]
-    ratios = {p: res[p]["pps"] / direct for p in ("passthrough", "shadow")}
+    ratios = {p: res[p]["pps"] / direct for p in res if p != "direct"}
+    again = f", direct again x{ratios['direct2']:.3f}" if "direct2" in ratios else ""
     print(f"round {r+1}: direct {direct/1e6:.2f} Mpps, passthrough x{ratios['passthrough']:.3f}, "
-          f"shadow x{ratios['shadow']:.3f} "
+          f"shadow x{ratios['shadow']:.3f}{again} "
           f"({res['shadow'].get('ns_per_desc') or 0:.0f} ns svqd CPU/descriptor)", flush=True)
     return {"results": res, "ratios": ratios}
 
@@ -397,13 +400,16 @@ def share_text(x):
 def dpdk_table(a, rounds, med):
     lines = [f"layout {a.layout}, {a.pkt} B, {a.queues} queue pair(s), {a.rounds} rounds of {a.seconds} s, "
              f"svqd {' '.join(a.svqd_arg) or '(defaults)'}",
-             "", "| round | direct Mpps | passthrough | shadow | svqd ns/desc (shadow) | CPU share, direct | CPU share, shadow |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| round | direct Mpps | passthrough | shadow | svqd ns/desc (shadow) | CPU share, direct | CPU share, shadow |"
+             + (" direct again |" if a.control_direct else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if a.control_direct else "")]
     for i, r in enumerate(rounds):
         d, s = r["results"]["direct"], r["results"]["shadow"]
+        again = f" {r['ratios']['direct2']:.3f} |" if a.control_direct else ""
         lines.append(f"| {i+1} | {d['pps']/1e6:.2f} | {r['ratios']['passthrough']:.3f} | {r['ratios']['shadow']:.3f} | "
-                     f"{(s.get('ns_per_desc') or 0):.0f} | {share_text(d)} | {share_text(s)} |")
-    lines.append(f"| **median ratio** | | **{med['passthrough']:.3f}** | **{med['shadow']:.3f}** | | | |")
+                     f"{(s.get('ns_per_desc') or 0):.0f} | {share_text(d)} | {share_text(s)} |{again}")
+    again = f" **{med['direct2']:.3f}** |" if a.control_direct else ""
+    lines.append(f"| **median ratio** | | **{med['passthrough']:.3f}** | **{med['shadow']:.3f}** | | | |{again}")
     return lines
 
 
@@ -451,6 +457,9 @@ def main():
     g = ap.add_argument_group("dpdk workload")
     g.add_argument("--layout", choices=["contended", "dedicated"], default="contended")
     g.add_argument("--pkt", type=int, default=64, help="packet size in bytes (txonly / tx_first)")
+    g.add_argument("--control-direct", action="store_true",
+                   help="measure direct twice per round (at both ends): the 'direct again' ratio "
+                        "shows how far two identical runs differ on this machine")
     g = ap.add_argument_group("blk workload")
     g.add_argument("--depth", type=int, default=16, help="requests in flight per queue")
     g.add_argument("--read-pct", type=int, default=50, help="percentage of reads (rest: writes)")
@@ -488,7 +497,7 @@ def main():
         for r in range(a.rounds):
             rounds.append(one_round(a, r, tmp, out))
     med = {}
-    for p in ("passthrough", "shadow"):
+    for p in ("passthrough", "shadow") + (("direct2",) if a.workload == "dpdk" and a.control_direct else ()):
         vals = [r["ratios"][p] for r in rounds if r["ratios"][p] is not None]
         med[p] = statistics.median(vals) if vals else None
     summary = {"args": vars(a), "cpus": os.cpu_count(), "rounds": rounds, "median_ratio": med}
