@@ -826,18 +826,8 @@ impl ShadowRing for SplitShadowRing {
         if self.in_order {
             return self.next_used_in_order();
         }
-        if self.last_used == self.seen_used {
-            let idx = u16::from_le(self.used_idx_ref().load(Ordering::Acquire));
-            if idx.wrapping_sub(self.last_used) > self.in_flight {
-                return Err(QueueError::UsedIndexJump {
-                    last: self.last_used,
-                    new: idx,
-                });
-            }
-            self.seen_used = idx;
-            if idx == self.last_used {
-                return Ok(None);
-            }
+        if !self.used_pending()? {
+            return Ok(None);
         }
         let (id, len) = self.used_elem_at_last_used()?;
         let head = id as u16;
