@@ -480,24 +480,30 @@ impl Sim {
             let base = self.dev.last_avail; // GET_VRING_BASE
             let st = QueueState::from_vring_base(&self.m.guest, &self.cfg, base).unwrap();
             assert_eq!(st.used_idx, self.dev.used_idx);
-            self.cfg.shadow_size = shadow_size;
-            self.area_flip = !self.area_flip;
-            let off = if self.area_flip { 0x8_0000 } else { 0 };
-            let e = ShadowVirtqueue::new_with_base(
-                self.cfg,
-                shadow_area(&self.m, off, shadow_size),
-                IdentityTranslation,
-                st,
-                shadow_base,
-            )
-            .unwrap();
-            assert_eq!(e.shadow_base(), shadow_base);
-            self.dev = shadow_device(&self.cfg, &e);
-            self.engine = Some(e);
-            self.dev_kick = false;
+            self.start_shadow(st, shadow_base, shadow_size);
             // Chains posted while switching: forward once.
             self.forward_avail();
         }
+    }
+
+    /// A new engine at `st` on a fresh shadow ring (the other half of the shadow area than the
+    /// last one) of `shadow_size` at `shadow_base`, and the device on it.
+    fn start_shadow(&mut self, st: QueueState, shadow_base: u16, shadow_size: u16) {
+        self.cfg.shadow_size = shadow_size;
+        self.area_flip = !self.area_flip;
+        let off = if self.area_flip { 0x8_0000 } else { 0 };
+        let e = ShadowVirtqueue::new_with_base(
+            self.cfg,
+            shadow_area(&self.m, off, shadow_size),
+            IdentityTranslation,
+            st,
+            shadow_base,
+        )
+        .unwrap();
+        assert_eq!(e.shadow_base(), shadow_base);
+        self.dev = shadow_device(&self.cfg, &e);
+        self.engine = Some(e);
+        self.dev_kick = false;
     }
 
     /// Shadow mode only: replace the shadow ring and its device mid-traffic with chains in flight
@@ -538,20 +544,7 @@ impl Sim {
         let st = self.engine().export_state();
         assert!(st.in_flight.len() >= self.engine().in_flight());
         self.engine = None;
-        self.cfg.shadow_size = shadow_size;
-        self.area_flip = !self.area_flip;
-        let off = if self.area_flip { 0x8_0000 } else { 0 };
-        let e = ShadowVirtqueue::new_with_base(
-            self.cfg,
-            shadow_area(&self.m, off, shadow_size),
-            IdentityTranslation,
-            st,
-            shadow_base,
-        )
-        .unwrap();
-        self.dev = shadow_device(&self.cfg, &e);
-        self.engine = Some(e);
-        self.dev_kick = false;
+        self.start_shadow(st, shadow_base, shadow_size);
         self.dev_call = false;
         self.forward_avail();
     }
