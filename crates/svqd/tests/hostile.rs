@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use common::{Rig, RigOptions};
 use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
+use svq_testkit::guest::runner::GuestRunner;
 use svq_testkit::guest::GuestWorkload;
-use svq_testkit::vmm::{LogStyle, MemTableStyle};
+use svq_testkit::vmm::{LogStyle, MemTableStyle, Vmm};
 use svqd::{Proxy, ProxyConfig};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -70,21 +71,37 @@ fn ring(num: u16, desc: u64, avail: u64, used: u64) -> VringConfigData {
     }
 }
 
-/// svqd is alive and a fresh VMM moves verified blocks through it (in shadow mode and back).
-fn serves_verified_io(rig: &Rig) {
+/// A VMM on `rig` running a blk guest (16 MiB of RAM, 256 blocks, `read_pct` reads).
+fn blk_vmm(rig: &Rig, read_pct: u8) -> (Arc<GuestRam>, Vmm, GuestRunner<BlkGuest>) {
     let ram = GuestRam::new("guest", 16 << 20).unwrap();
     let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
     let guest = BlkGuest::new(
-        ram,
+        ram.clone(),
         BlkGuestOptions {
             event_idx: vmm.event_idx(),
             indirect: vmm.indirect(),
             blocks: 256,
+            read_pct,
             ..Default::default()
         },
     )
     .unwrap();
     let runner = vmm.run_guest(guest).unwrap();
+    (ram, vmm, runner)
+}
+
+/// Waits (5 s at most) until svqd's SIGBUS guard counted a fault beyond `before`.
+fn await_sigbus(before: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while svqd::sigbus::fault_count() == before {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// svqd is alive and a fresh VMM moves verified blocks through it (in shadow mode and back).
+fn serves_verified_io(rig: &Rig) {
+    let (_ram, _vmm, runner) = blk_vmm(rig, BlkGuestOptions::default().read_pct);
     std::thread::sleep(Duration::from_millis(100));
     let ctl = rig.proxy.control();
     if ctl.query_status().policy == "auto" {
@@ -539,21 +556,8 @@ fn truncated_guest_memory_stops_only_the_queue_that_touched_it() {
         policy: svqd::ShadowPolicy::Always,
         ..Default::default()
     });
-    let ram = GuestRam::new("guest", 16 << 20).unwrap();
-    let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
-    let guest = BlkGuest::new(
-        ram.clone(),
-        BlkGuestOptions {
-            event_idx: vmm.event_idx(),
-            indirect: vmm.indirect(),
-            blocks: 256,
-            // Reads only: the disk stays as the next VMM's guest expects it (all zeros).
-            read_pct: 100,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let runner = vmm.run_guest(guest).unwrap();
+    // Reads only: the disk stays as the next VMM's guest expects it (all zeros).
+    let (ram, vmm, runner) = blk_vmm(&rig, 100);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(runner.drain(Duration::from_secs(10)), 0);
     runner.pause();
@@ -563,14 +567,7 @@ fn truncated_guest_memory_stops_only_the_queue_that_touched_it() {
     runner.with(|w| {
         let _ = w.queues()[0].kick_fd().write(1);
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while svqd::sigbus::fault_count() == before {
-        assert!(
-            Instant::now() < deadline,
-            "svqd never touched the truncated memory"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    await_sigbus(before, "svqd never touched the truncated memory");
     // svqd is alive and answers; the VMM that lied goes away.
     let st = rig.proxy.control().query_status();
     assert_eq!(st.queues[0].mode, "shadow");
@@ -584,31 +581,14 @@ fn truncated_guest_memory_stops_only_the_queue_that_touched_it() {
 #[test]
 fn a_dirty_log_shrunk_under_svqd_is_survived() {
     let rig = Rig::new(RigOptions::default());
-    let ram = GuestRam::new("guest", 16 << 20).unwrap();
-    let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
-    let guest = BlkGuest::new(
-        ram,
-        BlkGuestOptions {
-            event_idx: vmm.event_idx(),
-            indirect: vmm.indirect(),
-            blocks: 256,
-            // Reads only: the disk stays as the next VMM's guest expects it (all zeros).
-            read_pct: 100,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let runner = vmm.run_guest(guest).unwrap();
+    // Reads only: the disk stays as the next VMM's guest expects it (all zeros).
+    let (_ram, mut vmm, runner) = blk_vmm(&rig, 100);
     std::thread::sleep(Duration::from_millis(100));
     let before = svqd::sigbus::fault_count();
     vmm.start_dirty_log().unwrap();
     assert_eq!(rig.modes(), ["shadow"]);
     vmm.log_file().unwrap().set_len(0).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while svqd::sigbus::fault_count() == before {
-        assert!(Instant::now() < deadline, "no completion was logged");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    await_sigbus(before, "no completion was logged");
     let _ = rig.proxy.control().query_stats();
     runner.pause();
     drop(vmm);
