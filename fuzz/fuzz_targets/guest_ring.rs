@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let shadow_size = 1u16 << (ctl[1] % 9);
     let event_idx = ctl[2] & 1 != 0;
     let indirect = ctl[2] & 2 != 0;
+    let in_order = ctl[2] & 4 != 0;
     let start = u16::from_le_bytes([ctl[3], ctl[4]]);
     let rounds = 1 + ctl[5] % 4;
     let reclaim_at = u16::from_le_bytes([ctl[6], ctl[7]]);
@@ -42,6 +43,7 @@ fuzz_target!(|data: &[u8]| {
         used_ring: 0x4000,
         event_idx,
         indirect,
+        in_order,
     };
     let len = SplitLayout::new(shadow_size).unwrap().total_bytes();
     let area = RingArea::new_owned(len, SHADOW_GPA);

@@ -26,10 +26,13 @@ const DATA: u64 = 0x8000;
 const BUF: u32 = 0x100;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&chains, entries)) = data.split_first() else {
+    let Some((&head, entries)) = data.split_first() else {
         return;
     };
-    let chains = u16::from(chains % (SIZE as u8 + 1));
+    // The top bit: a device that negotiated VIRTIO_F_IN_ORDER (one used element may complete a
+    // batch); the rest: how many chains the guest posts.
+    let in_order = head & 0x80 != 0;
+    let chains = u16::from((head & 0x7f) % (SIZE as u8 + 1));
     let ram = Arc::new(GuestRegionMmap::from_range(GuestAddress(0), RAM as usize, None).unwrap());
     let sh =
         Arc::new(GuestRegionMmap::from_range(GuestAddress(SHADOW_GPA), 0x10000, None).unwrap());
@@ -56,6 +59,7 @@ fuzz_target!(|data: &[u8]| {
         used_ring: USED,
         event_idx: false,
         indirect: false,
+        in_order,
     };
     let layout = SplitLayout::new(SIZE).unwrap();
     let p = shadow.get_host_address(GuestAddress(SHADOW_GPA)).unwrap();
