@@ -43,9 +43,7 @@ pub struct Pacer {
     poll: Duration,
     contended: bool,
     cpus: Vec<usize>,
-    /// None until traffic first flows: the baselines are taken then, not when the worker starts
-    /// (a worker starts at every switch, and most never see flowing traffic).
-    window_start: Option<Instant>,
+    window_start: Instant,
     idle_at_start: Option<u64>,
     switches_at_start: u64,
     waited_at_start: Option<u64>,
@@ -124,18 +122,20 @@ fn ticks_per_second() -> f64 {
 
 impl Pacer {
     /// A pacer for the configured batch wait (`--batch-wait-us`) and poll budget (`--poll-us`).
-    /// Reads nothing yet; use it on the worker thread, after pinning it.
+    /// Call from the worker thread, after pinning it.
     pub fn new(batch_wait: Duration, poll: Duration) -> Self {
+        let cpus = allowed_cpus();
+        let schedstat = File::open("/proc/thread-self/schedstat").ok();
         Pacer {
             batch_wait,
             poll,
             contended: true,
-            cpus: Vec::new(),
-            window_start: None,
-            idle_at_start: None,
-            switches_at_start: 0,
-            waited_at_start: None,
-            schedstat: None,
+            idle_at_start: idle_ticks(&cpus),
+            cpus,
+            window_start: Instant::now(),
+            switches_at_start: involuntary_switches(),
+            waited_at_start: schedstat.as_ref().and_then(waited_ns),
+            schedstat,
             backoff: SLEEPING_WINDOW,
         }
     }
@@ -164,15 +164,7 @@ impl Pacer {
     /// straight on (own CPU), judging the CPU again when a window is over. Returns whether the
     /// thread slept.
     pub fn between_phases(&mut self) -> bool {
-        let Some(window_start) = self.window_start else {
-            // The first flowing traffic: take the baselines, on the safe (contended) side.
-            self.cpus = allowed_cpus();
-            self.schedstat = File::open("/proc/thread-self/schedstat").ok();
-            self.start_window();
-            std::thread::sleep(self.batch_wait);
-            return true;
-        };
-        let elapsed = window_start.elapsed();
+        let elapsed = self.window_start.elapsed();
         if self.contended {
             std::thread::sleep(self.batch_wait);
             if elapsed >= self.backoff {
@@ -188,7 +180,7 @@ impl Pacer {
     }
 
     fn start_window(&mut self) {
-        self.window_start = Some(Instant::now());
+        self.window_start = Instant::now();
         self.idle_at_start = idle_ticks(&self.cpus);
         self.switches_at_start = involuntary_switches();
         self.waited_at_start = self.schedstat.as_ref().and_then(waited_ns);
@@ -270,10 +262,6 @@ mod tests {
     #[test]
     fn a_sleeping_worker_on_an_idle_cpu_keeps_it() {
         let mut p = Pacer::new(Duration::from_micros(25), Duration::ZERO);
-        assert!(
-            p.between_phases(),
-            "the first flowing traffic: baselines, and a sleep"
-        );
         // A window whose CPUs were idle throughout: the idle counter moved by the whole window.
         let elapsed = Duration::from_millis(200);
         let ticks = (elapsed.as_secs_f64() * ticks_per_second()) as u64 * p.cpus.len() as u64;
