@@ -100,6 +100,14 @@ def wait_path(p, secs=30):
         time.sleep(0.05)
 
 
+def wait_text(proc, text, secs=30):
+    end = time.time() + secs
+    while text not in proc.text():
+        if time.time() > end or not proc.alive():
+            die(f"{proc.name} never printed {text!r}")
+        time.sleep(0.02)
+
+
 def testpmd_base(prefix, lcores, vdevs):
     # stdbuf: testpmd's stdout is a file here, and its answers must arrive when asked for.
     argv = ["stdbuf", "-oL", "dpdk-testpmd", "--lcores", lcores, "--no-pci", "--no-huge", "-m", "512",
@@ -193,10 +201,20 @@ def run_path(path, a, work, logs):
             cmd = f"port attach {virtio_user_vdev(target, q)}\nport start all\n"
             tp.p.stdin.write(cmd.encode())
             tp.p.stdin.flush()
-            # Seed only once both ports run end to end (a burst sent while the driver's receive
-            # ring is still being set up is dropped, and the loop would run one way only).
-            time.sleep(1.0)
-            tp.p.stdin.write(b"start tx_first 32\n")
+            # Seed only once both ports run end to end: a burst sent while the driver's receive
+            # ring is still being set up is dropped, and with io forwarding that direction then
+            # stays empty for good. testpmd reads the commands only once its own start-up is
+            # done, and through svqd the device is ready ~0.2 s after the port started (each
+            # shadow ring's memory-table change costs DPDK ~50 ms), so wait for the device.
+            wait_text(tp, "virtio is now ready for processing")
+            time.sleep(0.5)
+            # io forwarding with retry (on every path): a burst the other port's ring cannot
+            # take at once waits for room instead of leaving the loop for good. Without it, a
+            # loop through a receive ring that runs empty for a moment loses packets each time
+            # and decays to a trickle (through svqd, the receive buffers the driver refills
+            # reach the device one relay later). --no-tx-retry measures that variant.
+            fwd = "" if a.no_tx_retry else "set fwd io retry\n"
+            tp.p.stdin.write(f"{fwd}start tx_first 32\n".encode())
             tp.p.stdin.flush()
             rate_proc, port = tp, None
         time.sleep(1.5)
@@ -204,14 +222,14 @@ def run_path(path, a, work, logs):
             c0 = io_packets(rate_proc)
         t0 = time.time()
         ticks0 = {k: cpu_ticks(p.p.pid) for k, p in procs.items()}
-        w0 = cpu_ticks(procs["svqd"].p.pid, "svqd-q") if "svqd" in procs else 0
+        w0 = cpu_ticks(procs["svqd"].p.pid, "svqd-shadow") if "svqd" in procs else 0
         d0 = svqd_stats(ctl) if "svqd" in procs else 0
         time.sleep(a.seconds)
         wall = time.time() - t0
         share = {k: (cpu_ticks(p.p.pid) - ticks0[k]) / CLK / wall for k, p in procs.items()}
         res = {"path": path, "share": share}
         if "svqd" in procs:
-            w1 = cpu_ticks(procs["svqd"].p.pid, "svqd-q")
+            w1 = cpu_ticks(procs["svqd"].p.pid, "svqd-shadow")
             d1 = svqd_stats(ctl)
             res["descriptors"] = d1 - d0
             res["ns_per_desc"] = ((w1 - w0) / CLK * 1e9 / (d1 - d0)) if d1 > d0 else None
@@ -286,14 +304,14 @@ def run_blk_path(path, a, r, work, logs):
         t0 = time.time()
         ticks0 = {k: cpu_ticks(p.p.pid) for k, p in procs.items()}
         svqd = procs.get("svqd")
-        w0 = cpu_ticks(svqd.p.pid, "svqd-q") if svqd else 0
+        w0 = cpu_ticks(svqd.p.pid, "svqd-shadow") if svqd else 0
         d0 = (svqd_stats(ctl), svqd_stats(ctl, "chains")) if svqd else (0, 0)
         time.sleep(max(a.seconds - 0.4, 0.1))
         wall = time.time() - t0
         share = {k: (cpu_ticks(p.p.pid) - ticks0[k]) / CLK / wall for k, p in procs.items()}
         res = {"path": path, "share": share}
         if svqd:
-            w1 = cpu_ticks(svqd.p.pid, "svqd-q")
+            w1 = cpu_ticks(svqd.p.pid, "svqd-shadow")
             d1 = (svqd_stats(ctl), svqd_stats(ctl, "chains"))
             cpu_ns = (w1 - w0) / CLK * 1e9
             res["descriptors"], res["chains"] = d1[0] - d0[0], d1[1] - d0[1]
@@ -457,6 +475,8 @@ def main():
     g = ap.add_argument_group("dpdk workload")
     g.add_argument("--layout", choices=["contended", "dedicated"], default="contended")
     g.add_argument("--pkt", type=int, default=64, help="packet size in bytes (txonly / tx_first)")
+    g.add_argument("--no-tx-retry", action="store_true",
+                   help="dedicated layout: plain io forwarding, dropping what a full ring refuses")
     g.add_argument("--control-direct", action="store_true",
                    help="measure direct twice per round (at both ends): the 'direct again' ratio "
                         "shows how far two identical runs differ on this machine")

@@ -46,7 +46,8 @@ pub struct Cli {
     /// under load; query-stats shows its cost.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub poll_us: u32,
-    /// CPUs the shadow workers run on, e.g. 0 or 2-3,6.
+    /// CPUs for the shadow data path, e.g. 0 or 2-3,6: one worker thread pinned to each, queue
+    /// q served on the (q mod n)-th. Default: one unpinned thread serves all shadowed queues.
     #[arg(long, value_name = "LIST")]
     pub worker_cpus: Option<String>,
     /// Shadow ring size (power of two); default: the guest's queue size.

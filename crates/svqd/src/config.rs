@@ -61,7 +61,8 @@ pub struct ProxyConfig {
     /// work phases, letting a ring's worth of buffers accumulate (zero: re-arm notifications
     /// after every phase).
     pub batch_wait: Duration,
-    /// CPUs the shadow workers run on (sched_setaffinity); empty: wherever the scheduler likes.
+    /// One shadow worker thread pinned to each of these CPUs (sched_setaffinity), queue `q` served
+    /// by the `q mod n`-th; empty: one thread, wherever the scheduler likes.
     pub worker_cpus: Vec<usize>,
 }
 

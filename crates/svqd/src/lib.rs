@@ -28,6 +28,7 @@ pub mod pacing;
 pub mod proxy;
 pub mod queue;
 pub mod quiesce;
+pub mod relay;
 pub mod report;
 pub mod session;
 pub mod shadow;

@@ -10,9 +10,10 @@
 //! The pacer starts *contended* (the safe side) and judges again while traffic flows:
 //! - contended → own CPU: the CPUs the worker may run on were idle for at least [`IDLE_SHARE`] of
 //!   a [`SLEEPING_WINDOW`] (`/proc/stat`; nobody used the time the worker slept);
-//! - own CPU → contended, every [`SPINNING_WINDOW`]: the worker was preempted (involuntary
-//!   context switches) or waited to run (`/proc/thread-self/schedstat`) for more than
-//!   [`WAIT_SHARE`] of the window: someone else wants this CPU. Each such finding doubles how
+//! - own CPU → contended, every [`SPINNING_WINDOW`]: the worker waited to run
+//!   (`/proc/thread-self/schedstat`) for more than [`WAIT_SHARE`] of the window (without
+//!   schedstat: it was preempted at all, `getrusage` involuntary context switches): someone
+//!   else wants this CPU. Each such finding doubles how
 //!   long the next contended spell lasts at least (up to [`MAX_BACKOFF`]), so a CPU that is
 //!   shared after all is not taken back again and again.
 
@@ -108,6 +109,18 @@ fn waited_ns(f: &File) -> Option<u64> {
     let n = f.read_at(&mut buf, 0).ok()?;
     let text = std::str::from_utf8(&buf[..n]).ok()?;
     text.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether a spinning worker's CPU is wanted by others, from the time it waited on the run queue
+/// within `elapsed` (None: unknown) and how often it was preempted.
+fn cpu_wanted(waited: Option<Duration>, preempted: u64, elapsed: Duration) -> bool {
+    match waited {
+        // A preemption alone is no evidence where the run-queue wait is known: a short-lived
+        // thread (svqd's own control thread answering query-stats, a kworker) preempts a
+        // spinning worker now and then on a CPU that is otherwise its own.
+        Some(w) => w.as_secs_f64() > WAIT_SHARE * elapsed.as_secs_f64(),
+        None => preempted > 0,
+    }
 }
 
 fn ticks_per_second() -> f64 {
@@ -209,7 +222,8 @@ impl Pacer {
             (Some(a), Some(b)) => Duration::from_nanos(b.saturating_sub(a)),
             _ => Duration::ZERO,
         };
-        if preempted > 0 || waited.as_secs_f64() > WAIT_SHARE * elapsed.as_secs_f64() {
+        let wanted = cpu_wanted(self.waited_at_start.map(|_| waited), preempted, elapsed);
+        if wanted {
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
             self.set_contended(true, "preempted or waited to run");
         }
@@ -248,15 +262,40 @@ mod tests {
         let mut p = Pacer::new(Duration::from_micros(25), Duration::from_micros(50));
         p.contended = false;
         assert_eq!(p.poll_budget(), Duration::from_micros(50));
-        // Pretend the thread was preempted once in the window.
-        p.switches_at_start = involuntary_switches().wrapping_sub(1);
-        p.judge_spinning(Duration::from_nanos(1));
+        // Without schedstat, pretend the thread was preempted once in the window; with it,
+        // that it waited at all within a 1 ns window (the thread's total wait is the start).
+        let wanted = |p: &mut Pacer| {
+            p.contended = false;
+            p.switches_at_start = involuntary_switches().wrapping_sub(1);
+            p.waited_at_start = p.waited_at_start.map(|_| 0);
+            p.judge_spinning(Duration::from_nanos(1));
+        };
+        let waited = p.schedstat.as_ref().and_then(waited_ns);
+        if waited == Some(0) {
+            return; // a thread that never waited to run cannot pretend it did
+        }
+        wanted(&mut p);
         assert!(p.contended());
         assert_eq!(p.backoff, SLEEPING_WINDOW * 2);
-        p.contended = false;
-        p.switches_at_start = involuntary_switches().wrapping_sub(1);
-        p.judge_spinning(Duration::from_nanos(1));
+        wanted(&mut p);
+        assert!(p.contended());
         assert_eq!(p.backoff, SLEEPING_WINDOW * 4);
+    }
+
+    #[test]
+    fn only_waiting_to_run_means_the_cpu_is_wanted_where_it_is_known() {
+        let ms = Duration::from_millis;
+        assert!(
+            !cpu_wanted(Some(ms(0)), 3, ms(10)),
+            "preempted, never waited"
+        );
+        assert!(!cpu_wanted(Some(Duration::from_micros(400)), 1, ms(10)));
+        assert!(cpu_wanted(Some(ms(1)), 0, ms(10)));
+        assert!(
+            cpu_wanted(None, 1, ms(10)),
+            "no schedstat: a preemption is all there is"
+        );
+        assert!(!cpu_wanted(None, 0, ms(10)));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::memory::MemoryTable;
 use crate::queue::QueueSlot;
 use crate::space::{ShadowSpace, TableCtx};
 use crate::switch::{RingFeatures, Switch};
+use crate::worker::WorkerThreads;
 
 /// The error of a request while no device is connected (between sessions).
 pub fn no_device() -> ProxyError {
@@ -57,12 +58,15 @@ pub struct Session {
     pub refusable: bool,
     /// An eventfd handed to the device when the VMM wants no interrupts on a ring.
     pub dummy_call: Option<Arc<EventFd>>,
+    /// The threads serving shadowed rings.
+    pub workers: WorkerThreads,
 }
 
 impl Session {
     /// New state for `cfg`, with no connections.
     pub fn new(cfg: Arc<ProxyConfig>) -> Self {
         Session {
+            workers: WorkerThreads::new(&cfg),
             cfg,
             device: None,
             vmm_connected: false,
@@ -181,6 +185,7 @@ impl Session {
             queues: &mut self.queues,
             features,
             dummy_call: &mut self.dummy_call,
+            workers: &mut self.workers,
         })
     }
 

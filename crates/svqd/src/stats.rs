@@ -1,7 +1,10 @@
 //! Per-queue counters, readable at any time without locks (reported by
 //! [`crate::report::QueueCounters`]).
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicI64, AtomicU64,
+    Ordering::{Acquire, Relaxed},
+};
 
 /// Counters of one queue. Written by the queue's worker thread and by the switch code, read by the
 /// control plane.
@@ -43,10 +46,12 @@ pub struct QueueStats {
     pub poll_ns: AtomicU64,
     /// CPU nanoseconds of shadow workers that have exited.
     pub worker_cpu_ns_exited: AtomicU64,
-    /// CPU-time clock of the running shadow worker thread (pthread_getcpuclockid; 0 = none —
-    /// thread CPU clock ids are negative on Linux). Read by the control plane, so the worker
-    /// never pays a syscall for its own accounting.
+    /// CPU-time clock of the worker thread serving the queue now (pthread_getcpuclockid; 0 =
+    /// none — thread CPU clock ids are negative on Linux). Read by the control plane, so the
+    /// worker never pays a syscall for its own accounting.
     pub worker_clock: AtomicI64,
+    /// That thread's CPU time when it took the queue on.
+    pub worker_cpu_base: AtomicU64,
 }
 
 /// CPU time of the clock `clock` in nanoseconds (`None` if it cannot be read, e.g. the thread
@@ -62,12 +67,16 @@ pub fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
 }
 
 impl QueueStats {
-    /// CPU nanoseconds the queue's shadow workers used so far (exited ones plus the running one).
-    /// A worker exiting between the two loads is momentarily missing from the sum.
+    /// CPU nanoseconds of the worker threads while they served this queue (earlier periods plus
+    /// the current one). A thread serves all the shadowed rings of a device (or of its CPU), so
+    /// rings served together each show the thread's whole time. A period ending between the
+    /// loads is momentarily missing from the sum.
     pub fn worker_cpu_ns(&self) -> u64 {
-        let clock = self.worker_clock.load(Relaxed);
+        let clock = self.worker_clock.load(Acquire);
         let live = if clock < 0 {
-            clock_ns(clock as libc::clockid_t).unwrap_or(0)
+            clock_ns(clock as libc::clockid_t)
+                .unwrap_or(0)
+                .saturating_sub(self.worker_cpu_base.load(Relaxed))
         } else {
             0
         };

@@ -23,7 +23,7 @@ use crate::quiesce::{Quiescer, QUIESCE_LIMIT};
 use crate::shadow::{ShadowQueue, ShadowRegion};
 use crate::space::{ShadowSpace, TableCtx};
 use crate::stats::QueueStats;
-use crate::worker::{Engine, Worker, WorkerExit, WorkerSetup};
+use crate::worker::{Engine, Worker, WorkerExit, WorkerSetup, WorkerThreads};
 
 /// Ring features the VMM negotiated that a shadow ring must honour.
 #[derive(Debug, Clone, Copy, Default)]
@@ -54,6 +54,8 @@ pub struct Switch<'a> {
     pub features: RingFeatures,
     /// The eventfd the device signals when the VMM wants no interrupts (created on first use).
     pub dummy_call: &'a mut Option<Arc<EventFd>>,
+    /// The threads serving shadowed rings.
+    pub workers: &'a mut WorkerThreads,
 }
 
 fn new_eventfd() -> Result<EventFd, ProxyError> {
@@ -537,9 +539,9 @@ impl Switch<'_> {
         ProxyError::Switch { queue: q, reason }
     }
 
-    /// The worker thread relaying queue `q` with `engine`, forwarding as the VMM's enable says.
+    /// Have a worker thread relay queue `q` with `engine`, forwarding as the VMM's enable says.
     fn spawn_worker(
-        &self,
+        &mut self,
         q: usize,
         mut engine: Engine,
         guest_kick: Arc<EventFd>,
@@ -548,7 +550,7 @@ impl Switch<'_> {
         backend_call: &Arc<EventFd>,
     ) -> std::io::Result<Worker> {
         engine.set_forwarding(self.queues[q].vmm.enabled || !self.device.has_enable());
-        Worker::spawn(WorkerSetup {
+        self.workers.attach(WorkerSetup {
             index: q,
             engine,
             mem: self.mem.shared(),
@@ -558,9 +560,6 @@ impl Switch<'_> {
             backend_kick: backend_kick.clone(),
             backend_call: backend_call.clone(),
             stats: self.queues[q].stats.clone(),
-            poll: self.cfg.poll,
-            batch_wait: self.cfg.batch_wait,
-            cpus: self.cfg.worker_cpus.clone(),
         })
     }
 

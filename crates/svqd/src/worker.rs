@@ -1,126 +1,166 @@
-//! The shadow-mode data path of one queue: an epoll loop on its own thread.
+//! The threads that run the shadow data path: one thread serves all of a device's shadowed rings
+//! (or, with `--worker-cpus`, one thread per listed CPU serves every ring given to that CPU), each
+//! ring a [`Relay`], in one epoll loop.
 //!
-//! guest kick → `forward_avail` → kick the backend; backend call → `forward_used` (guest used ring +
-//! dirty log) → interrupt the guest. The worker owns the engine while it runs; stopping the worker
-//! hands the engine back, so the switch code never shares the engine with a running data path.
+//! One thread, not one per ring: the rings of a device work in lockstep (a network device's
+//! receive and transmit rings, a loopback's both directions), and two threads on one CPU take
+//! turns by the scheduler's slice, each leaving its ring unserved while the other runs and each
+//! finding the other as competition for the CPU (DESIGN.md, "The shadow data path").
 //!
 //! Built for rate: a wake starts a *work phase* in which guest kicks and backend calls are
-//! suppressed (the engine's `suppress_notifications`) and both rings are drained in whole
+//! suppressed (the engine's `suppress_notifications`) and every ring is drained in whole
 //! batches, again and again while work keeps coming and for up to `poll` after the last work
 //! (the poll phase). Only then are notifications re-armed, with the engine's fence and re-check
 //! (`arm_notifications`): work that slipped in meanwhile starts another round instead of being
-//! stranded, and the worker sleeps in `epoll_wait`. Under load a wake moves rings, not bursts,
+//! stranded, and the thread sleeps in `epoll_wait`. Under load a wake moves rings, not bursts,
 //! and no syscall is made per descriptor. Between phases of flowing traffic and after the last
-//! one, [`Pacer`] decides whether the worker sleeps the batch wait or goes on, and how long it
+//! one, [`Pacer`] decides whether the thread sleeps the batch wait or goes on, and how long it
 //! polls: it sleeps where busy peers want the CPU, and keeps going where the CPU is its own.
 //! Counters are added once per batch; the thread's CPU time is read by the control plane from the
 //! thread's CPU clock, not by the worker.
+//!
+//! A thread exists only while it serves a ring: the last [`Worker`] handle of a thread stops it,
+//! so passthrough runs no thread at all.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemoryMmap;
-
-use svq::{IdentityTranslation, QueueError, ShadowVirtqueue, SharedLog};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::memory::SharedMemory;
+use crate::config::ProxyConfig;
 use crate::pacing::Pacer;
+use crate::relay::Relay;
+pub use crate::relay::{Engine, WorkerExit, WorkerSetup};
 use crate::sigbus;
 use crate::stats::QueueStats;
 
-/// The engine type svqd runs: vhost-user descriptors carry guest-physical addresses unchanged.
-pub type Engine = ShadowVirtqueue<IdentityTranslation>;
+/// Epoll token of the command eventfd; a ring's tokens are `id << 1 | kind`.
+const TOKEN_CMD: u64 = u64::MAX;
+const KIND_GUEST_KICK: u64 = 0;
+const KIND_BACKEND_CALL: u64 = 1;
 
-const TOKEN_GUEST_KICK: u64 = 0;
-const TOKEN_BACKEND_CALL: u64 = 1;
-const TOKEN_CMD: u64 = 2;
-
-/// A work phase that moved at least this many chains counts as flowing traffic: the worker
+/// A work phase that moved at least this many chains counts as flowing traffic: the thread
 /// may sleep for the batch wait with notifications off instead of re-arming them.
 const DEFER_MIN_CHAINS: u32 = 32;
 
-/// Requests to a running worker.
+/// Requests to a worker thread; all but `Exit` name the ring by its attach id.
 enum Cmd {
+    /// Serve a ring.
+    Attach(u64, Box<WorkerSetup>),
     /// The VMM replaced the guest kick eventfd.
-    GuestKick(Arc<EventFd>),
+    GuestKick(u64, Arc<EventFd>),
     /// The VMM replaced (or removed) the guest call eventfd.
-    GuestCall(Option<Arc<EventFd>>),
+    GuestCall(u64, Option<Arc<EventFd>>),
     /// The VMM enabled or disabled the ring: forward new guest buffers or not.
-    Forwarding(bool),
+    Forwarding(u64, bool),
     /// Forward nothing new from now on (whatever the VMM's enable says), keep relaying
     /// completions and poll the shadow used ring (the backend may complete without calling);
     /// answer once applied.
-    Hold(Sender<()>),
-    /// Stop; with `true`, relay what the backend completed first.
-    Stop(bool),
+    Hold(u64, Sender<()>),
+    /// Detach the ring and send it back; with `true`, relay what the backend completed first.
+    Stop(u64, bool, Sender<WorkerExit>),
+    /// No ring is left: end the thread.
+    Exit,
 }
 
-/// What a stopped worker hands back.
-pub struct WorkerExit {
-    /// The engine, with its state.
-    pub engine: Engine,
-    /// The guest kick eventfd as last set (the VMM may have replaced it).
-    pub guest_kick: Arc<EventFd>,
-    /// The guest call eventfd as last set.
-    pub guest_call: Option<Arc<EventFd>>,
+/// The worker threads of one device, started as rings are shadowed.
+pub struct WorkerThreads {
+    /// One thread per CPU, pinned to it; empty: one thread, unpinned.
+    cpus: Vec<usize>,
+    poll: Duration,
+    batch_wait: Duration,
+    threads: Vec<Weak<Thread>>,
+    next_id: u64,
 }
 
-/// Everything the worker thread needs.
-pub struct WorkerSetup {
-    /// Queue index (for logs).
-    pub index: usize,
-    /// The engine, built on the shadow ring.
-    pub engine: Engine,
-    /// Guest memory.
-    pub mem: Arc<SharedMemory>,
-    /// The active dirty log (empty when the VMM is not logging).
-    pub log: Arc<SharedLog>,
-    /// Guest kick (the VMM's eventfd).
-    pub guest_kick: Arc<EventFd>,
-    /// Guest call (the VMM's eventfd).
-    pub guest_call: Option<Arc<EventFd>>,
-    /// svqd's kick towards the backend.
-    pub backend_kick: Arc<EventFd>,
-    /// svqd's call from the backend.
-    pub backend_call: Arc<EventFd>,
-    /// Counters.
-    pub stats: Arc<QueueStats>,
-    /// How long to poll after the last work before sleeping (zero: never poll).
-    pub poll: Duration,
-    /// While traffic flows: how long to sleep with notifications off between work phases
-    /// (zero: always re-arm and sleep on notifications).
-    pub batch_wait: Duration,
-    /// CPUs to run on (empty: no pinning).
-    pub cpus: Vec<usize>,
+impl WorkerThreads {
+    /// Worker threads as `cfg` says (`--worker-cpus`, `--poll-us`, `--batch-wait-us`).
+    pub fn new(cfg: &ProxyConfig) -> Self {
+        WorkerThreads {
+            cpus: cfg.worker_cpus.clone(),
+            poll: cfg.poll,
+            batch_wait: cfg.batch_wait,
+            threads: (0..cfg.worker_cpus.len().max(1))
+                .map(|_| Weak::new())
+                .collect(),
+            next_id: 0,
+        }
+    }
+
+    /// Have ring `setup.index` served by its thread (queue `q` goes to CPU `q mod n` of the
+    /// list), starting the thread if it is not running.
+    pub fn attach(&mut self, setup: WorkerSetup) -> std::io::Result<Worker> {
+        let slot = setup.index % self.threads.len();
+        let thread = match self.threads[slot].upgrade() {
+            Some(t) => t,
+            None => {
+                let t = Arc::new(Thread::spawn(
+                    slot,
+                    self.cpus.get(slot).copied(),
+                    self.poll,
+                    self.batch_wait,
+                )?);
+                self.threads[slot] = Arc::downgrade(&t);
+                t
+            }
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        thread.send(Cmd::Attach(id, Box::new(setup)));
+        Ok(Worker {
+            thread,
+            id,
+            detached: false,
+        })
+    }
 }
 
-/// Handle of a running worker.
-pub struct Worker {
+/// A running worker thread; stopped when the last handle of a ring it serves is gone.
+struct Thread {
     cmd: Sender<Cmd>,
     wake: Arc<EventFd>,
-    /// Set with every command, so a polling worker notices it without a syscall.
+    /// Set with every command, so a polling thread notices it without a syscall.
     cmd_pending: Arc<AtomicBool>,
-    join: Option<JoinHandle<WorkerExit>>,
+    join: Option<JoinHandle<()>>,
 }
 
-impl Worker {
-    /// Start the worker thread.
-    pub fn spawn(setup: WorkerSetup) -> std::io::Result<Worker> {
+impl Thread {
+    fn spawn(
+        slot: usize,
+        cpu: Option<usize>,
+        poll: Duration,
+        batch_wait: Duration,
+    ) -> std::io::Result<Thread> {
         let (tx, rx) = channel();
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_CMD),
+        )?;
         let cmd_pending = Arc::new(AtomicBool::new(false));
         let (w, p) = (wake.clone(), cmd_pending.clone());
         let span = tracing::Span::current();
         let join = std::thread::Builder::new()
-            .name(format!("svqd-q{}", setup.index))
-            .spawn(move || span.in_scope(|| run(setup, rx, w, p)))?;
-        Ok(Worker {
+            .name(format!("svqd-shadow{slot}"))
+            .spawn(move || {
+                span.in_scope(|| {
+                    pin_to(cpu);
+                    if !batch_wait.is_zero() {
+                        // The batch wait is tens of microseconds: without this, the default
+                        // 50 µs timer slack would triple it.
+                        crate::quiesce::precise_sleeps();
+                    }
+                    ThreadLoop::new(epoll, w, p, Pacer::new(batch_wait, poll)).run(rx)
+                })
+            })?;
+        Ok(Thread {
             cmd: tx,
             wake,
             cmd_pending,
@@ -129,170 +169,289 @@ impl Worker {
     }
 
     fn send(&self, cmd: Cmd) {
-        // A send error means the thread is gone; `stop` reports it through the join.
+        // A send error means the thread is gone; the waiting calls notice it.
         let _ = self.cmd.send(cmd);
         self.cmd_pending.store(true, Ordering::Release);
         let _ = self.wake.write(1);
     }
+}
 
+impl Drop for Thread {
+    fn drop(&mut self) {
+        self.send(Cmd::Exit);
+        if let Some(join) = self.join.take() {
+            if join.join().is_err() {
+                tracing::error!("a shadow worker thread panicked");
+            }
+        }
+    }
+}
+
+/// Handle of one ring served by a worker thread.
+pub struct Worker {
+    thread: Arc<Thread>,
+    id: u64,
+    detached: bool,
+}
+
+impl Worker {
     /// Replace the guest kick eventfd.
     pub fn set_guest_kick(&self, fd: Arc<EventFd>) {
-        self.send(Cmd::GuestKick(fd));
+        self.thread.send(Cmd::GuestKick(self.id, fd));
     }
 
     /// Replace the guest call eventfd.
     pub fn set_guest_call(&self, fd: Option<Arc<EventFd>>) {
-        self.send(Cmd::GuestCall(fd));
+        self.thread.send(Cmd::GuestCall(self.id, fd));
     }
 
     /// Forward new guest buffers (ring enabled by the VMM) or hold them.
     pub fn set_forwarding(&self, on: bool) {
-        self.send(Cmd::Forwarding(on));
+        self.thread.send(Cmd::Forwarding(self.id, on));
     }
 
-    /// Stop forwarding guest buffers for good and return once the worker applied it: from then
+    /// Stop forwarding guest buffers for good and return once the thread applied it: from then
     /// on the shadow avail index in memory no longer moves. Completions are still relayed (and
     /// polled for every millisecond) until [`Worker::stop`].
     pub fn hold(&self) {
         let (tx, rx) = channel();
-        self.send(Cmd::Hold(tx));
+        self.thread.send(Cmd::Hold(self.id, tx));
         // The loop answers within one iteration; it only fails to if the thread is gone, and
         // then nothing is forwarded anyway.
         let _ = rx.recv_timeout(Duration::from_secs(5));
     }
 
-    /// Stop the worker and take the engine back, after relaying what the backend completed.
+    /// Detach the ring and take the engine back, after relaying what the backend completed.
     pub fn stop(self) -> WorkerExit {
-        self.finish(true)
+        self.detach(true)
     }
 
-    /// Stop the worker at once and take the engine back: the guest ring is being reset, nothing
+    /// Detach the ring at once and take the engine back: the guest ring is being reset, nothing
     /// may be written into it any more.
     pub fn abandon(self) -> WorkerExit {
-        self.finish(false)
+        self.detach(false)
     }
 
-    fn finish(mut self, relay: bool) -> WorkerExit {
-        self.send(Cmd::Stop(relay));
-        let join = self.join.take().expect("worker joined once");
-        match join.join() {
+    fn detach(mut self, relay: bool) -> WorkerExit {
+        let (tx, rx) = channel();
+        self.thread.send(Cmd::Stop(self.id, relay, tx));
+        self.detached = true;
+        match rx.recv() {
             Ok(exit) => exit,
             // The loop does not panic by design; if it did, there is no engine to recover.
-            Err(p) => std::panic::resume_unwind(p),
+            Err(_) => panic!("shadow worker thread died holding queue engines"),
         }
     }
 }
 
-struct Loop {
-    index: usize,
-    engine: Engine,
-    mem: Arc<SharedMemory>,
-    log: Arc<SharedLog>,
-    guest_kick: Arc<EventFd>,
-    guest_call: Option<Arc<EventFd>>,
-    backend_kick: Arc<EventFd>,
-    backend_call: Arc<EventFd>,
-    stats: Arc<QueueStats>,
+impl Drop for Worker {
+    /// A handle dropped without a stop (an error path) still detaches its ring, so the thread
+    /// ends once it serves nothing.
+    fn drop(&mut self) {
+        if !self.detached {
+            let (tx, _) = channel();
+            self.thread.send(Cmd::Stop(self.id, false, tx));
+        }
+    }
+}
+
+/// A ring attached to the thread.
+struct Attached {
+    id: u64,
+    relay: Relay,
+}
+
+struct ThreadLoop {
+    rings: Vec<Attached>,
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    cmd_pending: Arc<AtomicBool>,
     /// Sleep or go on between work phases, and how long to poll after them.
     pacer: Pacer,
-    reported: bool,
-    /// [`sigbus::faults_on_this_thread`] when the worker started: a later fault means the VMM
-    /// truncated memory this queue touched, and what it reads or writes can no longer be trusted.
-    faults_seen: u64,
-    /// Stopped because memory was lost (see `faults_seen`).
-    memory_lost: bool,
+    /// [`sigbus::faults_on_this_thread`] as last seen: a later fault happened in the engine call
+    /// just made (see [`Relay`]).
+    faults: u64,
+    /// This thread's CPU clock, published to the rings' counters.
+    clock: libc::clockid_t,
 }
 
-impl Loop {
-    /// Whether the queue may go on: false once the VMM truncated shared memory under svqd.
-    fn memory_intact(&mut self) -> bool {
-        if !self.memory_lost && sigbus::faults_on_this_thread() != self.faults_seen {
-            self.memory_lost = true;
-            tracing::error!(
-                queue = self.index,
-                addr = format_args!("{:#x}", sigbus::last_fault_addr()),
-                "SIGBUS on guest memory or the dirty log: the VMM truncated a shared memory file \
-                 under svqd; this shadow queue stops until the device is reset"
-            );
+impl ThreadLoop {
+    fn new(epoll: Epoll, wake: Arc<EventFd>, cmd_pending: Arc<AtomicBool>, pacer: Pacer) -> Self {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: pthread_self() is the calling thread; `clock` is a valid out pointer.
+        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } != 0 {
+            clock = 0;
         }
-        !self.memory_lost
-    }
-
-    /// Record the first engine error once; the queue stays broken (the guest must reset it).
-    fn fail(&mut self, e: QueueError) {
-        if !self.reported {
-            tracing::error!(queue = self.index, error = %e, "shadow queue broken; it stops until the device is reset");
-            self.reported = true;
+        ThreadLoop {
+            rings: Vec::new(),
+            epoll,
+            wake,
+            cmd_pending,
+            pacer,
+            faults: sigbus::faults_on_this_thread(),
+            clock,
         }
     }
 
-    /// Forward the guest's new chains; returns how many.
-    fn avail(&mut self, mem: &GuestMemoryMmap) -> u32 {
-        if self.engine.broken().is_some() || !self.engine.forwarding() || self.memory_lost {
-            return 0;
+    fn ring(&mut self, id: u64) -> Option<&mut Relay> {
+        self.rings
+            .iter_mut()
+            .find(|a| a.id == id)
+            .map(|a| &mut a.relay)
+    }
+
+    fn watch(&self, id: u64, kind: u64, fd: &EventFd) -> std::io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, id << 1 | kind),
+        )
+    }
+
+    fn unwatch(&self, fd: &EventFd) {
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            fd.as_raw_fd(),
+            EpollEvent::default(),
+        );
+    }
+
+    fn for_each_stats(&self, f: impl Fn(&QueueStats)) {
+        for a in &self.rings {
+            f(&a.relay.stats);
         }
-        let res = self.engine.forward_avail(mem, &self.log);
-        if !self.memory_intact() {
-            return 0;
-        }
-        match res {
-            Ok(b) => {
-                if b.chains > 0 {
-                    QueueStats::add(&self.stats.chains, b.chains.into());
-                    QueueStats::add(&self.stats.descriptors, b.descriptors.into());
-                    QueueStats::add(&self.stats.bytes, b.bytes);
+    }
+
+    fn run(mut self, rx: Receiver<Cmd>) {
+        let mut events = vec![EpollEvent::default(); 32];
+        let mut work = false;
+        loop {
+            // Flowing traffic: with notifications off, sleep the batch wait (or, on a CPU
+            // nobody else wants, go straight on), then work again.
+            while work && self.work(self.pacer.defers()) {
+                if self.pacer.between_phases() {
+                    self.for_each_stats(|s| QueueStats::add(&s.worker_wakeups, 1));
                 }
-                if b.kick_device {
-                    QueueStats::add(&self.stats.backend_kicks, 1);
-                    if let Err(e) = self.backend_kick.write(1) {
-                        tracing::warn!(queue = self.index, error = %e, "kicking the backend failed");
+            }
+            let holding = self.rings.iter().any(|a| a.relay.holding);
+            // Holding: the backend may suppress its calls, or signal a call fd svqd replaced
+            // meanwhile, so look at the shadow used ring every millisecond.
+            let timeout = if holding { 1 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed");
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+            };
+            self.for_each_stats(|s| QueueStats::add(&s.worker_wakeups, 1));
+            work = holding;
+            for ev in &events[..n] {
+                if ev.data() != TOKEN_CMD {
+                    self.notified(ev.data());
+                    work = true;
+                    continue;
+                }
+                // A kick or call seen before the command is served first (a hold must not
+                // overtake a kick that arrived before it).
+                if work {
+                    self.work(false);
+                }
+                let _ = self.wake.read();
+                self.cmd_pending.store(false, Ordering::Relaxed);
+                while let Ok(cmd) = rx.try_recv() {
+                    match self.command(cmd) {
+                        Some(more) => work |= more,
+                        None => return,
                     }
                 }
-                b.chains
-            }
-            Err(e) => {
-                self.fail(e);
-                0
             }
         }
     }
 
-    /// Relay the backend's completions; returns whether any (or descriptors were freed while
-    /// the shadow ring was full).
-    fn used(&mut self, mem: &GuestMemoryMmap) -> bool {
-        if self.engine.broken().is_some() || self.memory_lost {
-            return false;
-        }
-        let res = self.engine.forward_used(mem, &self.log);
-        if !self.memory_intact() {
-            return false;
-        }
-        match res {
-            Ok(u) => {
-                if u.completed > 0 {
-                    QueueStats::add(&self.stats.completed, u.completed.into());
-                    QueueStats::add(&self.stats.bytes_written, u.bytes_written);
-                    QueueStats::add(&self.stats.dirty_pages, u.pages_logged);
-                }
-                if u.notify_guest {
-                    self.notify_guest();
-                }
-                u.retry_avail || u.completed > 0
-            }
-            Err(e) => {
-                self.fail(e);
-                false
-            }
+    /// A ring's kick or call fired: consume it and count it.
+    fn notified(&mut self, token: u64) {
+        let Some(r) = self.ring(token >> 1) else {
+            return; // an event of a ring detached in this same batch
+        };
+        let (fd, counter) = if token & 1 == KIND_GUEST_KICK {
+            (r.guest_kick.clone(), &r.stats.kicks)
+        } else {
+            (r.backend_call.clone(), &r.stats.calls)
+        };
+        if fd.read().unwrap_or(0) > 0 {
+            QueueStats::add(counter, 1);
         }
     }
 
-    /// One round over both rings; returns how many chains moved (forwarded, plus one if
-    /// completions were relayed).
-    fn pump(&mut self) -> u32 {
-        let mem = self.mem.snapshot();
-        let completed = self.used(&mem);
-        let forwarded = self.avail(&mem);
-        forwarded + u32::from(completed)
+    /// Apply a command; returns whether the rings should be worked on, or `None` to end the
+    /// thread.
+    fn command(&mut self, cmd: Cmd) -> Option<bool> {
+        match cmd {
+            Cmd::Attach(id, setup) => {
+                let relay = Relay::attach(*setup, self.clock);
+                for (kind, fd) in [
+                    (KIND_GUEST_KICK, &relay.guest_kick),
+                    (KIND_BACKEND_CALL, &relay.backend_call),
+                ] {
+                    if let Err(e) = self.watch(id, kind, fd) {
+                        tracing::error!(queue = relay.index, error = %e, "epoll_ctl failed; queue stalls");
+                    }
+                }
+                self.rings.push(Attached { id, relay });
+                // Buffers the guest posted before the switch (their kick went to the old
+                // backend ring or is pending on the kick fd), and completions that raced the
+                // switch: work at once.
+                Some(true)
+            }
+            Cmd::GuestKick(id, fd) => {
+                let Some(old) = self.ring(id).map(|r| r.guest_kick.clone()) else {
+                    return Some(false);
+                };
+                self.unwatch(&old);
+                if let Err(e) = self.watch(id, KIND_GUEST_KICK, &fd) {
+                    tracing::error!(error = %e, "cannot watch the new guest kick");
+                }
+                if let Some(r) = self.ring(id) {
+                    r.guest_kick = fd;
+                }
+                Some(true)
+            }
+            Cmd::GuestCall(id, fd) => {
+                if let Some(r) = self.ring(id) {
+                    r.guest_call = fd;
+                }
+                Some(false)
+            }
+            Cmd::Forwarding(id, on) => {
+                if let Some(r) = self.ring(id) {
+                    r.set_forwarding(on);
+                }
+                Some(true)
+            }
+            Cmd::Hold(id, done) => {
+                if let Some(r) = self.ring(id) {
+                    r.hold();
+                }
+                let _ = done.send(());
+                Some(true)
+            }
+            Cmd::Stop(id, relay, reply) => {
+                if let Some(i) = self.rings.iter().position(|a| a.id == id) {
+                    let a = self.rings.swap_remove(i);
+                    self.unwatch(&a.relay.guest_kick);
+                    self.unwatch(&a.relay.backend_call);
+                    let _ = reply.send(a.relay.detach(relay, &mut self.faults));
+                }
+                Some(false)
+            }
+            Cmd::Exit => {
+                // Only sent once no handle is left, so every ring was detached already.
+                None
+            }
+        }
     }
 
     /// Work until the rings stay empty for `poll`, with notifications suppressed; then re-arm
@@ -304,28 +463,27 @@ impl Loop {
     /// notifications still off, then works again (a phase that moved less re-arms). So a wake
     /// moves what accumulated during the wait — a ring, not a burst — and no buffer waits
     /// longer than one batch wait plus one phase.
-    fn work(&mut self, cmd_pending: &AtomicBool, may_defer: bool) -> bool {
+    fn work(&mut self, may_defer: bool) -> bool {
         let mut polled = Duration::ZERO;
         let poll = self.pacer.poll_budget();
         let mut moved = 0u32;
         let mut deferred = false;
+        let faults = &mut self.faults;
+        let cmd_pending = &*self.cmd_pending;
         loop {
-            if self.engine.broken().is_some() || self.memory_lost {
+            if !self.rings.iter().any(|a| a.relay.live()) {
                 return false;
             }
-            let mem = self.mem.snapshot();
-            let res = self.engine.suppress_notifications(&*mem, &self.log);
-            drop(mem);
-            if !self.memory_intact() {
-                return false;
-            }
-            if let Err(e) = res {
-                self.fail(e);
-                return false;
+            for a in &mut self.rings {
+                a.relay.suppress_notifications(faults);
             }
             let mut idle_since: Option<Instant> = None;
             loop {
-                let n = self.pump();
+                let n: u32 = self
+                    .rings
+                    .iter_mut()
+                    .map(|a| a.relay.pump(faults))
+                    .fold(0, u32::saturating_add);
                 if n > 0 {
                     moved = moved.saturating_add(n);
                     if let Some(t) = idle_since.take() {
@@ -353,268 +511,38 @@ impl Loop {
                 deferred = true;
                 break;
             }
-            let mem = self.mem.snapshot();
-            let res = self.engine.arm_notifications(&*mem, &self.log);
-            drop(mem);
-            if !self.memory_intact() {
-                break;
+            // Work that slipped in while notifications were off: its notification may never
+            // come, so take it now.
+            let mut again = false;
+            for a in &mut self.rings {
+                again |= a.relay.arm_notifications(faults);
             }
-            match res {
-                // Work slipped in while notifications were off: its notification may never
-                // come, so take it now.
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    self.fail(e);
-                    break;
-                }
+            if !again {
+                break;
             }
         }
         if !polled.is_zero() {
-            QueueStats::add(&self.stats.poll_ns, polled.as_nanos() as u64);
+            let ns = polled.as_nanos() as u64;
+            self.for_each_stats(|s| QueueStats::add(&s.poll_ns, ns));
         }
         deferred
     }
-
-    fn notify_guest(&self) {
-        if let Some(call) = &self.guest_call {
-            QueueStats::add(&self.stats.guest_notifies, 1);
-            if let Err(e) = call.write(1) {
-                tracing::warn!(queue = self.index, error = %e, "interrupting the guest failed");
-            }
-        }
-    }
 }
 
-fn drain_eventfd(fd: &EventFd) -> u64 {
-    fd.read().unwrap_or(0)
-}
-
-/// Pin the calling thread to `cpus` (best effort: a failure is logged).
-fn pin_to(index: usize, cpus: &[usize]) {
-    if cpus.is_empty() {
+/// Pin the calling thread to `cpu` (best effort: a failure is logged).
+fn pin_to(cpu: Option<usize>) {
+    let Some(cpu) = cpu.filter(|&c| c < libc::CPU_SETSIZE as usize) else {
         return;
-    }
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET is given CPUs below CPU_SETSIZE
-    // (checked when the list was parsed); pid 0 is the calling thread.
+    };
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET is given a CPU below
+    // CPU_SETSIZE (filtered above); pid 0 is the calling thread.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
-            libc::CPU_SET(c, &mut set);
-        }
+        libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        tracing::warn!(queue = index, ?cpus, error = %e, "cannot pin the shadow worker");
-    }
-}
-
-/// Publish this thread's CPU clock in `stats` (the control plane reads it); on drop, move the
-/// thread's CPU time into the exited workers' total.
-struct CpuClock<'a>(&'a QueueStats);
-
-impl<'a> CpuClock<'a> {
-    fn publish(stats: &'a QueueStats) -> Self {
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: pthread_self() is the calling thread; `clock` is a valid out pointer.
-        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } == 0 {
-            stats
-                .worker_clock
-                .store(i64::from(clock), Ordering::Relaxed);
-        }
-        CpuClock(stats)
-    }
-}
-
-impl Drop for CpuClock<'_> {
-    fn drop(&mut self) {
-        self.0.worker_clock.store(0, Ordering::Relaxed);
-        let ns = crate::stats::clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or(0);
-        QueueStats::add(&self.0.worker_cpu_ns_exited, ns);
-    }
-}
-
-fn run(
-    setup: WorkerSetup,
-    rx: Receiver<Cmd>,
-    wake: Arc<EventFd>,
-    cmd_pending: Arc<AtomicBool>,
-) -> WorkerExit {
-    pin_to(setup.index, &setup.cpus);
-    if !setup.batch_wait.is_zero() {
-        // The batch wait is tens of microseconds: without this, the default 50 µs timer slack
-        // would triple it.
-        crate::quiesce::precise_sleeps();
-    }
-    let stats = setup.stats.clone();
-    let _clock = CpuClock::publish(&stats);
-    let mut l = Loop {
-        index: setup.index,
-        engine: setup.engine,
-        mem: setup.mem,
-        log: setup.log,
-        guest_kick: setup.guest_kick,
-        guest_call: setup.guest_call,
-        backend_kick: setup.backend_kick,
-        backend_call: setup.backend_call,
-        stats: setup.stats,
-        pacer: Pacer::new(setup.batch_wait, setup.poll),
-        reported: false,
-        faults_seen: sigbus::faults_on_this_thread(),
-        memory_lost: false,
-    };
-    let epoll = match Epoll::new() {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(queue = l.index, error = %e, "epoll_create failed; queue stalls");
-            return wait_stop_without_epoll(l, rx);
-        }
-    };
-    let add = |fd: i32, token: u64| {
-        epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, token),
-        )
-    };
-    for (fd, token) in [
-        (l.guest_kick.as_raw_fd(), TOKEN_GUEST_KICK),
-        (l.backend_call.as_raw_fd(), TOKEN_BACKEND_CALL),
-        (wake.as_raw_fd(), TOKEN_CMD),
-    ] {
-        if let Err(e) = add(fd, token) {
-            tracing::error!(queue = l.index, error = %e, "epoll_ctl failed; queue stalls");
-            return wait_stop_without_epoll(l, rx);
-        }
-    }
-
-    let mut events = vec![EpollEvent::default(); 8];
-    let mut holding = false;
-    let mut stopping = None;
-    // Buffers the guest posted before the switch (their kick went to the old backend ring or is
-    // pending on the kick fd), and completions that raced the switch: work at once.
-    let mut work = true;
-    loop {
-        // Flowing traffic: with notifications off, sleep the batch wait (or, on a CPU nobody
-        // else wants, go straight on), then work again.
-        while work && stopping.is_none() && l.work(&cmd_pending, l.pacer.defers()) {
-            if l.pacer.between_phases() {
-                QueueStats::add(&l.stats.worker_wakeups, 1);
-            }
-        }
-        if stopping.is_some() {
-            break;
-        }
-        // Holding: the backend may suppress its calls, or signal a call fd svqd replaced
-        // meanwhile, so look at the shadow used ring every millisecond.
-        let timeout = if holding { 1 } else { -1 };
-        let n = match epoll.wait(timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::error!(queue = l.index, error = %e, "epoll_wait failed");
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-        };
-        QueueStats::add(&l.stats.worker_wakeups, 1);
-        work = holding;
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_GUEST_KICK => {
-                    if drain_eventfd(&l.guest_kick) > 0 {
-                        QueueStats::add(&l.stats.kicks, 1);
-                    }
-                    work = true;
-                }
-                TOKEN_BACKEND_CALL => {
-                    if drain_eventfd(&l.backend_call) > 0 {
-                        QueueStats::add(&l.stats.calls, 1);
-                    }
-                    work = true;
-                }
-                _ => {
-                    // A kick or call seen before the command is served first (a hold must not
-                    // overtake a kick that arrived before it).
-                    if work && stopping.is_none() {
-                        l.work(&cmd_pending, false);
-                    }
-                    drain_eventfd(&wake);
-                    cmd_pending.store(false, Ordering::Relaxed);
-                    while let Ok(cmd) = rx.try_recv() {
-                        match cmd {
-                            Cmd::GuestKick(fd) => {
-                                let _ = epoll.ctl(
-                                    ControlOperation::Delete,
-                                    l.guest_kick.as_raw_fd(),
-                                    EpollEvent::default(),
-                                );
-                                if let Err(e) = add(fd.as_raw_fd(), TOKEN_GUEST_KICK) {
-                                    tracing::error!(queue = l.index, error = %e, "cannot watch the new guest kick");
-                                }
-                                l.guest_kick = fd;
-                                work = true;
-                            }
-                            Cmd::GuestCall(fd) => l.guest_call = fd,
-                            Cmd::Forwarding(on) => {
-                                if !holding {
-                                    l.engine.set_forwarding(on);
-                                    work = true;
-                                }
-                            }
-                            Cmd::Hold(done) => {
-                                holding = true;
-                                l.engine.set_forwarding(false);
-                                let _ = done.send(());
-                                work = true;
-                            }
-                            Cmd::Stop(relay) => stopping = Some(relay),
-                        }
-                    }
-                }
-            }
-        }
-    }
-    if stopping == Some(true) {
-        // Hand the rings over with notifications armed (a kick-driven backend must see no
-        // NO_NOTIFY left behind), and relay what the backend completed.
-        let mem = l.mem.snapshot();
-        if l.engine.broken().is_none() && !l.memory_lost {
-            let res = l.engine.arm_notifications(&*mem, &l.log);
-            if l.memory_intact() {
-                if let Err(e) = res {
-                    l.fail(e);
-                }
-            }
-        }
-        l.used(&mem);
-    }
-    WorkerExit {
-        engine: l.engine,
-        guest_kick: l.guest_kick,
-        guest_call: l.guest_call,
-    }
-}
-
-/// Without epoll nothing can be relayed; wait for the stop request so the engine is handed back.
-fn wait_stop_without_epoll(l: Loop, rx: Receiver<Cmd>) -> WorkerExit {
-    let mut guest_kick = l.guest_kick;
-    let mut guest_call = l.guest_call;
-    while let Ok(cmd) = rx.recv() {
-        match cmd {
-            Cmd::Stop(_) => break,
-            Cmd::GuestKick(fd) => guest_kick = fd,
-            Cmd::GuestCall(fd) => guest_call = fd,
-            Cmd::Forwarding(_) => {}
-            Cmd::Hold(done) => {
-                let _ = done.send(());
-            }
-        }
-    }
-    WorkerExit {
-        engine: l.engine,
-        guest_kick,
-        guest_call,
+        tracing::warn!(cpu, error = %e, "cannot pin the shadow worker thread");
     }
 }

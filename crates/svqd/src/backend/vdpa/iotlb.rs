@@ -227,7 +227,7 @@ mod tests {
         IotlbOp::Map(Mapping {
             iova,
             size,
-            uaddr: 0x7f00_0000_0000 + iova,
+            uaddr: 0x7f00_0000_0000u64.wrapping_add(iova),
             readonly: false,
         })
     }
