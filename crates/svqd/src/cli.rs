@@ -44,7 +44,7 @@ pub struct Cli {
     /// Microseconds a shadow worker keeps polling the rings after work before it sleeps (0:
     /// never), only while no other thread wants its CPU. Polling trades CPU for fewer wake-ups
     /// under load; query-stats shows its cost.
-    #[arg(long, value_name = "US", default_value_t = 0)]
+    #[arg(long, value_name = "US", default_value_t = crate::config::DEFAULT_POLL_US as u32)]
     pub poll_us: u32,
     /// CPUs for the shadow data path, e.g. 0 or 2-3,6: one worker thread pinned to each, queue
     /// q served on the (q mod n)-th. Default: one unpinned thread serves all shadowed queues.
