@@ -13,9 +13,9 @@
 //! - own CPU → contended, every [`SPINNING_WINDOW`]: the worker waited to run
 //!   (`/proc/thread-self/schedstat`) for more than [`WAIT_SHARE`] of the window (without
 //!   schedstat: it was preempted at all, `getrusage` involuntary context switches): someone
-//!   else wants this CPU. Each such finding doubles how
-//!   long the next contended spell lasts at least (up to [`MAX_BACKOFF`]), so a CPU that is
-//!   shared after all is not taken back again and again.
+//!   else wants this CPU. Each such finding doubles how long the next contended spell lasts at
+//!   least (up to [`MAX_BACKOFF`]), so a CPU that is shared after all is not taken back again
+//!   and again.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -263,7 +263,8 @@ mod tests {
         p.contended = false;
         assert_eq!(p.poll_budget(), Duration::from_micros(50));
         // Without schedstat, pretend the thread was preempted once in the window; with it,
-        // that it waited at all within a 1 ns window (the thread's total wait is the start).
+        // count the window's wait from zero, so all the thread ever waited falls in a 1 ns
+        // window.
         let wanted = |p: &mut Pacer| {
             p.contended = false;
             p.switches_at_start = involuntary_switches().wrapping_sub(1);
