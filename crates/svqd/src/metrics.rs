@@ -151,7 +151,7 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> String {
         ),
         (
             "queue_worker_cpu_seconds",
-            "CPU time of the shadow workers",
+            "CPU time of the shadow worker thread while it served the queue",
             |c| c.worker_cpu_ns,
         ),
     ];

@@ -163,8 +163,9 @@ pub struct QueueCounters {
     /// Time the shadow worker spent polling after work (`--poll-us`), in nanoseconds.
     #[serde(default)]
     pub poll_ns: u64,
-    /// CPU time of the shadow workers, in nanoseconds: divided by `descriptors`, svqd's cost per
-    /// forwarded descriptor.
+    /// CPU time of the shadow worker thread while it served this queue, in nanoseconds (queues
+    /// served by the same thread each show the thread's whole time): divided by `descriptors` of
+    /// the queues it served, svqd's cost per forwarded descriptor.
     #[serde(default)]
     pub worker_cpu_ns: u64,
     /// Times the shadow worker woke to work (from epoll or from a batch wait).
