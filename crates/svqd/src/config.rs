@@ -68,8 +68,8 @@ pub struct ProxyConfig {
 
 /// Default of [`ProxyConfig::poll`]. The pacer polls only while the worker has its CPU to itself
 /// (where busy peers want it, a poll phase only takes CPU from them: DESIGN.md, "The shadow data
-/// path"); there, 50 µs measured 0.81 of direct against 0.72 without (docs/PERFORMANCE.md,
-/// table 14), and the contended layout did not change (0.298 against 0.295).
+/// path"); there, 50 µs measured 0.946 of direct against 0.708 without (docs/PERFORMANCE.md,
+/// tables 15 and 17), and the contended layout did not change.
 pub const DEFAULT_POLL: Duration = Duration::from_micros(DEFAULT_POLL_US);
 /// [`DEFAULT_POLL`] in microseconds (the `--poll-us` default).
 pub const DEFAULT_POLL_US: u64 = 50;
