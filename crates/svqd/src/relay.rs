@@ -76,12 +76,10 @@ pub struct Relay {
     reported: bool,
     /// Stopped because the VMM truncated memory this ring touched (a SIGBUS while it ran).
     memory_lost: bool,
-    /// The thread's CPU time when the ring was attached (for its `worker_cpu_ns`).
-    cpu_at_attach: u64,
 }
 
-/// The thread's CPU time, in nanoseconds.
-pub fn thread_cpu_ns() -> u64 {
+/// The calling thread's CPU time, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
     crate::stats::clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or(0)
 }
 
@@ -89,11 +87,10 @@ impl Relay {
     /// Attach a ring to the calling worker thread, whose CPU clock is `clock`: its CPU time
     /// counts for the ring from now on.
     pub fn attach(setup: WorkerSetup, clock: libc::clockid_t) -> Relay {
-        let cpu_at_attach = thread_cpu_ns();
         setup
             .stats
             .worker_cpu_base
-            .store(cpu_at_attach, Ordering::Relaxed);
+            .store(thread_cpu_ns(), Ordering::Relaxed);
         setup
             .stats
             .worker_clock
@@ -111,7 +108,6 @@ impl Relay {
             holding: false,
             reported: false,
             memory_lost: false,
-            cpu_at_attach,
         }
     }
 
@@ -287,7 +283,8 @@ impl Relay {
             let mem = self.mem.snapshot();
             self.used(&mem, faults);
         }
-        let cpu = thread_cpu_ns().saturating_sub(self.cpu_at_attach);
+        let base = self.stats.worker_cpu_base.load(Ordering::Relaxed);
+        let cpu = thread_cpu_ns().saturating_sub(base);
         self.stats.worker_clock.store(0, Ordering::Release);
         QueueStats::add(&self.stats.worker_cpu_ns_exited, cpu);
         WorkerExit {

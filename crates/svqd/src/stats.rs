@@ -44,7 +44,7 @@ pub struct QueueStats {
     pub worker_wakeups: AtomicU64,
     /// Nanoseconds shadow workers spent polling empty rings (the poll phase's cost).
     pub poll_ns: AtomicU64,
-    /// CPU nanoseconds of shadow workers that have exited.
+    /// CPU nanoseconds of worker threads in the periods they served this queue that have ended.
     pub worker_cpu_ns_exited: AtomicU64,
     /// CPU-time clock of the worker thread serving the queue now (pthread_getcpuclockid; 0 =
     /// none — thread CPU clock ids are negative on Linux). Read by the control plane, so the

@@ -485,7 +485,7 @@ impl Switch<'_> {
             let guest_kick = v.kick.clone().expect("running ring has a kick fd");
             let guest_call = v.call.clone();
             let worker = self
-                .spawn_worker(
+                .attach_worker(
                     q,
                     engine,
                     guest_kick,
@@ -540,7 +540,7 @@ impl Switch<'_> {
     }
 
     /// Have a worker thread relay queue `q` with `engine`, forwarding as the VMM's enable says.
-    fn spawn_worker(
+    fn attach_worker(
         &mut self,
         q: usize,
         mut engine: Engine,
@@ -566,7 +566,7 @@ impl Switch<'_> {
     /// Run queue `q` in shadow mode again with the engine a stopped worker handed back.
     fn respawn_shadow(&mut self, q: usize, mut sq: Box<ShadowQueue>, exit: WorkerExit) {
         let (kick, call) = (sq.backend_kick.clone(), sq.backend_call.clone());
-        match self.spawn_worker(
+        match self.attach_worker(
             q,
             exit.engine,
             exit.guest_kick,

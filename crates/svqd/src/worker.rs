@@ -261,6 +261,28 @@ struct Attached {
     relay: Relay,
 }
 
+/// The ring attached as `id`, if it still is.
+fn find(rings: &mut [Attached], id: u64) -> Option<&mut Relay> {
+    rings.iter_mut().find(|a| a.id == id).map(|a| &mut a.relay)
+}
+
+/// Watch `fd` for ring `id`'s notification of `kind`.
+fn watch(epoll: &Epoll, id: u64, kind: u64, fd: &EventFd) -> std::io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, id << 1 | kind),
+    )
+}
+
+fn unwatch(epoll: &Epoll, fd: &EventFd) {
+    let _ = epoll.ctl(
+        ControlOperation::Delete,
+        fd.as_raw_fd(),
+        EpollEvent::default(),
+    );
+}
+
 struct ThreadLoop {
     rings: Vec<Attached>,
     epoll: Epoll,
@@ -291,29 +313,6 @@ impl ThreadLoop {
             faults: sigbus::faults_on_this_thread(),
             clock,
         }
-    }
-
-    fn ring(&mut self, id: u64) -> Option<&mut Relay> {
-        self.rings
-            .iter_mut()
-            .find(|a| a.id == id)
-            .map(|a| &mut a.relay)
-    }
-
-    fn watch(&self, id: u64, kind: u64, fd: &EventFd) -> std::io::Result<()> {
-        self.epoll.ctl(
-            ControlOperation::Add,
-            fd.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, id << 1 | kind),
-        )
-    }
-
-    fn unwatch(&self, fd: &EventFd) {
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            fd.as_raw_fd(),
-            EpollEvent::default(),
-        );
     }
 
     fn for_each_stats(&self, f: impl Fn(&QueueStats)) {
@@ -373,13 +372,13 @@ impl ThreadLoop {
 
     /// A ring's kick or call fired: consume it and count it.
     fn notified(&mut self, token: u64) {
-        let Some(r) = self.ring(token >> 1) else {
+        let Some(r) = find(&mut self.rings, token >> 1) else {
             return; // an event of a ring detached in this same batch
         };
         let (fd, counter) = if token & 1 == KIND_GUEST_KICK {
-            (r.guest_kick.clone(), &r.stats.kicks)
+            (&r.guest_kick, &r.stats.kicks)
         } else {
-            (r.backend_call.clone(), &r.stats.calls)
+            (&r.backend_call, &r.stats.calls)
         };
         if fd.read().unwrap_or(0) > 0 {
             QueueStats::add(counter, 1);
@@ -396,7 +395,7 @@ impl ThreadLoop {
                     (KIND_GUEST_KICK, &relay.guest_kick),
                     (KIND_BACKEND_CALL, &relay.backend_call),
                 ] {
-                    if let Err(e) = self.watch(id, kind, fd) {
+                    if let Err(e) = watch(&self.epoll, id, kind, fd) {
                         tracing::error!(queue = relay.index, error = %e, "epoll_ctl failed; queue stalls");
                     }
                 }
@@ -407,32 +406,30 @@ impl ThreadLoop {
                 Some(true)
             }
             Cmd::GuestKick(id, fd) => {
-                let Some(old) = self.ring(id).map(|r| r.guest_kick.clone()) else {
+                let Some(r) = find(&mut self.rings, id) else {
                     return Some(false);
                 };
-                self.unwatch(&old);
-                if let Err(e) = self.watch(id, KIND_GUEST_KICK, &fd) {
-                    tracing::error!(error = %e, "cannot watch the new guest kick");
+                unwatch(&self.epoll, &r.guest_kick);
+                if let Err(e) = watch(&self.epoll, id, KIND_GUEST_KICK, &fd) {
+                    tracing::error!(queue = r.index, error = %e, "cannot watch the new guest kick");
                 }
-                if let Some(r) = self.ring(id) {
-                    r.guest_kick = fd;
-                }
+                r.guest_kick = fd;
                 Some(true)
             }
             Cmd::GuestCall(id, fd) => {
-                if let Some(r) = self.ring(id) {
+                if let Some(r) = find(&mut self.rings, id) {
                     r.guest_call = fd;
                 }
                 Some(false)
             }
             Cmd::Forwarding(id, on) => {
-                if let Some(r) = self.ring(id) {
+                if let Some(r) = find(&mut self.rings, id) {
                     r.set_forwarding(on);
                 }
                 Some(true)
             }
             Cmd::Hold(id, done) => {
-                if let Some(r) = self.ring(id) {
+                if let Some(r) = find(&mut self.rings, id) {
                     r.hold();
                 }
                 let _ = done.send(());
@@ -441,8 +438,8 @@ impl ThreadLoop {
             Cmd::Stop(id, relay, reply) => {
                 if let Some(i) = self.rings.iter().position(|a| a.id == id) {
                     let a = self.rings.swap_remove(i);
-                    self.unwatch(&a.relay.guest_kick);
-                    self.unwatch(&a.relay.backend_call);
+                    unwatch(&self.epoll, &a.relay.guest_kick);
+                    unwatch(&self.epoll, &a.relay.backend_call);
                     let _ = reply.send(a.relay.detach(relay, &mut self.faults));
                 }
                 Some(false)
