@@ -20,7 +20,7 @@ use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
 use svq_testkit::guest::runner::GuestRunner;
 use svq_testkit::guest::GuestWorkload;
-use svq_testkit::vmm::{LogStyle, MemTableStyle, Vmm};
+use svq_testkit::vmm::Vmm;
 use svqd::{Proxy, ProxyConfig};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -73,21 +73,15 @@ fn ring(num: u16, desc: u64, avail: u64, used: u64) -> VringConfigData {
 
 /// A VMM on `rig` running a blk guest (16 MiB of RAM, 256 blocks, `read_pct` reads).
 fn blk_vmm(rig: &Rig, read_pct: u8) -> (Arc<GuestRam>, Vmm, GuestRunner<BlkGuest>) {
-    let ram = GuestRam::new("guest", 16 << 20).unwrap();
-    let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
-    let guest = BlkGuest::new(
-        ram.clone(),
+    common::blk_vmm(
+        rig,
+        16 << 20,
         BlkGuestOptions {
-            event_idx: vmm.event_idx(),
-            indirect: vmm.indirect(),
             blocks: 256,
             read_pct,
             ..Default::default()
         },
     )
-    .unwrap();
-    let runner = vmm.run_guest(guest).unwrap();
-    (ram, vmm, runner)
 }
 
 /// Waits (5 s at most) until svqd's SIGBUS guard counted a fault beyond `before`.

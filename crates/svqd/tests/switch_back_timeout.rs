@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{check_blk_run, Rig, RigOptions};
 use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
-use svq_testkit::guest::ram::GuestRam;
 use svq_testkit::guest::runner::GuestRunner;
-use svq_testkit::vmm::{LogStyle, MemTableStyle};
 
 /// Pause the guest and wait until the backend holds no request.
 fn quiet(rig: &Rig, runner: &GuestRunner<BlkGuest>) {
@@ -30,18 +28,7 @@ fn slow_requests_keep_the_queue_in_shadow_mode_and_lose_nothing() {
         drain_timeout: Duration::from_millis(40),
         ..Default::default()
     });
-    let ram = GuestRam::new("guest", 32 << 20).unwrap();
-    let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
-    let guest = BlkGuest::new(
-        ram.clone(),
-        BlkGuestOptions {
-            event_idx: vmm.event_idx(),
-            indirect: vmm.indirect(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let runner = vmm.run_guest(guest).unwrap();
+    let (_ram, _vmm, runner) = common::blk_vmm(&rig, 32 << 20, BlkGuestOptions::default());
     let ctl = rig.proxy.control();
 
     // Into shadow mode while nothing is in flight (a passthrough drain would time out too).

@@ -16,7 +16,7 @@ use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
 use svq_testkit::guest::runner::GuestRunner;
 use svq_testkit::guest::GuestWorkload;
-use svq_testkit::vmm::{LogStyle, MemTableStyle, Vmm};
+use svq_testkit::vmm::Vmm;
 use svqd::ShadowPolicy;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -46,22 +46,16 @@ fn worker_threads() -> Vec<(String, String)> {
 
 /// A guest driving two queues; `read_pct` 100 leaves the disk as the next guest expects it.
 fn two_queue_guest(rig: &Rig, read_pct: u8) -> (Arc<GuestRam>, Vmm, GuestRunner<BlkGuest>) {
-    let ram = GuestRam::new("guest", 32 << 20).unwrap();
-    let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
-    let guest = BlkGuest::new(
-        ram.clone(),
+    common::blk_vmm(
+        rig,
+        32 << 20,
         BlkGuestOptions {
             queues: 2,
-            event_idx: vmm.event_idx(),
-            indirect: vmm.indirect(),
             blocks: 1024,
             read_pct,
             ..Default::default()
         },
     )
-    .unwrap();
-    let runner = vmm.run_guest(guest).unwrap();
-    (ram, vmm, runner)
 }
 
 /// Requests completed per queue so far.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use svq_testkit::backend::blk::{serve_blk, BlkDisk, BlkHandle, BlkOptions, CompletionDelay};
-use svq_testkit::guest::blk::{BlkGuest, BLOCK};
+use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions, BLOCK};
 use svq_testkit::guest::ram::GuestRam;
 use svq_testkit::guest::runner::GuestRunner;
 use svq_testkit::guest::{GuestWorkload, Ledger};
@@ -125,6 +125,28 @@ impl Rig {
         let st = self.proxy.control().query_status();
         st.queues.iter().map(|q| q.mode.clone()).collect()
     }
+}
+
+/// A VMM on `rig` (ADD_MEM_REG, QEMU-style log, EVENT_IDX offered) with `ram_bytes` of guest RAM,
+/// running the block workload `opts` with the ring features the VMM negotiated.
+pub fn blk_vmm(
+    rig: &Rig,
+    ram_bytes: u64,
+    opts: BlkGuestOptions,
+) -> (Arc<GuestRam>, Vmm, GuestRunner<BlkGuest>) {
+    let ram = GuestRam::new("guest", ram_bytes).unwrap();
+    let mut vmm = rig.vmm(ram.clone(), MemTableStyle::AddMemReg, LogStyle::Qemu, true);
+    let guest = BlkGuest::new(
+        ram.clone(),
+        BlkGuestOptions {
+            event_idx: vmm.event_idx(),
+            indirect: vmm.indirect(),
+            ..opts
+        },
+    )
+    .unwrap();
+    let runner = vmm.run_guest(guest).unwrap();
+    (ram, vmm, runner)
 }
 
 /// End of a block run: drain the guest (nothing may stay in flight), then check that every
