@@ -171,17 +171,20 @@ def run_path(path, a, work, logs):
     procs = {}
     try:
         q = a.queues
+        # testpmd's default (0) takes ethdev's fallback of 512 descriptors per queue, whatever
+        # the virtio-user ring size: the driver never has more than 512 buffers in flight.
+        desc = [f"--txd={a.ring_desc}", f"--rxd={a.ring_desc}"] if a.ring_desc else []
         if a.layout == "contended":
             procs["device"] = Proc("device", testpmd_base("dev", "0@1,1@1", [
                 f"net_vhost0,iface={dev_sock},queues={q}"]) + [
                 "--", f"--rxq={q}", f"--txq={q}", "--nb-cores=1", "--forward-mode=rxonly",
-                "--stats-period=1", "--total-num-mbufs=16384"], logs)
+                "--stats-period=1", "--total-num-mbufs=16384"] + desc, logs)
         else:
             # One testpmd, one forwarding lcore on CPU 1 (its main lcore too): CPU 0 is svqd's.
             procs["testpmd"] = Proc("testpmd", testpmd_base("one", "0@1,1@1", [
                 f"net_vhost0,iface={dev_sock},queues={q}"]) + [
                 "--", "-i", f"--rxq={q}", f"--txq={q}", "--nb-cores=1", "--forward-mode=io",
-                f"--txpkts={a.pkt}", "--total-num-mbufs=16384"], logs)
+                f"--txpkts={a.pkt}", "--total-num-mbufs=16384"] + desc, logs)
         wait_path(dev_sock)
         target = dev_sock
         if path != "direct":
@@ -192,7 +195,7 @@ def run_path(path, a, work, logs):
             procs["driver"] = Proc("driver", testpmd_base("drv", "0@0,1@0", [
                 virtio_user_vdev(target, q)]) + [
                 "--", f"--rxq={q}", f"--txq={q}", "--nb-cores=1", "--forward-mode=txonly",
-                f"--txpkts={a.pkt}", "--stats-period=1", "--total-num-mbufs=16384"], logs)
+                f"--txpkts={a.pkt}", "--stats-period=1", "--total-num-mbufs=16384"] + desc, logs)
             rate_proc, port = procs["device"], 0
         else:
             # Attach the driver port now that its socket listens, then loop packets between the
@@ -417,6 +420,7 @@ def share_text(x):
 
 def dpdk_table(a, rounds, med):
     lines = [f"layout {a.layout}, {a.pkt} B, {a.queues} queue pair(s), {a.rounds} rounds of {a.seconds} s, "
+             f"{a.ring_desc or 'default (512)'} descriptors per testpmd queue, "
              f"svqd {' '.join(a.svqd_arg) or '(defaults)'}",
              "", "| round | direct Mpps | passthrough | shadow | svqd ns/desc (shadow) | CPU share, direct | CPU share, shadow |"
              + (" direct again |" if a.control_direct else ""),
@@ -475,6 +479,9 @@ def main():
     g = ap.add_argument_group("dpdk workload")
     g.add_argument("--layout", choices=["contended", "dedicated"], default="contended")
     g.add_argument("--pkt", type=int, default=64, help="packet size in bytes (txonly / tx_first)")
+    g.add_argument("--ring-desc", type=int, default=0,
+                   help="descriptors per testpmd queue, both peers (--txd/--rxd; 0: testpmd's default, "
+                        "which is ethdev's fallback of 512 although the rings have 1024 entries)")
     g.add_argument("--no-tx-retry", action="store_true",
                    help="dedicated layout: plain io forwarding, dropping what a full ring refuses")
     g.add_argument("--control-direct", action="store_true",
