@@ -44,6 +44,24 @@ fn reclaimed(ctl: &dyn ControlTarget, queue: usize) -> u64 {
     ctl.query_stats().queues[queue].counters.reclaimed
 }
 
+/// Switch to shadow mode and wait until the worker forwarded the `rx` idle receive buffers to the
+/// shadow ring: the switch returns once the worker is attached, and its first pass over the guest
+/// ring may come later on a loaded machine (a switch back before it finds them still in the
+/// guest ring, where nothing needs reclaiming).
+fn shadow_with_buffers_forwarded(ctl: &dyn ControlTarget, rx: usize) {
+    let chains = |ctl: &dyn ControlTarget| ctl.query_stats().queues[0].counters.chains;
+    let before = chains(ctl);
+    ctl.set_shadow(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chains(ctl) - before < rx as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not forward the {rx} receive buffers"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn check_guest(runner: &GuestRunner<NetGuest>) {
     let anomalies = runner.with(|w| w.anomalies());
     assert!(anomalies.is_empty(), "{anomalies:?}");
@@ -94,7 +112,7 @@ fn run(event_idx: bool) {
 
     // 1. Shadow and back with the receive ring idle.
     let rx = go_idle(&runner);
-    ctl.set_shadow(true).unwrap();
+    shadow_with_buffers_forwarded(&*ctl, rx);
     let before = reclaimed(&*ctl, 0);
     let t = Instant::now();
     ctl.set_shadow(false)
@@ -126,7 +144,7 @@ fn run(event_idx: bool) {
 
     // 3. VM stop in shadow mode: GET_VRING_BASE answers the guest index before the idle
     //    buffers, which a destination device takes from the guest ring.
-    ctl.set_shadow(true).unwrap();
+    shadow_with_buffers_forwarded(&*ctl, rx);
     let status = ctl.query_status();
     for (q, region) in regions.iter().enumerate() {
         assert_eq!(
