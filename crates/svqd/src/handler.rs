@@ -285,8 +285,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         let n = dev.num_queues();
         self.acked_protocol = acked;
         if self.queues.len() != n {
-            for q in &mut self.queues {
-                q.abandon_shadow();
+            for (i, q) in self.queues.iter_mut().enumerate() {
+                q.abandon_shadow(i);
             }
             self.queues = (0..n).map(|_| QueueSlot::new()).collect();
         }

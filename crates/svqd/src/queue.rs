@@ -162,11 +162,12 @@ impl QueueSlot {
     }
 
     /// Stop the shadow worker without draining (device reset, a connection is gone) and return
-    /// the queue to passthrough; the shadow queue is handed back (for its region).
-    pub fn abandon_shadow(&mut self) -> Option<Box<ShadowQueue>> {
+    /// the queue (index `queue`) to passthrough; the shadow queue is handed back (for its
+    /// region).
+    pub fn abandon_shadow(&mut self, queue: usize) -> Option<Box<ShadowQueue>> {
         match std::mem::replace(&mut self.mode, Mode::Passthrough) {
             Mode::Shadow(mut sq) => {
-                sq.abandon_worker();
+                sq.abandon_worker(queue);
                 Some(sq)
             }
             Mode::Passthrough => None,

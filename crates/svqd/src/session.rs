@@ -93,8 +93,8 @@ impl Session {
 
     /// Stop all workers without draining (the VMM or the device is gone) and forget the session.
     pub fn reset_session(&mut self) {
-        for q in &mut self.queues {
-            q.abandon_shadow();
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            q.abandon_shadow(i);
         }
         if let Some(d) = self.device.take() {
             d.close();

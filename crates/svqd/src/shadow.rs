@@ -168,12 +168,14 @@ pub struct ShadowQueue {
 }
 
 impl ShadowQueue {
-    /// Stop the worker at once, dropping the engine (device reset or a connection is gone).
-    pub fn abandon_worker(&mut self) {
+    /// Stop the worker of queue `queue` at once, dropping the engine (device reset or a
+    /// connection is gone).
+    pub fn abandon_worker(&mut self, queue: usize) {
         if let Some(w) = self.worker.take() {
             let exit = w.abandon();
             if exit.engine.in_flight() > 0 {
                 tracing::warn!(
+                    queue,
                     in_flight = exit.engine.in_flight(),
                     "shadow queue abandoned with requests in flight"
                 );

@@ -118,8 +118,8 @@ impl Switch<'_> {
     /// reset its rings (it may still be running one on them until then).
     pub fn reset_rings(&mut self) -> Vec<ShadowRegion> {
         let mut regions = self.space.take_parked();
-        for slot in self.queues.iter_mut() {
-            if let Some(sq) = slot.abandon_shadow() {
+        for (q, slot) in self.queues.iter_mut().enumerate() {
+            if let Some(sq) = slot.abandon_shadow(q) {
                 regions.push(sq.region.clone());
             }
             slot.vmm = VmmVring::default();
