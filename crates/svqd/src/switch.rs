@@ -220,6 +220,17 @@ impl Switch<'_> {
             )));
         };
         worker.hold();
+        // Disabled first, as on the way in (drain.rs): a vhost-user-backend up to 0.20 handles a
+        // kick event still queued in its thread even after GET_VRING_BASE, when the ring is no
+        // longer ready; its queue iteration then fails and its event loop ends for good
+        // (vhost-device-vsock, DESIGN.md). A disabled ring's events are dropped instead.
+        if self.device.has_enable() {
+            if let Err(e) = self.device.set_vring_enable(q, false) {
+                let exit = worker.stop();
+                self.respawn_shadow(q, sq, exit);
+                return Err(e);
+            }
+        }
         let size = sq.shadow_size;
         let mut quiet = Quiescer::new(self.features.event_idx);
         // The worker consumes the device's calls; completions show in the used index.
@@ -235,7 +246,10 @@ impl Switch<'_> {
         let base = match self.device.get_vring_base(q) {
             Ok(b) => b,
             Err(e) => {
-                // Nothing was stopped: let the worker go on.
+                // Nothing was stopped: let the worker go on, on the ring enabled again.
+                if self.device.has_enable() {
+                    let _ = self.device.set_vring_enable(q, true);
+                }
                 let exit = worker.stop();
                 self.respawn_shadow(q, sq, exit);
                 return Err(e);
@@ -278,6 +292,10 @@ impl Switch<'_> {
         if stopped {
             let ring = self.guest_ring_config(q)?;
             self.configure_device_ring(q, guest_idx, &ring)?;
+            // The VMM restarts the ring with its kick and may not send its enable again.
+            if self.device.has_enable() && self.queues[q].vmm.enabled {
+                self.device.set_vring_enable(q, true)?;
+            }
         } else {
             self.restart_passthrough(q, guest_idx)?;
             self.reannounce_after_switch(q);
@@ -350,10 +368,15 @@ impl Switch<'_> {
     ///
     /// * call before kick: the ring starts at the kick, and its first completion must find a
     ///   call fd (qemu-storage-daemon drops the connection otherwise);
-    /// * enable before kick: vhost-user-backend up to 0.20 reads and *discards* a kick that
-    ///   arrives while the ring is disabled, and without REPLY_ACK svqd cannot wait for an enable
-    ///   sent after the kick to be applied first. The backend handles messages in order, so the
-    ///   ring is enabled by the time its kick fd is watched.
+    /// * kick fd before enable: a vhost-user-backend up to 0.20 handles any event of an enabled
+    ///   ring, also one queued in its thread from before GET_VRING_BASE, and the ring is ready
+    ///   again only with its kick fd; an event handled while it is enabled but not ready fails
+    ///   its queue iteration and ends its event loop for good (vhost-device-vsock, DESIGN.md).
+    ///   The stop (`to_passthrough`, `drain_begin`) disables the ring first, so it stays
+    ///   disabled until it is ready;
+    /// * the kick after the enable was applied (a reply): up to 0.20 a kick that arrives while
+    ///   the ring is disabled is read and *discarded*; 0.24 keeps it pending until the enable
+    ///   registers the fd.
     fn start_device_ring(
         &mut self,
         q: usize,
@@ -365,11 +388,24 @@ impl Switch<'_> {
     ) -> Result<(), ProxyError> {
         self.configure_device_ring(q, base, ring)?;
         self.device.set_vring_call(q, call)?;
-        if self.device.has_enable() {
-            self.device.set_vring_enable(q, enabled)?;
+        if !self.device.has_enable() {
+            if let Some(kick) = kick {
+                self.device.hand_over_kick(q, kick)?;
+            }
+            return Ok(());
         }
         if let Some(kick) = kick {
-            self.device.hand_over_kick(q, kick)?;
+            if self.device.ignores_disable() {
+                // It starts at the kick fd: an event of the old fd still held by its thread
+                // must find this one non-empty (see `hand_over_kick`).
+                let _ = kick.write(1);
+            }
+            self.device.set_vring_kick(q, kick)?;
+        }
+        self.device.set_vring_enable(q, enabled)?;
+        if let Some(kick) = kick {
+            self.device.sync()?;
+            let _ = kick.write(1);
         }
         Ok(())
     }
