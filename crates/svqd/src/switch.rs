@@ -224,7 +224,7 @@ impl Switch<'_> {
         // kick event still queued in its thread even after GET_VRING_BASE, when the ring is no
         // longer ready; its queue iteration then fails and its event loop ends for good
         // (vhost-device-vsock, DESIGN.md). A disabled ring's events are dropped instead.
-        if self.device.has_enable() {
+        if self.device.has_enable() && !self.device.ignores_disable() {
             if let Err(e) = self.device.set_vring_enable(q, false) {
                 let exit = worker.stop();
                 self.respawn_shadow(q, sq, exit);
@@ -247,7 +247,7 @@ impl Switch<'_> {
             Ok(b) => b,
             Err(e) => {
                 // Nothing was stopped: let the worker go on, on the ring enabled again.
-                if self.device.has_enable() {
+                if self.device.has_enable() && !self.device.ignores_disable() {
                     let _ = self.device.set_vring_enable(q, true);
                 }
                 let exit = worker.stop();
@@ -293,7 +293,10 @@ impl Switch<'_> {
             let ring = self.guest_ring_config(q)?;
             self.configure_device_ring(q, guest_idx, &ring)?;
             // The VMM restarts the ring with its kick and may not send its enable again.
-            if self.device.has_enable() && self.queues[q].vmm.enabled {
+            if self.device.has_enable()
+                && !self.device.ignores_disable()
+                && self.queues[q].vmm.enabled
+            {
                 self.device.set_vring_enable(q, true)?;
             }
         } else {
@@ -377,6 +380,9 @@ impl Switch<'_> {
     /// * the kick after the enable was applied (a reply): up to 0.20 a kick that arrives while
     ///   the ring is disabled is read and *discarded*; 0.24 keeps it pending until the enable
     ///   registers the fd.
+    ///
+    /// A device that serves a disabled ring anyway (libvhost-user) or has no enable (vDPA) gets
+    /// the enable first and the kick fd last, without the extra round trip.
     fn start_device_ring(
         &mut self,
         q: usize,
@@ -388,18 +394,18 @@ impl Switch<'_> {
     ) -> Result<(), ProxyError> {
         self.configure_device_ring(q, base, ring)?;
         self.device.set_vring_call(q, call)?;
-        if !self.device.has_enable() {
+        if !self.device.has_enable() || self.device.ignores_disable() {
+            // The enable changes nothing for these (libvhost-user serves a disabled ring, vDPA
+            // rings run from DRIVER_OK): the kick fd alone starts the ring.
+            if self.device.has_enable() {
+                self.device.set_vring_enable(q, enabled)?;
+            }
             if let Some(kick) = kick {
                 self.device.hand_over_kick(q, kick)?;
             }
             return Ok(());
         }
         if let Some(kick) = kick {
-            if self.device.ignores_disable() {
-                // It starts at the kick fd: an event of the old fd still held by its thread
-                // must find this one non-empty (see `hand_over_kick`).
-                let _ = kick.write(1);
-            }
             self.device.set_vring_kick(q, kick)?;
         }
         self.device.set_vring_enable(q, enabled)?;
