@@ -224,7 +224,7 @@ impl Switch<'_> {
         // kick event still queued in its thread even after GET_VRING_BASE, when the ring is no
         // longer ready; its queue iteration then fails and its event loop ends for good
         // (vhost-device-vsock, DESIGN.md). A disabled ring's events are dropped instead.
-        if self.device.has_enable() && !self.device.ignores_disable() {
+        if self.device.honours_enable() {
             if let Err(e) = self.device.set_vring_enable(q, false) {
                 let exit = worker.stop();
                 self.respawn_shadow(q, sq, exit);
@@ -247,7 +247,7 @@ impl Switch<'_> {
             Ok(b) => b,
             Err(e) => {
                 // Nothing was stopped: let the worker go on, on the ring enabled again.
-                if self.device.has_enable() && !self.device.ignores_disable() {
+                if self.device.honours_enable() {
                     let _ = self.device.set_vring_enable(q, true);
                 }
                 let exit = worker.stop();
@@ -293,10 +293,7 @@ impl Switch<'_> {
             let ring = self.guest_ring_config(q)?;
             self.configure_device_ring(q, guest_idx, &ring)?;
             // The VMM restarts the ring with its kick and may not send its enable again.
-            if self.device.has_enable()
-                && !self.device.ignores_disable()
-                && self.queues[q].vmm.enabled
-            {
+            if self.device.honours_enable() && self.queues[q].vmm.enabled {
                 self.device.set_vring_enable(q, true)?;
             }
         } else {
@@ -394,7 +391,7 @@ impl Switch<'_> {
     ) -> Result<(), ProxyError> {
         self.configure_device_ring(q, base, ring)?;
         self.device.set_vring_call(q, call)?;
-        if !self.device.has_enable() || self.device.ignores_disable() {
+        if !self.device.honours_enable() {
             // The enable changes nothing for these (libvhost-user serves a disabled ring, vDPA
             // rings run from DRIVER_OK): the kick fd alone starts the ring.
             if self.device.has_enable() {

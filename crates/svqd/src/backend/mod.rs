@@ -100,6 +100,11 @@ pub trait BackendDevice: Send {
     /// Whether the device keeps serving a ring after it was disabled, so that a drain must also
     /// take its kick fd away (see `VhostUserDevice::ignores_disable`).
     fn ignores_disable(&self) -> bool;
+    /// Whether a disabled ring is one the device does not serve: it has an enable and does not
+    /// ignore it. Such a ring is disabled around a stop and restart (`switch.rs`).
+    fn honours_enable(&self) -> bool {
+        self.has_enable() && !self.ignores_disable()
+    }
     /// Which addresses SET_VRING_ADDR carries.
     fn ring_address_space(&self) -> RingAddressSpace {
         RingAddressSpace::VmmUser
