@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::backend::pipelined;
 use crate::error::ProxyError;
 use crate::quiesce::{wait_for_used, Quiescer, QUIESCE_LIMIT};
 use crate::shadow::ShadowQueue;
@@ -84,7 +85,8 @@ impl Switch<'_> {
         let drain_call = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
         let drain_kick = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
         let dev = &mut *self.device;
-        let res = (|| {
+        // One round trip for the three: the quiesce starts once all of them are applied.
+        let res = pipelined(dev, |dev| {
             dev.set_vring_call(q, &drain_call)?;
             if dev.has_enable() {
                 dev.set_vring_enable(q, false)?;
@@ -102,7 +104,7 @@ impl Switch<'_> {
             // read fail and end its event loop.
             let _ = drain_kick.write(1);
             dev.set_vring_kick(q, &drain_kick)
-        })();
+        });
         if let Err(e) = res {
             // Hand the running ring its own fds back rather than leave it signalling ours.
             let v = &self.queues[q].vmm;

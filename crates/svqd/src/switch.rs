@@ -14,7 +14,7 @@ use svq::SharedLog;
 use vhost::VringConfigData;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::BackendDevice;
+use crate::backend::{pipelined, BackendDevice};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::memory::MemoryTable;
@@ -232,7 +232,8 @@ impl Switch<'_> {
             }
         }
         let size = sq.shadow_size;
-        let mut quiet = Quiescer::new(self.features.event_idx);
+        // svqd is the ring's only driver and the worker holds it: its avail index is final.
+        let mut quiet = Quiescer::with_frozen_avail(self.features.event_idx);
         // The worker consumes the device's calls; completions show in the used index.
         quiet.wait(self.cfg.drain_timeout.min(QUIESCE_LIMIT), || {
             sq.region.indices(size).map(|r| (r, false))
@@ -291,11 +292,15 @@ impl Switch<'_> {
         self.space.park(q, sq.region);
         if stopped {
             let ring = self.guest_ring_config(q)?;
-            self.configure_device_ring(q, guest_idx, &ring)?;
             // The VMM restarts the ring with its kick and may not send its enable again.
-            if self.device.honours_enable() && self.queues[q].vmm.enabled {
-                self.device.set_vring_enable(q, true)?;
-            }
+            let enable = self.device.honours_enable() && self.queues[q].vmm.enabled;
+            pipelined(&mut *self.device, |dev| {
+                configure_device_ring(dev, q, guest_idx, &ring)?;
+                if enable {
+                    dev.set_vring_enable(q, true)?;
+                }
+                Ok(())
+            })?;
         } else {
             self.restart_passthrough(q, guest_idx)?;
             self.reannounce_after_switch(q);
@@ -389,40 +394,32 @@ impl Switch<'_> {
         enabled: bool,
         kick: Option<&EventFd>,
     ) -> Result<(), ProxyError> {
-        self.configure_device_ring(q, base, ring)?;
-        self.device.set_vring_call(q, call)?;
-        if !self.device.honours_enable() {
-            // The enable changes nothing for these (libvhost-user serves a disabled ring, vDPA
-            // rings run from DRIVER_OK): the kick fd alone starts the ring.
-            if self.device.has_enable() {
-                self.device.set_vring_enable(q, enabled)?;
+        let honours_enable = self.device.honours_enable();
+        // One round trip for the whole sequence; with an honoured enable, the end of the
+        // pipeline is also the reply that shows the enable applied before the kick.
+        pipelined(&mut *self.device, |dev| {
+            configure_device_ring(dev, q, base, ring)?;
+            dev.set_vring_call(q, call)?;
+            if !honours_enable {
+                // The enable changes nothing for these (libvhost-user serves a disabled ring,
+                // vDPA rings run from DRIVER_OK): the kick fd alone starts the ring.
+                if dev.has_enable() {
+                    dev.set_vring_enable(q, enabled)?;
+                }
+                if let Some(kick) = kick {
+                    dev.hand_over_kick(q, kick)?;
+                }
+                return Ok(());
             }
             if let Some(kick) = kick {
-                self.device.hand_over_kick(q, kick)?;
+                dev.set_vring_kick(q, kick)?;
             }
-            return Ok(());
-        }
-        if let Some(kick) = kick {
-            self.device.set_vring_kick(q, kick)?;
-        }
-        self.device.set_vring_enable(q, enabled)?;
-        if let Some(kick) = kick {
-            self.device.sync()?;
+            dev.set_vring_enable(q, enabled)
+        })?;
+        if let (true, Some(kick)) = (honours_enable, kick) {
             let _ = kick.write(1);
         }
         Ok(())
-    }
-
-    /// Point the stopped device ring `q` at `ring`, index `base` (the ring does not start).
-    fn configure_device_ring(
-        &mut self,
-        q: usize,
-        base: u16,
-        ring: &VringConfigData,
-    ) -> Result<(), ProxyError> {
-        self.device.set_vring_num(q, ring.queue_size)?;
-        self.device.set_vring_base(q, base)?;
-        self.device.set_vring_addr(q, ring)
     }
 
     /// After svqd stopped and restarted ring `q` of a running device: re-send the enable of
@@ -453,12 +450,15 @@ impl Switch<'_> {
         if others.is_empty() {
             return Ok(());
         }
-        for &(i, _) in &others {
-            for enable in [false, true] {
-                self.device.set_vring_enable(i, enable)?;
+        // The end of the pipeline is the reply that shows the enables applied.
+        pipelined(&mut *self.device, |dev| {
+            for &(i, _) in &others {
+                for enable in [false, true] {
+                    dev.set_vring_enable(i, enable)?;
+                }
             }
-        }
-        self.device.sync()?;
+            Ok(())
+        })?;
         for (_, kick) in &others {
             let _ = kick.write(1);
         }
@@ -623,6 +623,18 @@ impl Switch<'_> {
 }
 
 /// The shadow ring's configuration for the device.
+/// Point the stopped device ring `q` at `ring`, index `base` (the ring does not start).
+fn configure_device_ring(
+    dev: &mut dyn BackendDevice,
+    q: usize,
+    base: u16,
+    ring: &VringConfigData,
+) -> Result<(), ProxyError> {
+    dev.set_vring_num(q, ring.queue_size)?;
+    dev.set_vring_base(q, base)?;
+    dev.set_vring_addr(q, ring)
+}
+
 fn shadow_vring_config(engine: &Engine) -> VringConfigData {
     let (desc, avail, used) = engine.device_addrs();
     let size = engine.config().shadow_size;

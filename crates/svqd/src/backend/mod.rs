@@ -150,6 +150,17 @@ pub trait BackendDevice: Send {
     fn hand_over_kick(&mut self, q: usize, kick: &EventFd) -> DeviceResult<()>;
     /// Return once the device applied every earlier request (a request with a reply).
     fn sync(&mut self) -> DeviceResult<()>;
+    /// Send the requests that follow back to back, without waiting for each one's
+    /// acknowledgement, until [`BackendDevice::end_pipeline`]. A device handles requests in
+    /// order, so one reply at the end covers them all; a request it refuses then shows as the
+    /// connection closing (what libvhost-user, DPDK and vhost-user-backend do with a failed
+    /// request nobody waits for), and surfaces at the end. Use [`pipelined`].
+    fn begin_pipeline(&mut self) {}
+    /// End what [`BackendDevice::begin_pipeline`] started: return once the device applied every
+    /// request sent since (one round trip instead of one per request).
+    fn end_pipeline(&mut self) -> DeviceResult<()> {
+        Ok(())
+    }
 
     // -- device ----------------------------------------------------------------------------
 
@@ -207,6 +218,21 @@ pub trait BackendDevice: Send {
     fn hung_up(&self) -> bool;
     /// Close the connection (a vhost-user backend resets its state on disconnect).
     fn close(&self);
+}
+
+/// Send `f`'s requests to `dev` as one pipeline (see [`BackendDevice::begin_pipeline`]): a
+/// sequence of ring requests to a backend busy with I/O costs one round trip, not one each. The
+/// first error wins; the pipeline is ended either way.
+pub fn pipelined<T>(
+    dev: &mut dyn BackendDevice,
+    f: impl FnOnce(&mut dyn BackendDevice) -> DeviceResult<T>,
+) -> DeviceResult<T> {
+    dev.begin_pipeline();
+    let res = f(dev);
+    let applied = dev.end_pipeline();
+    let v = res?;
+    applied?;
+    Ok(v)
 }
 
 fn unsupported(kind: &str, what: &str) -> ProxyError {

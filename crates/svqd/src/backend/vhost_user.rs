@@ -49,6 +49,8 @@ pub struct VhostUserDevice {
     watchdog: RequestWatchdog,
     /// How long a request may wait for its reply.
     request_timeout: Duration,
+    /// Inside a pipeline (see [`BackendDevice::begin_pipeline`]).
+    pipelining: bool,
 }
 
 impl VhostUserDevice {
@@ -138,6 +140,7 @@ impl VhostUserDevice {
             stream: keep,
             watchdog,
             request_timeout,
+            pipelining: false,
         })
     }
 
@@ -343,6 +346,27 @@ impl BackendDevice for VhostUserDevice {
         Ok(())
     }
 
+    /// Requests go out without NEED_REPLY until the pipeline ends (as QEMU sends its ring
+    /// requests); without REPLY_ACK they are never acknowledged anyway.
+    fn begin_pipeline(&mut self) {
+        self.fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+        self.pipelining = true;
+    }
+
+    /// One GET_FEATURES answers for the whole pipeline (with or without REPLY_ACK).
+    fn end_pipeline(&mut self) -> DeviceResult<()> {
+        if !std::mem::take(&mut self.pipelining) {
+            return Ok(());
+        }
+        if self
+            .acked_protocol
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+        {
+            self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        self.sync()
+    }
+
     fn reset_device(&mut self) -> DeviceResult<()> {
         self.call("RESET_DEVICE", |fe| fe.reset_device())
     }
@@ -416,5 +440,123 @@ impl BackendDevice for VhostUserDevice {
 
     fn close(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::pipelined;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::{Arc, Mutex};
+
+    const GET_FEATURES: u32 = 1;
+    const SET_VRING_NUM: u32 = 8;
+    const SET_VRING_BASE: u32 = 10;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+    const SET_VRING_ENABLE: u32 = 18;
+    const VERSION: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    const NEED_REPLY: u32 = 0x8;
+
+    /// (request code, header flags) of every request, in arrival order.
+    type Seen = Arc<Mutex<Vec<(u32, u32)>>>;
+
+    /// A backend that speaks just enough vhost-user on the wire: it records every request's code
+    /// and header flags, answers GET_* and acks what asks for an ack. With `refuse`, it closes
+    /// the connection at that request (what a backend does with a failed request nobody waits
+    /// for).
+    fn wire_backend(refuse: Option<u32>) -> (tempfile::TempDir, Seen) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(dir.path().join("b.sock")).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            loop {
+                let mut hdr = [0u8; 12];
+                if s.read_exact(&mut hdr).is_err() {
+                    return;
+                }
+                let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+                let (code, flags, size) = (word(0), word(4), word(8));
+                let mut body = vec![0u8; size as usize];
+                s.read_exact(&mut body).unwrap();
+                log.lock().unwrap().push((code, flags));
+                if Some(code) == refuse {
+                    return;
+                }
+                let value: u64 = match code {
+                    GET_FEATURES => VHOST_USER_F_PROTOCOL_FEATURES | 1 << 32,
+                    GET_PROTOCOL_FEATURES => VhostUserProtocolFeatures::REPLY_ACK.bits(),
+                    _ if flags & NEED_REPLY != 0 => 0,
+                    _ => continue,
+                };
+                let mut reply = Vec::new();
+                for w in [code, VERSION | REPLY, 8] {
+                    reply.extend_from_slice(&w.to_le_bytes());
+                }
+                reply.extend_from_slice(&value.to_le_bytes());
+                s.write_all(&reply).unwrap();
+            }
+        });
+        (dir, seen)
+    }
+
+    fn connected(dir: &tempfile::TempDir) -> VhostUserDevice {
+        let mut dev = VhostUserDevice::connect(
+            &dir.path().join("b.sock"),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        dev.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+            .unwrap();
+        dev.set_features(VHOST_USER_F_PROTOCOL_FEATURES | 1 << 32)
+            .unwrap();
+        dev
+    }
+
+    #[test]
+    fn a_pipeline_sends_its_requests_without_acks_and_waits_once_at_the_end() {
+        let (dir, seen) = wire_backend(None);
+        let mut dev = connected(&dir);
+        seen.lock().unwrap().clear();
+        dev.set_vring_num(0, 256).unwrap();
+        pipelined(&mut dev, |d| {
+            d.set_vring_num(0, 128)?;
+            d.set_vring_base(0, 7)?;
+            d.set_vring_enable(0, true)
+        })
+        .unwrap();
+        dev.set_vring_base(0, 9).unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let acked = |(code, flags): (u32, u32)| (code, flags & NEED_REPLY != 0);
+        assert_eq!(
+            seen.into_iter().map(acked).collect::<Vec<_>>(),
+            [
+                (SET_VRING_NUM, true),
+                (SET_VRING_NUM, false),
+                (SET_VRING_BASE, false),
+                (SET_VRING_ENABLE, false),
+                (GET_FEATURES, true),
+                (SET_VRING_BASE, true),
+            ],
+            "acks are off inside the pipeline only, and one reply ends it"
+        );
+    }
+
+    #[test]
+    fn a_request_refused_inside_a_pipeline_fails_its_end() {
+        let (dir, seen) = wire_backend(Some(SET_VRING_BASE));
+        let mut dev = connected(&dir);
+        let res = pipelined(&mut dev, |d| {
+            d.set_vring_num(0, 128)?;
+            d.set_vring_base(0, 7)
+        });
+        assert!(res.is_err(), "the closed connection shows at the end");
+        assert!(seen.lock().unwrap().contains(&(SET_VRING_BASE, VERSION)));
+        assert!(dev.set_vring_num(0, 64).is_err(), "the connection is gone");
     }
 }
