@@ -42,6 +42,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CLK = os.sysconf("SC_CLK_TCK")
+# What starts the dedicated layout's io loop: forwarding, after one burst of 32 packets per port.
+SEED = "start tx_first 32\n"
 
 
 def die(msg):
@@ -159,8 +161,22 @@ def start_svqd(path, a, dev_sock, vmm_sock, ctl, logs, pin=None):
     if pin is not None:
         argv = ["taskset", "-c", pin] + argv
     p = Proc("svqd", argv, logs)
+    if getattr(a, "svqd_nice", 0):
+        set_group_nice(p.p.pid, a.svqd_nice)
     wait_path(vmm_sock)
     return p
+
+
+def set_group_nice(pid, nice):
+    """Weight svqd's scheduling group against the peers'. Every process here runs in a session of
+    its own, so with CONFIG_SCHED_AUTOGROUP the kernel shares a CPU between the three processes
+    as groups (a thread's own nice only counts inside its group): the autogroup's nice is what a
+    cgroup's CPUWeight= is under systemd."""
+    path = Path(f"/proc/{pid}/autogroup")
+    try:
+        path.write_text(str(nice))
+    except OSError as e:
+        die(f"--svqd-nice: cannot set {path} ({e}); is CONFIG_SCHED_AUTOGROUP on?")
 
 
 def run_path(path, a, work, logs):
@@ -217,7 +233,7 @@ def run_path(path, a, work, logs):
             # and decays to a trickle (through svqd, the receive buffers the driver refills
             # reach the device one relay later). --no-tx-retry measures that variant.
             fwd = "" if a.no_tx_retry else "set fwd io retry\n"
-            tp.p.stdin.write(f"{fwd}start tx_first 32\n".encode())
+            tp.p.stdin.write(f"{fwd}{SEED}".encode())
             tp.p.stdin.flush()
             rate_proc, port = tp, None
         time.sleep(1.5)
@@ -235,7 +251,7 @@ def run_path(path, a, work, logs):
                     c0 = c1
                     break
                 reseeded += 1
-                rate_proc.p.stdin.write(b"stop\nstart tx_first 32\n")
+                rate_proc.p.stdin.write(f"stop\n{SEED}".encode())
                 rate_proc.p.stdin.flush()
                 time.sleep(0.5)
                 c0 = io_packets(rate_proc)
@@ -441,7 +457,8 @@ def share_text(x):
 def dpdk_table(a, rounds, med):
     lines = [f"layout {a.layout}, {a.pkt} B, {a.queues} queue pair(s), {a.rounds} rounds of {a.seconds} s, "
              f"{a.ring_desc or 'default (512)'} descriptors per testpmd queue, "
-             f"svqd {' '.join(a.svqd_arg) or '(defaults)'}",
+             f"svqd {' '.join(a.svqd_arg) or '(defaults)'}"
+             + (f", svqd's group at nice {a.svqd_nice}" if a.svqd_nice else ""),
              "", "| round | direct Mpps | passthrough | shadow | svqd ns/desc (shadow) | CPU share, direct | CPU share, shadow |"
              + (" direct again |" if a.control_direct else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if a.control_direct else "")]
@@ -463,7 +480,8 @@ def blk_table(a, rounds, med):
     lines = [f"block: qemu-storage-daemon on a {a.disk_mib} MiB raw image in {a.image_dir}, "
              f"{a.queues} queue(s), depth {a.depth}, 4 KiB, {a.read_pct}% reads, "
              f"{a.indirect_pct}% indirect, {a.rounds} rounds of {a.seconds} s after {a.warmup} s warm-up, "
-             f"svqd {' '.join(a.svqd_arg) or '(defaults)'}",
+             f"svqd {' '.join(a.svqd_arg) or '(defaults)'}"
+             + (f", svqd's group at nice {a.svqd_nice}" if a.svqd_nice else ""),
              "", "| round | direct kIOPS | passthrough | shadow | p50/p99 µs direct | p50/p99 µs passthrough "
              "| p50/p99 µs shadow | svqd ns/desc, ns/request (shadow) | CPU share, direct | CPU share, passthrough "
              "| CPU share, shadow |",
@@ -500,6 +518,10 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench-results"))
     ap.add_argument("--svqd-arg", action="append", default=[],
                     help="extra svqd argument (repeatable), e.g. --svqd-arg=--poll-us=50")
+    ap.add_argument("--svqd-nice", type=int, default=0,
+                    help="nice value of svqd's scheduling group (its autogroup), e.g. -10: how "
+                         "much CPU weight svqd has against the peers, as CPUWeight= of its "
+                         "systemd unit would give it (0: the same as each peer)")
     g = ap.add_argument_group("dpdk workload")
     g.add_argument("--layout", choices=["contended", "dedicated"], default="contended")
     g.add_argument("--pkt", type=int, default=64, help="packet size in bytes (txonly / tx_first)")

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::pipelined;
+use crate::backend::{pipelined, Await};
 use crate::error::ProxyError;
 use crate::quiesce::{wait_for_used, Quiescer, QUIESCE_LIMIT};
 use crate::shadow::ShadowQueue;
@@ -86,7 +86,7 @@ impl Switch<'_> {
         let drain_kick = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
         let dev = &mut *self.device;
         // One round trip for the three: the quiesce starts once all of them are applied.
-        let res = pipelined(dev, |dev| {
+        let res = pipelined(dev, Await::Applied, |dev| {
             dev.set_vring_call(q, &drain_call)?;
             if dev.has_enable() {
                 dev.set_vring_enable(q, false)?;

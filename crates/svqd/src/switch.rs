@@ -14,7 +14,7 @@ use svq::SharedLog;
 use vhost::VringConfigData;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{pipelined, BackendDevice};
+use crate::backend::{pipelined, Await, BackendDevice};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::memory::MemoryTable;
@@ -292,9 +292,10 @@ impl Switch<'_> {
         self.space.park(q, sq.region);
         if stopped {
             let ring = self.guest_ring_config(q)?;
-            // The VMM restarts the ring with its kick and may not send its enable again.
+            // The VMM restarts the ring with its kick and may not send its enable again. Its
+            // own requests follow these on the same connection, so none needs an answer first.
             let enable = self.device.honours_enable() && self.queues[q].vmm.enabled;
-            pipelined(&mut *self.device, |dev| {
+            pipelined(&mut *self.device, Await::Sent, |dev| {
                 configure_device_ring(dev, q, guest_idx, &ring)?;
                 if enable {
                     dev.set_vring_enable(q, true)?;
@@ -395,9 +396,14 @@ impl Switch<'_> {
         kick: Option<&EventFd>,
     ) -> Result<(), ProxyError> {
         let honours_enable = self.device.honours_enable();
-        // One round trip for the whole sequence; with an honoured enable, the end of the
-        // pipeline is also the reply that shows the enable applied before the kick.
-        pipelined(&mut *self.device, |dev| {
+        // One pipeline for the whole sequence. With an honoured enable and a kick, its end is
+        // the reply that shows the enable applied before the kick; otherwise nothing here waits
+        // (the device handles the requests in order, and the ring runs once it has them).
+        let until = match (honours_enable, kick) {
+            (true, Some(_)) => Await::Applied,
+            _ => Await::Sent,
+        };
+        pipelined(&mut *self.device, until, |dev| {
             configure_device_ring(dev, q, base, ring)?;
             dev.set_vring_call(q, call)?;
             if !honours_enable {
@@ -451,7 +457,7 @@ impl Switch<'_> {
             return Ok(());
         }
         // The end of the pipeline is the reply that shows the enables applied.
-        pipelined(&mut *self.device, |dev| {
+        pipelined(&mut *self.device, Await::Applied, |dev| {
             for &(i, _) in &others {
                 for enable in [false, true] {
                     dev.set_vring_enable(i, enable)?;

@@ -23,6 +23,15 @@ use vm_memory::{Bytes, GuestAddress};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The shadow worker threads of this process: (name, CPUs it may run on).
+/// Wait (bounded) until no worker thread is left: one ends by itself once its last ring left,
+/// shortly after the switch or the test that detached it returned.
+fn await_no_worker_thread() {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !worker_threads().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn worker_threads() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
@@ -76,6 +85,7 @@ fn await_progress(rig: &Rig, q: usize, than: u64) {
 #[test]
 fn one_thread_serves_every_shadowed_ring_and_none_runs_in_passthrough() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    await_no_worker_thread();
     let rig = Rig::new(RigOptions {
         queues: 2,
         ..Default::default()
@@ -96,6 +106,8 @@ fn one_thread_serves_every_shadowed_ring_and_none_runs_in_passthrough() {
         await_progress(&rig, 0, before[0]);
         await_progress(&rig, 1, before[1]);
         ctl.set_shadow(false).unwrap();
+        // It ends by itself, after the switch returned (nobody waits for its exit).
+        await_no_worker_thread();
         assert_eq!(worker_threads(), [], "the thread ends with its last ring");
     }
     check_blk_run(&rig, runner);
@@ -104,6 +116,7 @@ fn one_thread_serves_every_shadowed_ring_and_none_runs_in_passthrough() {
 #[test]
 fn worker_cpus_give_each_listed_cpu_its_own_pinned_thread() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    await_no_worker_thread();
     let cpus: Vec<usize> = if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
         vec![0, 1]
     } else {
@@ -130,6 +143,7 @@ fn worker_cpus_give_each_listed_cpu_its_own_pinned_thread() {
 #[test]
 fn a_ring_its_guest_breaks_stops_alone_and_the_thread_serves_the_others() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    await_no_worker_thread();
     let rig = Rig::new(RigOptions {
         queues: 2,
         policy: ShadowPolicy::Always,

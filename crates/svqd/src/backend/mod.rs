@@ -156,9 +156,9 @@ pub trait BackendDevice: Send {
     /// connection closing (what libvhost-user, DPDK and vhost-user-backend do with a failed
     /// request nobody waits for), and surfaces at the end. Use [`pipelined`].
     fn begin_pipeline(&mut self) {}
-    /// End what [`BackendDevice::begin_pipeline`] started: return once the device applied every
-    /// request sent since (one round trip instead of one per request).
-    fn end_pipeline(&mut self) -> DeviceResult<()> {
+    /// End what [`BackendDevice::begin_pipeline`] started; with [`Await::Applied`], return once
+    /// the device applied every request sent since (one round trip instead of one per request).
+    fn end_pipeline(&mut self, _until: Await) -> DeviceResult<()> {
         Ok(())
     }
 
@@ -220,18 +220,32 @@ pub trait BackendDevice: Send {
     fn close(&self);
 }
 
+/// How long the end of a pipeline waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Await {
+    /// Until the device applied every request of the pipeline: what follows depends on it (a
+    /// quiesce, a kick that must find the ring enabled).
+    Applied,
+    /// Only until the requests are sent: nothing svqd does next depends on them having been
+    /// applied, and the device handles requests in order. A backend busy with I/O answers a
+    /// reply-bearing request only after the I/O the restarted ring's kick started (~0.2 ms with
+    /// qemu-storage-daemon at QD16). A refusal shows later, as the connection closing.
+    Sent,
+}
+
 /// Send `f`'s requests to `dev` as one pipeline (see [`BackendDevice::begin_pipeline`]): a
-/// sequence of ring requests to a backend busy with I/O costs one round trip, not one each. The
-/// first error wins; the pipeline is ended either way.
+/// sequence of ring requests to a backend busy with I/O costs one round trip, not one each, or
+/// none with [`Await::Sent`]. The first error wins; the pipeline is ended either way.
 pub fn pipelined<T>(
     dev: &mut dyn BackendDevice,
+    until: Await,
     f: impl FnOnce(&mut dyn BackendDevice) -> DeviceResult<T>,
 ) -> DeviceResult<T> {
     dev.begin_pipeline();
     let res = f(dev);
-    let applied = dev.end_pipeline();
+    let ended = dev.end_pipeline(until);
     let v = res?;
-    applied?;
+    ended?;
     Ok(v)
 }
 

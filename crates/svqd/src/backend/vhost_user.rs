@@ -16,7 +16,7 @@ use vhost::{VhostBackend, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::watchdog::RequestWatchdog;
-use super::{BackendDevice, DeviceRegion, DeviceResult};
+use super::{Await, BackendDevice, DeviceRegion, DeviceResult};
 use crate::error::ProxyError;
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
 
@@ -354,7 +354,7 @@ impl BackendDevice for VhostUserDevice {
     }
 
     /// One GET_FEATURES answers for the whole pipeline (with or without REPLY_ACK).
-    fn end_pipeline(&mut self) -> DeviceResult<()> {
+    fn end_pipeline(&mut self, until: Await) -> DeviceResult<()> {
         if !std::mem::take(&mut self.pipelining) {
             return Ok(());
         }
@@ -364,7 +364,10 @@ impl BackendDevice for VhostUserDevice {
         {
             self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
-        self.sync()
+        match until {
+            Await::Applied => self.sync(),
+            Await::Sent => Ok(()),
+        }
     }
 
     fn reset_device(&mut self) -> DeviceResult<()> {
@@ -446,7 +449,7 @@ impl BackendDevice for VhostUserDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::pipelined;
+    use crate::backend::{pipelined, Await};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
     use std::sync::{Arc, Mutex};
@@ -519,18 +522,20 @@ mod tests {
     }
 
     #[test]
-    fn a_pipeline_sends_its_requests_without_acks_and_waits_once_at_the_end() {
+    fn a_pipeline_sends_its_requests_without_acks_and_waits_at_most_once() {
         let (dir, seen) = wire_backend(None);
         let mut dev = connected(&dir);
         seen.lock().unwrap().clear();
         dev.set_vring_num(0, 256).unwrap();
-        pipelined(&mut dev, |d| {
+        pipelined(&mut dev, Await::Applied, |d| {
             d.set_vring_num(0, 128)?;
             d.set_vring_base(0, 7)?;
             d.set_vring_enable(0, true)
         })
         .unwrap();
         dev.set_vring_base(0, 9).unwrap();
+        pipelined(&mut dev, Await::Sent, |d| d.set_vring_enable(0, false)).unwrap();
+        dev.set_vring_num(0, 64).unwrap();
         let seen = seen.lock().unwrap().clone();
         let acked = |(code, flags): (u32, u32)| (code, flags & NEED_REPLY != 0);
         assert_eq!(
@@ -542,8 +547,11 @@ mod tests {
                 (SET_VRING_ENABLE, false),
                 (GET_FEATURES, true),
                 (SET_VRING_BASE, true),
+                (SET_VRING_ENABLE, false),
+                (SET_VRING_NUM, true),
             ],
-            "acks are off inside the pipeline only, and one reply ends it"
+            "acks are off inside a pipeline only; one reply ends it when it must be applied, \
+             none when sent is enough"
         );
     }
 
@@ -551,7 +559,7 @@ mod tests {
     fn a_request_refused_inside_a_pipeline_fails_its_end() {
         let (dir, seen) = wire_backend(Some(SET_VRING_BASE));
         let mut dev = connected(&dir);
-        let res = pipelined(&mut dev, |d| {
+        let res = pipelined(&mut dev, Await::Applied, |d| {
             d.set_vring_num(0, 128)?;
             d.set_vring_base(0, 7)
         });
