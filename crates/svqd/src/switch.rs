@@ -628,7 +628,6 @@ impl Switch<'_> {
     }
 }
 
-/// The shadow ring's configuration for the device.
 /// Point the stopped device ring `q` at `ring`, index `base` (the ring does not start).
 fn configure_device_ring(
     dev: &mut dyn BackendDevice,
@@ -641,6 +640,7 @@ fn configure_device_ring(
     dev.set_vring_addr(q, ring)
 }
 
+/// The shadow ring's configuration for the device.
 fn shadow_vring_config(engine: &Engine) -> VringConfigData {
     let (desc, avail, used) = engine.device_addrs();
     let size = engine.config().shadow_size;

@@ -154,7 +154,8 @@ pub trait BackendDevice: Send {
     /// acknowledgement, until [`BackendDevice::end_pipeline`]. A device handles requests in
     /// order, so one reply at the end covers them all; a request it refuses then shows as the
     /// connection closing (what libvhost-user, DPDK and vhost-user-backend do with a failed
-    /// request nobody waits for), and surfaces at the end. Use [`pipelined`].
+    /// request nobody waits for): at the end of the pipeline, or at the next request when the
+    /// end does not wait. Use [`pipelined`].
     fn begin_pipeline(&mut self) {}
     /// End what [`BackendDevice::begin_pipeline`] started; with [`Await::Applied`], return once
     /// the device applied every request sent since (one round trip instead of one per request).

@@ -454,14 +454,17 @@ mod tests {
     use std::os::unix::net::UnixListener;
     use std::sync::{Arc, Mutex};
 
-    const GET_FEATURES: u32 = 1;
-    const SET_VRING_NUM: u32 = 8;
-    const SET_VRING_BASE: u32 = 10;
-    const GET_PROTOCOL_FEATURES: u32 = 15;
-    const SET_VRING_ENABLE: u32 = 18;
+    use vhost::vhost_user::message::FrontendReq;
+
+    const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+    const SET_VRING_NUM: u32 = FrontendReq::SET_VRING_NUM as u32;
+    const SET_VRING_BASE: u32 = FrontendReq::SET_VRING_BASE as u32;
+    const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;
+    const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+    /// Protocol version 1, the only one.
     const VERSION: u32 = 0x1;
-    const REPLY: u32 = 0x4;
-    const NEED_REPLY: u32 = 0x8;
+    const REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+    const NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 
     /// (request code, header flags) of every request, in arrival order.
     type Seen = Arc<Mutex<Vec<(u32, u32)>>>;
