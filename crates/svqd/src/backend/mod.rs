@@ -147,6 +147,8 @@ pub trait BackendDevice: Send {
     /// and did not complete may still complete afterwards (vhost-user backends answer at once).
     fn get_vring_base(&mut self, q: usize) -> DeviceResult<u16>;
     /// Hand `kick` to the stopped ring `q` so that it starts, and kick it once (it scans the ring).
+    /// Only for a device that does not honour the enable (`honours_enable()` false): the others
+    /// are started in the order `switch.rs` (`start_device_ring`) gives them.
     fn hand_over_kick(&mut self, q: usize, kick: &EventFd) -> DeviceResult<()>;
     /// Return once the device applied every earlier request (a request with a reply).
     fn sync(&mut self) -> DeviceResult<()>;

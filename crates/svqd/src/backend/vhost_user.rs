@@ -320,24 +320,16 @@ impl BackendDevice for VhostUserDevice {
         Ok(base as u16)
     }
 
-    /// When to kick depends on the backend. libvhost-user (and anything else that ignores
-    /// `SET_VRING_ENABLE 0`): before handing the fd over, as always. vhost-user-backend up to
-    /// 0.20 watches a new kick fd *before* it marks the queue ready, so a kick already pending
-    /// can be handled on a queue that is not ready yet; the device's pop fails and the daemon's
-    /// epoll thread ends for good (measured with vhost-device-rng: the ring never moves again).
-    /// So for these backends the fd is handed over empty, a request with a reply (GET_FEATURES)
-    /// waits until the backend applied it, and only then is it kicked.
+    /// Kicked *before* the fd is handed over: libvhost-user (and anything else that ignores
+    /// `SET_VRING_ENABLE 0`) picks the pending kick up once it watches the fd. A backend that
+    /// honours the enable is never started this way: up to vhost-user-backend 0.20 it watches a
+    /// new kick fd before it marks the queue ready, and a pending kick then ends its event loop;
+    /// `switch.rs` (`start_device_ring`) hands it the fd empty and kicks once a reply shows the
+    /// ring enabled.
     fn hand_over_kick(&mut self, q: usize, kick: &EventFd) -> DeviceResult<()> {
-        let early = self.ignores_disable();
-        if early {
-            let _ = kick.write(1);
-        }
-        self.set_vring_kick(q, kick)?;
-        if !early {
-            self.sync()?;
-            let _ = kick.write(1);
-        }
-        Ok(())
+        debug_assert!(self.ignores_disable(), "see switch.rs start_device_ring");
+        let _ = kick.write(1);
+        self.set_vring_kick(q, kick)
     }
 
     /// GET_FEATURES: answered only after every earlier message was handled.
