@@ -454,11 +454,16 @@ def share_text(x):
     return " ".join(f"{k} {v:.2f}" for k, v in x["share"].items())
 
 
+def svqd_text(a):
+    """How svqd ran, for a table's heading."""
+    nice = f", svqd's group at nice {a.svqd_nice}" if a.svqd_nice else ""
+    return f"svqd {' '.join(a.svqd_arg) or '(defaults)'}{nice}"
+
+
 def dpdk_table(a, rounds, med):
     lines = [f"layout {a.layout}, {a.pkt} B, {a.queues} queue pair(s), {a.rounds} rounds of {a.seconds} s, "
              f"{a.ring_desc or 'default (512)'} descriptors per testpmd queue, "
-             f"svqd {' '.join(a.svqd_arg) or '(defaults)'}"
-             + (f", svqd's group at nice {a.svqd_nice}" if a.svqd_nice else ""),
+             f"{svqd_text(a)}",
              "", "| round | direct Mpps | passthrough | shadow | svqd ns/desc (shadow) | CPU share, direct | CPU share, shadow |"
              + (" direct again |" if a.control_direct else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if a.control_direct else "")]
@@ -480,8 +485,7 @@ def blk_table(a, rounds, med):
     lines = [f"block: qemu-storage-daemon on a {a.disk_mib} MiB raw image in {a.image_dir}, "
              f"{a.queues} queue(s), depth {a.depth}, 4 KiB, {a.read_pct}% reads, "
              f"{a.indirect_pct}% indirect, {a.rounds} rounds of {a.seconds} s after {a.warmup} s warm-up, "
-             f"svqd {' '.join(a.svqd_arg) or '(defaults)'}"
-             + (f", svqd's group at nice {a.svqd_nice}" if a.svqd_nice else ""),
+             f"{svqd_text(a)}",
              "", "| round | direct kIOPS | passthrough | shadow | p50/p99 µs direct | p50/p99 µs passthrough "
              "| p50/p99 µs shadow | svqd ns/desc, ns/request (shadow) | CPU share, direct | CPU share, passthrough "
              "| CPU share, shadow |",
