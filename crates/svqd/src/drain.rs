@@ -3,13 +3,14 @@
 //! device took before it stopped (on the guest ring at the VMM's GET_VRING_BASE, on the shadow
 //! ring at a switch back). Part of [`Switch`]; the quiesce rules are in [`crate::quiesce`].
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{pipelined, Await};
 use crate::error::ProxyError;
-use crate::quiesce::{wait_for_used, Quiescer, QUIESCE_LIMIT};
+use crate::quiesce::{wait_for_used, Look, Quiescer, QUIESCE_LIMIT};
 use crate::shadow::ShadowQueue;
 use crate::stats::QueueStats;
 use crate::switch::Switch;
@@ -19,8 +20,24 @@ struct DrainCtx {
     /// svqd's call fd given to the device.
     drain_call: EventFd,
     /// svqd's kick fd given to the device (kept open until the ring is stopped).
-    _drain_kick: EventFd,
+    drain_kick: EventFd,
+    /// Whether `drain_kick` went to a device that reads it: its count then shows whether the
+    /// device began its scan.
+    scan_visible: bool,
     quiet: Quiescer,
+}
+
+/// Whether an eventfd's count is non-zero (an unread kick), looked at without reading it.
+fn eventfd_unread(fd: &EventFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, owned by this frame, for the duration of the call; a zero
+    // timeout never blocks.
+    let ready = unsafe { libc::poll(&mut p, 1, 0) };
+    ready > 0 && p.revents & libc::POLLIN != 0
 }
 
 /// Wait (bounded by `timeout`) until `used` reaches `base`; the error says how many are left.
@@ -57,7 +74,10 @@ impl Switch<'_> {
     /// 4. Quiesce ([`Quiescer`]): until everything published is completed, or with EVENT_IDX
     ///    until the guest used idx equals the avail_event the device writes on every pop
     ///    (everything popped is completed); otherwise until the used idx and calls stay still
-    ///    for a quiet period.
+    ///    for a quiet period. A device kicked in step 3 must first have read that kick, and its
+    ///    avail_event reached what was published before it: until then its scan may take more,
+    ///    and qemu-storage-daemon drops the connection when a request taken then completes
+    ///    after GET_VRING_BASE closed its call fd.
     /// 5. GET_VRING_BASE, then verify its answer against the guest used idx: any difference is
     ///    requests still in flight (qemu-storage-daemon answers at once). Those complete into the
     ///    guest ring, which stays mapped in the device, so wait for the used idx to reach the
@@ -66,16 +86,25 @@ impl Switch<'_> {
         let mut ctx = self.drain_begin(q)?;
         // Step 4: relay each completion signal to the guest while observing.
         let DrainCtx {
-            drain_call, quiet, ..
+            drain_call,
+            drain_kick,
+            scan_visible,
+            quiet,
         } = &mut ctx;
         let vmm = &self.queues[q].vmm;
         let mem = self.mem.shared();
         quiet.wait(self.cfg.drain_timeout.min(QUIESCE_LIMIT), || {
+            // Read before the ring: a scan that began after this look still shows as pending.
+            let scan_pending = *scan_visible && eventfd_unread(drain_kick);
             let signalled = drain_call.read().is_ok();
             if signalled {
                 vmm.notify_guest();
             }
-            vmm.guest_indices(&mem.snapshot()).map(|r| (r, signalled))
+            vmm.guest_indices(&mem.snapshot()).map(|ring| Look {
+                ring,
+                signalled,
+                scan_pending,
+            })
         });
         self.drain_finish(q, ctx)
     }
@@ -84,7 +113,13 @@ impl Switch<'_> {
     fn drain_begin(&mut self, q: usize) -> Result<DrainCtx, ProxyError> {
         let drain_call = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
         let drain_kick = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
+        // What the device's scan after svqd's kick (step 3) takes at least.
+        let scan_floor = self.queues[q]
+            .vmm
+            .guest_indices(&self.mem.shared().snapshot())
+            .map(|r| r.avail_idx);
         let dev = &mut *self.device;
+        let kicked = dev.ignores_disable();
         // One round trip for the three: the quiesce starts once all of them are applied.
         let res = pipelined(dev, Await::Applied, |dev| {
             dev.set_vring_call(q, &drain_call)?;
@@ -120,10 +155,17 @@ impl Switch<'_> {
             }
             return Err(e);
         }
+        let event_idx = self.features.event_idx;
+        let scan_visible = kicked && dev.reads_kick_fd();
+        let quiet = match scan_floor {
+            Some(floor) if scan_visible => Quiescer::after_drain_kick(event_idx, floor),
+            _ => Quiescer::new(event_idx),
+        };
         Ok(DrainCtx {
             drain_call,
-            _drain_kick: drain_kick,
-            quiet: Quiescer::new(self.features.event_idx),
+            drain_kick,
+            scan_visible,
+            quiet,
         })
     }
 

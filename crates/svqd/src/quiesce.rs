@@ -11,6 +11,13 @@
 //!   outside that range is a leftover, not a position;
 //! * otherwise: nothing completed for a quiet period.
 //!
+//! A device that only scans the ring when kicked (qemu-storage-daemon, which ignores a disable)
+//! is drained with a kick of svqd's own. Until it has read that kick, nothing in memory is final:
+//! its scan may still take more buffers, and GET_VRING_BASE would then meet requests in flight.
+//! So while the kick is unread only the quiet period counts, and after it `avail_event` counts
+//! only once it reached what was published at the last look that found the kick unread (the
+//! scan takes at least that much; until then, the quiet period again).
+//!
 //! A ring whose avail index cannot move any more (the shadow ring once the worker holds it:
 //! svqd is its only driver) with everything published completed needs no run of hits, only the
 //! settle period since the last completion: nothing new can be taken, but the backend may not
@@ -64,6 +71,37 @@ impl RingIndices {
     pub fn avail_event_plausible(&self) -> bool {
         self.avail_event.wrapping_sub(self.used_idx) <= self.avail_idx.wrapping_sub(self.used_idx)
     }
+
+    /// Whether the device's `avail_event` reached `floor`, an avail index published earlier
+    /// (or the used index passed it: the device took at least that much).
+    fn avail_event_reached(&self, floor: u16) -> bool {
+        let ahead = floor.wrapping_sub(self.used_idx);
+        ahead > self.avail_idx.wrapping_sub(self.used_idx)
+            || self.avail_event.wrapping_sub(self.used_idx) >= ahead
+    }
+}
+
+/// One look at a ring while it is being quiesced.
+#[derive(Debug, Clone, Copy)]
+pub struct Look {
+    /// The ring's indices in memory.
+    pub ring: RingIndices,
+    /// The backend signalled a completion since the last look.
+    pub signalled: bool,
+    /// The drain kick svqd gave the device is still unread: the scan that takes what is
+    /// available (and publishes the device's position) has not begun.
+    pub scan_pending: bool,
+}
+
+impl Look {
+    /// A look at a ring with no drain kick outstanding.
+    pub fn at(ring: RingIndices, signalled: bool) -> Self {
+        Look {
+            ring,
+            signalled,
+            scan_pending: false,
+        }
+    }
 }
 
 /// Repeated observations of one ring until it is quiet.
@@ -71,6 +109,8 @@ impl RingIndices {
 pub struct Quiescer {
     event_idx: bool,
     avail_frozen: bool,
+    /// The avail index published before the drain kick (see [`Quiescer::after_drain_kick`]).
+    scan_floor: Option<u16>,
     start: Instant,
     last_used: Option<u16>,
     last_change: Instant,
@@ -85,6 +125,7 @@ impl Quiescer {
         Quiescer {
             event_idx,
             avail_frozen: false,
+            scan_floor: None,
             start: now,
             last_used: None,
             last_change: now,
@@ -103,19 +144,45 @@ impl Quiescer {
         }
     }
 
-    /// Record one observation made at `now` (`completion_signalled`: the backend called since
-    /// the last one). Returns whether the ring is quiet; once quiet, it stays so.
-    pub fn observe(&mut self, ring: RingIndices, completion_signalled: bool, now: Instant) -> bool {
+    /// Start observing a ring svqd just kicked through a kick fd of its own, `floor` being its
+    /// avail index read before that kick: the device's scan takes at least up to `floor` (raised
+    /// by every look that finds the kick still unread), so its `avail_event` is a position only
+    /// from there on; the looks report whether the kick is read.
+    pub fn after_drain_kick(event_idx: bool, floor: u16) -> Self {
+        Quiescer {
+            scan_floor: Some(floor),
+            ..Quiescer::new(event_idx)
+        }
+    }
+
+    /// Record one observation made at `now`. Returns whether the ring is quiet; once quiet, it
+    /// stays so.
+    pub fn observe(&mut self, look: Look, now: Instant) -> bool {
         if self.settled {
             return true;
         }
-        if completion_signalled || self.last_used != Some(ring.used_idx) {
+        let ring = look.ring;
+        if look.signalled || self.last_used != Some(ring.used_idx) {
             self.last_used = Some(ring.used_idx);
             self.last_change = now;
         }
         let quiet_for = now.saturating_duration_since(self.last_change);
-        let exact = if ring.used_idx == ring.avail_idx {
+        let exact = if look.scan_pending {
+            // The device's scan is still to come and will take at least what is published now;
+            // a device that never reads its kick fd (one that polls) ends here by the quiet
+            // period.
+            if self.scan_floor.is_some() {
+                self.scan_floor = Some(ring.avail_idx);
+            }
+            None
+        } else if ring.used_idx == ring.avail_idx {
             Some(true)
+        } else if self
+            .scan_floor
+            .is_some_and(|f| !ring.avail_event_reached(f))
+        {
+            // The kick is read, the scan not done (or the device does not write avail_event).
+            None
         } else if self.event_idx && ring.avail_event_plausible() {
             Some(ring.avail_event == ring.used_idx)
         } else {
@@ -143,18 +210,13 @@ impl Quiescer {
     }
 
     /// Observe every [`POLL`] until the ring is quiet or `limit` passed since observing started.
-    /// `look` gives the ring's indices and whether the backend signalled a completion since the
-    /// last look (`None`: nothing to observe this time). Returns whether the ring is quiet.
-    pub fn wait(
-        &mut self,
-        limit: Duration,
-        mut look: impl FnMut() -> Option<(RingIndices, bool)>,
-    ) -> bool {
+    /// `look` looks at the ring (`None`: nothing to observe this time). Returns whether the ring
+    /// is quiet.
+    pub fn wait(&mut self, limit: Duration, mut look: impl FnMut() -> Option<Look>) -> bool {
         let deadline = self.start + limit;
         precise_sleeps();
         loop {
-            let quiet =
-                look().is_some_and(|(r, signalled)| self.observe(r, signalled, Instant::now()));
+            let quiet = look().is_some_and(|l| self.observe(l, Instant::now()));
             if quiet || Instant::now() >= deadline {
                 return quiet;
             }
@@ -209,7 +271,7 @@ mod tests {
     fn run(q: &mut Quiescer, r: RingIndices, t0: Instant, ms: u64) -> Option<Duration> {
         (0..ms * 10).find_map(|i| {
             let now = t0 + Duration::from_micros(100 * i);
-            q.observe(r, false, now).then(|| now - t0)
+            q.observe(Look::at(r, false), now).then(|| now - t0)
         })
     }
 
@@ -246,15 +308,15 @@ mod tests {
         // Everything completed: quiet once the settle period passed since that completion,
         // on the first look after it (no run of hits).
         let t1 = t0 + Duration::from_millis(20);
-        assert!(!q.observe(ring(9, 9, 9), true, t1));
-        assert!(q.observe(ring(9, 9, 9), false, t1 + SETTLE_PERIOD));
+        assert!(!q.observe(Look::at(ring(9, 9, 9), true), t1));
+        assert!(q.observe(Look::at(ring(9, 9, 9), false), t1 + SETTLE_PERIOD));
         // Without EVENT_IDX the same, where the unfrozen ring needs the 5 ms quiet period.
         let mut q = Quiescer::with_frozen_avail(false);
-        assert!(!q.observe(ring(4, 4, 0), false, t0));
-        assert!(q.observe(ring(4, 4, 0), false, t0 + SETTLE_PERIOD));
+        assert!(!q.observe(Look::at(ring(4, 4, 0), false), t0));
+        assert!(q.observe(Look::at(ring(4, 4, 0), false), t0 + SETTLE_PERIOD));
         let mut q = Quiescer::new(false);
-        assert!(!q.observe(ring(4, 4, 0), false, t0));
-        assert!(!q.observe(ring(4, 4, 0), false, t0 + SETTLE_PERIOD));
+        assert!(!q.observe(Look::at(ring(4, 4, 0), false), t0));
+        assert!(!q.observe(Look::at(ring(4, 4, 0), false), t0 + SETTLE_PERIOD));
     }
 
     #[test]
@@ -267,6 +329,66 @@ mod tests {
         // One taken and not completed: never quiet, however long.
         let mut q = Quiescer::new(true);
         assert_eq!(run(&mut q, ring(200, 3, 4), t0, 50), None);
+    }
+
+    #[test]
+    fn avail_event_reaches_a_floor_across_the_wrap() {
+        assert!(ring(20, 5, 12).avail_event_reached(12));
+        assert!(!ring(20, 5, 11).avail_event_reached(12));
+        assert!(ring(20, 14, 14).avail_event_reached(12), "used passed it");
+        assert!(ring(4, 0xfff0, 2).avail_event_reached(0xffff));
+        assert!(!ring(4, 0xfff0, 0xfffe).avail_event_reached(0xffff));
+    }
+
+    #[test]
+    fn unread_drain_kick_trusts_nothing_in_memory() {
+        let t0 = Instant::now();
+        let pending = |r| Look {
+            ring: r,
+            signalled: false,
+            scan_pending: true,
+        };
+        // Everything published completed and avail_event at used: still not quiet before the
+        // quiet period while the device has not read its kick (its scan may take more).
+        for r in [ring(30, 30, 30), ring(30, 20, 20)] {
+            let mut q = Quiescer::after_drain_kick(true, 25);
+            for i in 0..4 {
+                assert!(!q.observe(pending(r), t0 + SETTLE_PERIOD * i));
+            }
+            // A device that never reads it (one that polls) is judged by the quiet period.
+            assert!(q.observe(pending(r), t0 + QUIET_PERIOD));
+        }
+    }
+
+    #[test]
+    fn read_drain_kick_trusts_avail_event_once_it_reached_the_floor() {
+        let t0 = Instant::now();
+        // Kick read, but avail_event (20) is from before what was published at the kick (25):
+        // the scan is under way (or the device never writes avail_event): the quiet period.
+        let mut q = Quiescer::after_drain_kick(true, 25);
+        let at = run(&mut q, ring(40, 20, 20), t0, 50).unwrap();
+        assert!(at >= QUIET_PERIOD, "{at:?}");
+        // The scan took up to 27 and everything taken is completed: quiet after the settle.
+        let mut q = Quiescer::after_drain_kick(true, 25);
+        let at = run(&mut q, ring(40, 27, 27), t0, 50).unwrap();
+        assert!(at >= SETTLE_PERIOD && at < QUIET_PERIOD, "{at:?}");
+        // The floor rises with every look that finds the kick unread: published 30 by then,
+        // a scan that ended at 27 is an old one.
+        let mut q = Quiescer::after_drain_kick(true, 25);
+        let pending = Look {
+            ring: ring(30, 27, 27),
+            signalled: false,
+            scan_pending: true,
+        };
+        assert!(!q.observe(pending, t0));
+        let at = run(&mut q, ring(40, 27, 27), t0, 50).unwrap();
+        assert!(at >= QUIET_PERIOD, "{at:?}");
+        let mut q = Quiescer::after_drain_kick(true, 25);
+        assert!(!q.observe(pending, t0));
+        assert!(run(&mut q, ring(40, 30, 30), t0, 50).unwrap() < QUIET_PERIOD);
+        // Everything published completed: the floor does not matter.
+        let mut q = Quiescer::after_drain_kick(true, 25);
+        assert!(run(&mut q, ring(30, 30, 3), t0, 50).unwrap() < QUIET_PERIOD);
     }
 
     #[test]
@@ -290,10 +412,10 @@ mod tests {
         for i in 0..40u64 {
             let now = t0 + Duration::from_micros(250 * i);
             // A completion signalled every 1 ms.
-            assert!(!q.observe(r, i % 4 == 0, now));
+            assert!(!q.observe(Look::at(r, i % 4 == 0), now));
         }
         let later = t0 + Duration::from_millis(10) + QUIET_PERIOD;
-        assert!(q.observe(r, false, later));
+        assert!(q.observe(Look::at(r, false), later));
         assert!(q.settled());
     }
 }

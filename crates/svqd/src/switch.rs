@@ -19,7 +19,7 @@ use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::memory::MemoryTable;
 use crate::queue::{Mode, QueueSlot, VmmVring};
-use crate::quiesce::{Quiescer, QUIESCE_LIMIT};
+use crate::quiesce::{Look, Quiescer, QUIESCE_LIMIT};
 use crate::shadow::{ShadowQueue, ShadowRegion};
 use crate::space::{ShadowSpace, TableCtx};
 use crate::stats::QueueStats;
@@ -236,7 +236,7 @@ impl Switch<'_> {
         let mut quiet = Quiescer::with_frozen_avail(self.features.event_idx);
         // The worker consumes the device's calls; completions show in the used index.
         quiet.wait(self.cfg.drain_timeout.min(QUIESCE_LIMIT), || {
-            sq.region.indices(size).map(|r| (r, false))
+            sq.region.indices(size).map(|r| Look::at(r, false))
         });
         tracing::debug!(
             queue = q,

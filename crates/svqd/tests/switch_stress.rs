@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{check_blk_run, Rig, RigOptions};
+use svq_testkit::backend::blk::BlkStatsSnapshot;
 use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions};
 use svq_testkit::guest::ram::GuestRam;
 use svq_testkit::vmm::{LogStyle, MemTableStyle};
@@ -39,10 +40,11 @@ fn stress_with(event_idx: bool, queues: u16, switches: usize, trigger: Trigger, 
         },
         switches,
         trigger,
-    )
+    );
 }
 
-fn stress_rig(opts: RigOptions, switches: usize, trigger: Trigger) {
+/// Runs the switches; returns the backend's counters.
+fn stress_rig(opts: RigOptions, switches: usize, trigger: Trigger) -> BlkStatsSnapshot {
     let (queues, event_idx) = (opts.queues, opts.event_idx);
     let rig = Rig::new(opts);
     let ram = GuestRam::new("guest", 32 << 20).unwrap();
@@ -121,6 +123,7 @@ fn stress_rig(opts: RigOptions, switches: usize, trigger: Trigger) {
         percentile(&mut to_pass, 90),
         percentile(&mut to_pass, 100),
     );
+    rig.backend.stats()
 }
 
 #[test]
@@ -165,6 +168,31 @@ fn fast_device_qsd_like_switches() {
         },
         100,
         Trigger::Control,
+    );
+}
+
+/// A libvhost-user backend (qemu-storage-daemon) that reads svqd's drain kick late, as a starved
+/// single-threaded daemon does: svqd must not send GET_VRING_BASE before the device read it, or
+/// the scan that follows the read can take requests that are then in flight at GET_VRING_BASE
+/// (qsd dropped the connection in CI when one of them completed before svqd re-armed the call
+/// fd). The lag is well inside the 5 ms quiet period, after which svqd goes on regardless (a
+/// device that polls never reads a kick).
+#[test]
+fn drain_waits_for_the_late_kick_read_of_a_libvhost_user_backend() {
+    let stats = stress_rig(
+        RigOptions {
+            queues: 1,
+            event_idx: true,
+            libvhost_user_kick_lag: Some(Duration::from_micros(1500)),
+            delay: Some((5, 50)),
+            ..Default::default()
+        },
+        30,
+        Trigger::Control,
+    );
+    assert_eq!(
+        stats.stops_before_scan, 0,
+        "GET_VRING_BASE came before the device read the drain kick: {stats:?}"
     );
 }
 

@@ -11,6 +11,12 @@
 //! whatever used ring is configured at that time and signalled on whatever call fd is set then.
 //! With [`BlkOptions::disconnect_on_closed_call`] a completion that must be signalled while no call
 //! fd is set drops the connection, as qsd does (`vu_panic: Error writing eventfd`).
+//!
+//! With [`BlkOptions::libvhost_user`] it also looks and drains like libvhost-user: it offers the
+//! protocol features libvhost-user offers unconditionally (a proxy recognises it by them), serves
+//! a ring it was told to disable when a replaced kick fd is kicked, and reads such a kick only
+//! after a lag (a starved single-threaded daemon), counting every `GET_VRING_BASE` that arrives
+//! while one waits unread: the request a proxy must not send before the device's scan.
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
@@ -33,7 +39,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -70,6 +76,13 @@ impl CompletionDelay {
     }
 }
 
+/// libvhost-user's (qemu-storage-daemon's) behaviour at a drain; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LibvhostUserLike {
+    /// How long a kick on a replaced kick fd waits before the device reads it and scans the ring.
+    pub kick_lag: Duration,
+}
+
 /// Options of the reference block device.
 #[derive(Debug, Clone)]
 pub struct BlkOptions {
@@ -86,6 +99,8 @@ pub struct BlkOptions {
     pub stop_drains: bool,
     /// Drop the connection when a completion must be signalled and no call fd is set (qsd).
     pub disconnect_on_closed_call: bool,
+    /// Look and drain like libvhost-user (see the module documentation).
+    pub libvhost_user: Option<LibvhostUserLike>,
     /// Serial number returned by VIRTIO_BLK_T_GET_ID (up to 20 bytes).
     pub serial: String,
     /// Seed of the delay generator.
@@ -101,6 +116,7 @@ impl Default for BlkOptions {
             delay: None,
             stop_drains: false,
             disconnect_on_closed_call: false,
+            libvhost_user: None,
             serial: "svq-testkit-blk".to_owned(),
             seed: 1,
         }
@@ -162,6 +178,7 @@ pub struct BlkStats {
     errors: AtomicU64,
     unsignalled: AtomicU64,
     in_flight: AtomicU64,
+    stops_before_scan: AtomicU64,
 }
 
 /// A point-in-time copy of [`BlkStats`].
@@ -184,6 +201,10 @@ pub struct BlkStatsSnapshot {
     pub unsignalled: u64,
     /// Requests popped but not yet completed.
     pub in_flight: u64,
+    /// `GET_VRING_BASE` requests that arrived while a kick on a replaced kick fd waited unread
+    /// ([`BlkOptions::libvhost_user`]): qemu-storage-daemon may scan the ring first and then
+    /// have requests in flight when it answers.
+    pub stops_before_scan: u64,
 }
 
 impl BlkStats {
@@ -199,6 +220,7 @@ impl BlkStats {
             errors: l(&self.errors),
             unsignalled: l(&self.unsignalled),
             in_flight: l(&self.in_flight),
+            stops_before_scan: l(&self.stops_before_scan),
         }
     }
 }
@@ -317,6 +339,18 @@ fn execute<M: vm_memory::GuestMemory + ?Sized>(
     used
 }
 
+/// With EVENT_IDX, writes `avail_event` (after the used ring) = the next index to pop, as
+/// libvhost-user does on every pop (`vu_queue_pop`), where virtio-queue writes it only when
+/// notifications are re-enabled.
+fn publish_avail_event(vring: &GatedVring, mem: &GuestMemoryMmap<()>) {
+    let st = vring.get_ref();
+    let q = st.get_queue();
+    if q.event_idx_enabled() {
+        let at = GuestAddress(q.used_ring() + 4 + 8 * u64::from(q.size()));
+        let _ = mem.store(q.next_avail().to_le(), at, Ordering::Release);
+    }
+}
+
 /// A request held by the completion thread until `due`.
 struct Pending {
     due: Instant,
@@ -376,6 +410,8 @@ struct BlkInner {
     shutdown: Mutex<Option<ShutdownHandle>>,
     closed_call_reported: AtomicBool,
     rekick: Rekick<BlkBackend>,
+    /// Per queue: a kick on a replaced kick fd waits to be read ([`LibvhostUserLike`]).
+    kick_waiting: Vec<AtomicBool>,
 }
 
 impl BlkBackend {
@@ -389,8 +425,12 @@ impl BlkBackend {
             }),
             cv: Condvar::new(),
         });
+        let kick_waiting = (0..opts.num_queues)
+            .map(|_| AtomicBool::new(false))
+            .collect();
         let inner = Arc::new(BlkInner {
             rng: Mutex::new(XorShift::new(opts.seed)),
+            kick_waiting,
             opts,
             disk,
             stats,
@@ -422,13 +462,35 @@ impl BlkBackend {
         c
     }
 
+    /// A kick on a fd that replaced the original one while the ring ran: read it and serve the
+    /// ring if it is enabled; as libvhost-user, after the lag and disabled or not.
+    fn rekicked(&self, queue: u16, vring: &GatedVring) -> io::Result<()> {
+        let Some(lvu) = self.0.opts.libvhost_user else {
+            if Rekick::<BlkBackend>::consume(vring) {
+                return self.process_queue(queue, vring);
+            }
+            return Ok(());
+        };
+        let waiting = &self.0.kick_waiting[usize::from(queue)];
+        waiting.store(true, Ordering::Release);
+        std::thread::sleep(lvu.kick_lag);
+        // Read, then scan at once: libvhost-user's kick handler does both in one step.
+        let _enabled = Rekick::<BlkBackend>::consume(vring);
+        waiting.store(false, Ordering::Release);
+        self.process_queue(queue, vring)
+    }
+
     /// Pops and dispatches every available request of `vring` (queue `queue`).
     fn process_queue(&self, queue: u16, vring: &GatedVring) -> io::Result<()> {
         let Some(atomic) = lock(&self.0.mem).clone() else {
             return Ok(());
         };
         let mut completed_inline = false;
+        let avail_event_each_pop = self.0.opts.libvhost_user.is_some();
         drain_ring(vring, &atomic, queue, |mem, segs| {
+            if avail_event_each_pop {
+                publish_avail_event(vring, mem);
+            }
             let req = BlkRequest::parse(mem, segs);
             self.0.stats.popped.fetch_add(1, Ordering::Relaxed);
             match self.0.opts.delay {
@@ -640,7 +702,15 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        protocol_features()
+        let libvhost_user = VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::HOST_NOTIFIER
+            | VhostUserProtocolFeatures::BACKEND_SEND_FD
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        match self.0.opts.libvhost_user {
+            Some(_) => protocol_features() | libvhost_user,
+            None => protocol_features(),
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -661,6 +731,17 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let kick_unread = self
+            .0
+            .kick_waiting
+            .get(queue_index as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire));
+        if kick_unread {
+            self.0
+                .stats
+                .stops_before_scan
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if !self.0.opts.stop_drains {
             // qemu-storage-daemon: reply at once, requests stay in flight.
             return Ok(());
@@ -696,12 +777,15 @@ impl VhostUserBackend for BlkBackend {
         }
         let nq = usize::from(self.0.opts.num_queues);
         self.0.rekick.install(nq, vrings);
+        if self.0.opts.libvhost_user.is_some() {
+            vrings.iter().for_each(|v| v.set_serves_disabled(true));
+        }
         tracing::debug!(device_event, "backend: event");
         if let Some(q) = Rekick::<BlkBackend>::queue_of(nq, device_event) {
             // A kick on a fd that replaced the original one while the ring ran.
             return match vrings.get(q) {
-                Some(v) if Rekick::<BlkBackend>::consume(v) => self.process_queue(q as u16, v),
-                _ => Ok(()),
+                Some(v) => self.rekicked(q as u16, v),
+                None => Ok(()),
             };
         }
         match vrings.get(usize::from(device_event)) {

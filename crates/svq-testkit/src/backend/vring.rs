@@ -19,6 +19,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLockReadGuard, RwLockWriteGuard};
 
 use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
@@ -45,6 +46,8 @@ pub struct GatedVring {
     /// Held across a completion and its signal, and by a call fd change: a single-threaded
     /// backend (qemu-storage-daemon) never handles GET_VRING_BASE between the two.
     completing: Arc<Mutex<()>>,
+    /// Watch a kick fd replaced on a running ring even while it is disabled (libvhost-user).
+    serves_disabled: Arc<AtomicBool>,
 }
 
 impl GatedVring {
@@ -54,6 +57,12 @@ impl GatedVring {
         if h.is_none() {
             *h = Some(make());
         }
+    }
+
+    /// Keep watching a kick fd replaced on a running ring while the ring is disabled, as
+    /// libvhost-user, which serves a disabled ring.
+    pub fn set_serves_disabled(&self, serves: bool) {
+        self.serves_disabled.store(serves, Ordering::Release);
     }
 
     /// Runs `complete` (a used entry and its signal) with no call fd change in between, as one
@@ -85,6 +94,7 @@ impl VringT<BackendMemory> for GatedVring {
             gate: Arc::new(Gate::default()),
             rekick: Arc::new(Mutex::new(None)),
             completing: Arc::new(Mutex::new(())),
+            serves_disabled: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -208,7 +218,8 @@ impl VringT<BackendMemory> for GatedVring {
             }
         }
         self.inner.set_kick(file);
-        if !(running && enabled) {
+        let served = enabled || self.serves_disabled.load(Ordering::Acquire);
+        if !(running && served) {
             // Not running: the library registers the fd when it initialises or enables the
             // ring (with a pending event, so nothing kicked meanwhile is lost).
             return;

@@ -100,6 +100,9 @@ pub trait BackendDevice: Send {
     /// Whether the device keeps serving a ring after it was disabled, so that a drain must also
     /// take its kick fd away (see `VhostUserDevice::ignores_disable`).
     fn ignores_disable(&self) -> bool;
+    /// Whether the device reads its kick eventfd when a kick wakes it, so that a kick svqd wrote
+    /// and still finds unread means the device has not scanned the ring since (`quiesce.rs`).
+    fn reads_kick_fd(&self) -> bool;
     /// Whether a disabled ring is one the device does not serve: it has an enable and does not
     /// ignore it. Such a ring is disabled around a stop and restart (`switch.rs`).
     fn honours_enable(&self) -> bool {

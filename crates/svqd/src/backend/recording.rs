@@ -111,6 +111,9 @@ impl BackendDevice for RecordingDevice {
     fn ignores_disable(&self) -> bool {
         false
     }
+    fn reads_kick_fd(&self) -> bool {
+        true
+    }
     fn incremental_memory(&self) -> bool {
         self.incremental
     }

@@ -262,6 +262,13 @@ impl BackendDevice for VhostUserDevice {
         !self.has_enable() || self.protocol.contains(LIBVHOST_USER)
     }
 
+    /// A vhost-user device reads the kick eventfd it watches (libvhost-user, vhost-user-backend;
+    /// a device that polls its rings, such as DPDK, never does: its drain is then judged by the
+    /// quiet period).
+    fn reads_kick_fd(&self) -> bool {
+        true
+    }
+
     /// ADD_MEM_REG / REM_MEM_REG once CONFIGURE_MEM_SLOTS is acked.
     fn incremental_memory(&self) -> bool {
         self.acked_protocol

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use svq_testkit::backend::blk::{serve_blk, BlkDisk, BlkHandle, BlkOptions, CompletionDelay};
+use svq_testkit::backend::blk::{
+    serve_blk, BlkDisk, BlkHandle, BlkOptions, CompletionDelay, LibvhostUserLike,
+};
 use svq_testkit::guest::blk::{BlkGuest, BlkGuestOptions, BLOCK};
 use svq_testkit::guest::ram::GuestRam;
 use svq_testkit::guest::runner::GuestRunner;
@@ -35,6 +37,8 @@ pub struct RigOptions {
     pub backend_mem_slots: bool,
     /// Drop the connection when a completion must signal a closed call fd (qemu-storage-daemon).
     pub qsd_like: bool,
+    /// Look and drain like libvhost-user, reading a replaced kick fd this late.
+    pub libvhost_user_kick_lag: Option<Duration>,
     /// svqd's --drain-timeout.
     pub drain_timeout: Duration,
     /// svqd's --poll-us.
@@ -54,6 +58,7 @@ impl Default for RigOptions {
             disk_mib: 8,
             backend_mem_slots: true,
             qsd_like: false,
+            libvhost_user_kick_lag: None,
             drain_timeout: Duration::from_secs(5),
             poll: Duration::ZERO,
             worker_cpus: Vec::new(),
@@ -80,6 +85,9 @@ impl Rig {
                     max: Duration::from_micros(max),
                 }),
                 disconnect_on_closed_call: o.qsd_like,
+                libvhost_user: o
+                    .libvhost_user_kick_lag
+                    .map(|kick_lag| LibvhostUserLike { kick_lag }),
                 ..Default::default()
             },
         )

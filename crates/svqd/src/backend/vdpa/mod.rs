@@ -419,6 +419,11 @@ impl<D: VdpaOps> BackendDevice for VdpaBackend<D> {
         true
     }
 
+    /// The kernel only polls a kick eventfd (vhost_poll); its count is never read back.
+    fn reads_kick_fd(&self) -> bool {
+        false
+    }
+
     fn ring_address_space(&self) -> RingAddressSpace {
         RingAddressSpace::GuestPhysical
     }
