@@ -75,9 +75,9 @@ impl Switch<'_> {
     ///    until the guest used idx equals the avail_event the device writes on every pop
     ///    (everything popped is completed); otherwise until the used idx and calls stay still
     ///    for a quiet period. A device kicked in step 3 must first have read that kick, and its
-    ///    avail_event reached what was published before it: until then its scan may take more,
-    ///    and qemu-storage-daemon drops the connection when a request taken then completes
-    ///    after GET_VRING_BASE closed its call fd.
+    ///    avail_event reached what was published when the kick was last seen unread: until then
+    ///    its scan may take more, and qemu-storage-daemon drops the connection when a request
+    ///    taken then completes after GET_VRING_BASE closed its call fd.
     /// 5. GET_VRING_BASE, then verify its answer against the guest used idx: any difference is
     ///    requests still in flight (qemu-storage-daemon answers at once). Those complete into the
     ///    guest ring, which stays mapped in the device, so wait for the used idx to reach the
