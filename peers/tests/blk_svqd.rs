@@ -115,17 +115,21 @@ fn svqd_set_shadow_toggle_100_under_io() {
         .unwrap_or_else(|e| panic!("{}", rig.context(&side, e)));
     let stats: serde_json::Value = serde_json::from_str(&status).expect("query-stats JSON");
     let q0 = &stats["queues"][0];
-    assert_eq!(
-        q0["mode"], "passthrough",
-        "queue not back in passthrough: {q0}"
-    );
-    assert!(
+    // Counters start again at a reconnection (a backend that dropped the connection shows as
+    // a queue with none): the logs say why.
+    let check = |ok: bool, what: &str| {
+        if !ok {
+            panic!("{}", rig.context(&side, format!("{what}: {q0}")));
+        }
+    };
+    check(q0["mode"] == "passthrough", "queue not back in passthrough");
+    check(
         q0["mode_switches"].as_u64().unwrap_or(0) >= 200,
-        "svqd counted fewer than 200 mode switches: {q0}"
+        "svqd counted fewer than 200 mode switches",
     );
-    assert!(
+    check(
         q0["descriptors"].as_u64().unwrap_or(0) > 0,
-        "no request went through the shadow ring during the toggles: {q0}"
+        "no request went through the shadow ring during the toggles",
     );
     let before = iterations(&side.vm.console_text()).0;
     side.vm
