@@ -22,7 +22,6 @@ use vm_memory::{Bytes, GuestAddress};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// The shadow worker threads of this process: (name, CPUs it may run on).
 /// Wait (bounded) until no worker thread is left: one ends by itself once its last ring left,
 /// shortly after the switch or the test that detached it returned.
 fn await_no_worker_thread() {
@@ -32,6 +31,7 @@ fn await_no_worker_thread() {
     }
 }
 
+/// The shadow worker threads of this process: (name, CPUs it may run on).
 fn worker_threads() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
