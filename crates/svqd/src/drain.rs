@@ -113,13 +113,16 @@ impl Switch<'_> {
     fn drain_begin(&mut self, q: usize) -> Result<DrainCtx, ProxyError> {
         let drain_call = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
         let drain_kick = EventFd::new(EFD_NONBLOCK).map_err(|e| ProxyError::Io("eventfd", e))?;
-        // What the device's scan after svqd's kick (step 3) takes at least.
-        let scan_floor = self.queues[q]
-            .vmm
-            .guest_indices(&self.mem.shared().snapshot())
-            .map(|r| r.avail_idx);
         let dev = &mut *self.device;
-        let kicked = dev.ignores_disable();
+        // Kicked in step 3 by a kick whose reading shows; its scan then takes at least what is
+        // published now.
+        let scan_visible = dev.ignores_disable() && dev.reads_kick_fd();
+        let scan_floor = if scan_visible {
+            let mem = self.mem.shared().snapshot();
+            self.queues[q].vmm.guest_indices(&mem).map(|r| r.avail_idx)
+        } else {
+            None
+        };
         // One round trip for the three: the quiesce starts once all of them are applied.
         let res = pipelined(dev, Await::Applied, |dev| {
             dev.set_vring_call(q, &drain_call)?;
@@ -156,10 +159,9 @@ impl Switch<'_> {
             return Err(e);
         }
         let event_idx = self.features.event_idx;
-        let scan_visible = kicked && dev.reads_kick_fd();
         let quiet = match scan_floor {
-            Some(floor) if scan_visible => Quiescer::after_drain_kick(event_idx, floor),
-            _ => Quiescer::new(event_idx),
+            Some(floor) => Quiescer::after_drain_kick(event_idx, floor),
+            None => Quiescer::new(event_idx),
         };
         Ok(DrainCtx {
             drain_call,

@@ -171,8 +171,8 @@ impl Quiescer {
             // The device's scan is still to come and will take at least what is published now;
             // a device that never reads its kick fd (one that polls) ends here by the quiet
             // period.
-            if self.scan_floor.is_some() {
-                self.scan_floor = Some(ring.avail_idx);
+            if let Some(floor) = &mut self.scan_floor {
+                *floor = ring.avail_idx;
             }
             None
         } else if ring.used_idx == ring.avail_idx {
