@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{pipelined, Await};
+use crate::backend::{pipelined, ready_now, Await};
 use crate::error::ProxyError;
 use crate::quiesce::{wait_for_used, Look, Quiescer, QUIESCE_LIMIT};
 use crate::shadow::ShadowQueue;
@@ -29,15 +29,7 @@ struct DrainCtx {
 
 /// Whether an eventfd's count is non-zero (an unread kick), looked at without reading it.
 fn eventfd_unread(fd: &EventFd) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, owned by this frame, for the duration of the call; a zero
-    // timeout never blocks.
-    let ready = unsafe { libc::poll(&mut p, 1, 0) };
-    ready > 0 && p.revents & libc::POLLIN != 0
+    ready_now(fd.as_raw_fd(), libc::POLLIN) & libc::POLLIN != 0
 }
 
 /// Wait (bounded by `timeout`) until `used` reaches `base`; the error says how many are left.

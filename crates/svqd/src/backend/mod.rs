@@ -255,6 +255,24 @@ pub fn pipelined<T>(
     Ok(v)
 }
 
+/// The `events` (POLLIN, POLLRDHUP, ...) that `fd` has right now, looked at without waiting or
+/// reading anything; none when the poll fails.
+pub(crate) fn ready_now(fd: RawFd, events: i16) -> i16 {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, owned by this frame, for the duration of the call; a zero
+    // timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    if n > 0 {
+        p.revents
+    } else {
+        0
+    }
+}
+
 fn unsupported(kind: &str, what: &str) -> ProxyError {
     ProxyError::NotAllowed(format!("{what} is not supported by a {kind} device"))
 }

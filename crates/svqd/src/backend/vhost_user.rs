@@ -16,7 +16,7 @@ use vhost::{VhostBackend, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::watchdog::RequestWatchdog;
-use super::{Await, BackendDevice, DeviceRegion, DeviceResult};
+use super::{ready_now, Await, BackendDevice, DeviceRegion, DeviceResult};
 use crate::error::ProxyError;
 use crate::features::VHOST_USER_F_PROTOCOL_FEATURES;
 
@@ -429,14 +429,8 @@ impl BackendDevice for VhostUserDevice {
     }
 
     fn hung_up(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.stream.as_raw_fd(),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, zero timeout.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        let closed = n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+        let revents = ready_now(self.stream.as_raw_fd(), libc::POLLRDHUP);
+        let closed = revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
         closed || self.watchdog.fired().is_some()
     }
 
