@@ -109,7 +109,8 @@ impl Look {
 pub struct Quiescer {
     event_idx: bool,
     avail_frozen: bool,
-    /// The avail index published before the drain kick (see [`Quiescer::after_drain_kick`]).
+    /// What the device's scan after the drain kick takes at least: the avail index before the
+    /// kick, raised by every look that finds it unread (see [`Quiescer::after_drain_kick`]).
     scan_floor: Option<u16>,
     start: Instant,
     last_used: Option<u16>,
