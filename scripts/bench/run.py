@@ -148,6 +148,14 @@ def svqd_stats(ctl, field="descriptors"):
     return sum(q[field] for q in json.loads(out)["queues"])
 
 
+def svqd_wakes(ctl):
+    """Wake-ups of svqd's worker: every ring a thread serves counts each of its wakes, so the
+    busiest ring's count is the thread's (exact with one worker thread, the default)."""
+    out = subprocess.run([str(REPO / "target/release/svqctl"), "-c", ctl, "--json", "stats"],
+                         capture_output=True, text=True, check=True).stdout
+    return max((q["worker_wakeups"] for q in json.loads(out)["queues"]), default=0)
+
+
 def virtio_user_vdev(target, q):
     # virtio-user refuses more than one queue pair without a control queue ("multi-q requires
     # ctrl-q"); it serves that queue itself, the backend only sees the data queue pairs.
@@ -259,6 +267,7 @@ def run_path(path, a, work, logs):
         ticks0 = {k: cpu_ticks(p.p.pid) for k, p in procs.items()}
         w0 = cpu_ticks(procs["svqd"].p.pid, "svqd-shadow") if "svqd" in procs else 0
         d0 = svqd_stats(ctl) if "svqd" in procs else 0
+        c0_chains, wakes0 = (svqd_stats(ctl, "chains"), svqd_wakes(ctl)) if "svqd" in procs else (0, 0)
         time.sleep(a.seconds)
         wall = time.time() - t0
         share = {k: (cpu_ticks(p.p.pid) - ticks0[k]) / CLK / wall for k, p in procs.items()}
@@ -270,6 +279,9 @@ def run_path(path, a, work, logs):
             d1 = svqd_stats(ctl)
             res["descriptors"] = d1 - d0
             res["ns_per_desc"] = ((w1 - w0) / CLK * 1e9 / (d1 - d0)) if d1 > d0 else None
+            chains, wakes = svqd_stats(ctl, "chains") - c0_chains, svqd_wakes(ctl) - wakes0
+            res["wakes_per_s"] = wakes / wall
+            res["chains_per_wake"] = chains / wakes if wakes else None
         if port is None:
             res["pps"] = (io_packets(rate_proc) - c0) / (time.time() - t0)
         for p in procs.values():
@@ -460,25 +472,44 @@ def svqd_text(a):
     return f"svqd {' '.join(a.svqd_arg) or '(defaults)'}{nice}"
 
 
+def wake_rate_text(x):
+    if x.get("chains_per_wake") is None:
+        return "–"
+    return f"{x['wakes_per_s'] / 1e3:.1f} k, {x['chains_per_wake']:.0f}"
+
+
 def dpdk_table(a, rounds, med):
     lines = [f"layout {a.layout}, {a.pkt} B, {a.queues} queue pair(s), {a.rounds} rounds of {a.seconds} s, "
              f"{a.ring_desc or 'default (512)'} descriptors per testpmd queue, "
              f"{svqd_text(a)}",
-             "", "| round | direct Mpps | passthrough | shadow | svqd ns/desc (shadow) | CPU share, direct | CPU share, shadow |"
-             + (" direct again |" if a.control_direct else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if a.control_direct else "")]
+             "", "| round | direct Mpps | passthrough | shadow | svqd ns/desc (shadow) | svqd wakes/s, chains/wake "
+             "| CPU share, direct | CPU share, shadow |" + (" direct again |" if a.control_direct else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if a.control_direct else "")]
     for i, r in enumerate(rounds):
         d, s = r["results"]["direct"], r["results"]["shadow"]
         again = f" {r['ratios']['direct2']:.3f} |" if a.control_direct else ""
         lines.append(f"| {i+1} | {d['pps']/1e6:.2f} | {r['ratios']['passthrough']:.3f} | {r['ratios']['shadow']:.3f} | "
-                     f"{(s.get('ns_per_desc') or 0):.0f} | {share_text(d)} | {share_text(s)} |{again}")
+                     f"{(s.get('ns_per_desc') or 0):.0f} | {wake_rate_text(s)} | {share_text(d)} | "
+                     f"{share_text(s)} |{again}")
     again = f" **{med['direct2']:.3f}** |" if a.control_direct else ""
-    lines.append(f"| **median ratio** | | **{med['passthrough']:.3f}** | **{med['shadow']:.3f}** | | | |{again}")
+    lines.append(f"| **median ratio** | | **{med['passthrough']:.3f}** | **{med['shadow']:.3f}** | | | | |{again}")
     seeds = [f"round {i+1} {p} {x['reseeded']}x" for i, r in enumerate(rounds)
              for p, x in r["results"].items() if x.get("reseeded")]
     if seeds:
         lines += ["", "Seeded again because the start-up io loop died (see run_path): " + ", ".join(seeds)]
     return lines
+
+
+def added_latency(direct, shadow):
+    """Microseconds a request took longer through shadow mode than direct, on average."""
+    if not (direct["ok"] and shadow["ok"]) or direct["mean_us"] is None or shadow["mean_us"] is None:
+        return None
+    return shadow["mean_us"] - direct["mean_us"]
+
+
+def added_text(direct, shadow):
+    v = added_latency(direct, shadow)
+    return f"{v:+.0f}" if v is not None else "–"
 
 
 def blk_table(a, rounds, med):
@@ -487,9 +518,9 @@ def blk_table(a, rounds, med):
              f"{a.indirect_pct}% indirect, {a.rounds} rounds of {a.seconds} s after {a.warmup} s warm-up, "
              f"{svqd_text(a)}",
              "", "| round | direct kIOPS | passthrough | shadow | p50/p99 µs direct | p50/p99 µs passthrough "
-             "| p50/p99 µs shadow | svqd ns/desc, ns/request (shadow) | CPU share, direct | CPU share, passthrough "
-             "| CPU share, shadow |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| p50/p99 µs shadow | shadow − direct, mean µs | svqd ns/desc, ns/request (shadow) "
+             "| CPU share, direct | CPU share, passthrough | CPU share, shadow |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: f"{v:.3f}" if v is not None else "FAILED"
     for i, r in enumerate(rounds):
         res = r["results"]
@@ -498,11 +529,11 @@ def blk_table(a, rounds, med):
                          else f"FAILED ({x['errors']} errors)")
         lines.append(f"| {i+1} | {d['iops']/1e3:.1f}{'' if d['ok'] else ' FAILED'} | "
                      f"{fmt(r['ratios']['passthrough'])} | {fmt(r['ratios']['shadow'])} | "
-                     f"{lat(d)} | {lat(res['passthrough'])} | {lat(s)} | "
+                     f"{lat(d)} | {lat(res['passthrough'])} | {lat(s)} | {added_text(d, s)} | "
                      f"{(s.get('ns_per_desc') or 0):.0f}, {(s.get('ns_per_req') or 0):.0f} | "
                      f"{share_text(d)} | {share_text(res['passthrough'])} | {share_text(s)} |")
     lines.append(f"| **median ratio** | | **{fmt(med['passthrough'])}** | **{fmt(med['shadow'])}** "
-                 "| | | | | | | |")
+                 "| | | | | | | | |")
     if med["shadow"] is not None:
         met = "met" if med["shadow"] >= BLK_TARGET else "NOT met"
         lines += ["", f"Target (issue 11): block through svqd shadow >= {BLK_TARGET:.2f} x direct IOPS at "
@@ -511,6 +542,33 @@ def blk_table(a, rounds, med):
 
 
 BLK_TARGET = 0.90
+
+
+def wake_cost():
+    """What a wake-up costs on this machine (benches/src/bin/wake-cost.rs), or None without the
+    probe. Measured once per run, before the rounds: every shadow ratio of the run depends on it."""
+    probe = REPO / "target/release/wake-cost"
+    if not probe.exists():
+        print("bench: no target/release/wake-cost (cargo build --release -p svq-benches --bins); "
+              "the run's wake-up costs are not measured", file=sys.stderr)
+        return None
+    out = subprocess.run([str(probe), "--json"], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"bench: wake-cost failed: {out.stderr.strip()}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def wake_text(w):
+    """The wake-up costs, for a table's heading."""
+    if not w:
+        return "Wake-ups on this machine: not measured."
+    across = (f"{w['hop_cross_cpu_us']:.1f} µs across CPUs" if w.get("hop_cross_cpu_us") is not None
+              else "one CPU only")
+    return (f"Wake-ups on this machine (`wake-cost`, before the rounds): an eventfd hop between two "
+            f"processes costs {w['hop_same_cpu_us']:.1f} µs on one CPU, {across}; a {w['sleep_us']} µs "
+            f"timer sleep ends after {w['timer_wake_idle_cpu_us']:.1f} µs on an idle CPU, "
+            f"{w['timer_wake_busy_cpu_us']:.1f} µs on one a busy loop keeps busy.")
 
 
 def main():
@@ -566,6 +624,9 @@ def main():
     rounds = []
     one_round = dpdk_round if a.workload == "dpdk" else blk_round
     # Sockets live in a short temporary directory (sun_path is 108 bytes); logs are kept.
+    wake = wake_cost()
+    if wake:
+        print(wake_text(wake), flush=True)
     with tempfile.TemporaryDirectory(prefix="svqb-") as tmp:
         if a.workload == "dpdk":
             # The first measurement of a run comes out off by up to 2x (caches, page faults,
@@ -577,11 +638,22 @@ def main():
     for p in ("passthrough", "shadow") + (("direct2",) if a.workload == "dpdk" and a.control_direct else ()):
         vals = [r["ratios"][p] for r in rounds if r["ratios"][p] is not None]
         med[p] = statistics.median(vals) if vals else None
-    summary = {"args": vars(a), "cpus": os.cpu_count(), "rounds": rounds, "median_ratio": med}
+    summary = {"args": vars(a), "cpus": os.cpu_count(), "wake_cost": wake, "rounds": rounds,
+               "median_ratio": med}
     if a.workload == "blk":
         summary["target"] = {"shadow_over_direct_iops": BLK_TARGET, "at_depth": 16}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     lines = (dpdk_table if a.workload == "dpdk" else blk_table)(a, rounds, med)
+    lines[1:1] = ["", wake_text(wake)]
+    added = [added_latency(r["results"]["direct"], r["results"]["shadow"]) for r in rounds] \
+        if a.workload == "blk" else []
+    added = [v for v in added if v is not None]
+    if added and wake and wake.get("hop_cross_cpu_us"):
+        # A shadowed request that finds svqd asleep waits for two more wake-ups than a direct one.
+        m = statistics.median(added)
+        lines += ["", f"Shadow mode added {m:.0f} µs to a request's mean latency (median of the "
+                  f"rounds): {m / wake['hop_cross_cpu_us']:.1f} eventfd hops across CPUs, "
+                  f"{m / wake['hop_same_cpu_us']:.0f} on one CPU, at this run's wake-up costs."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     svg_plot(rounds, out / "plot.svg", BLK_TARGET if a.workload == "blk" else None)
     print("\n".join(lines))

@@ -1,0 +1,321 @@
+//! wake-cost: what waking a sleeping process costs on this machine, the quantity that bounds
+//! svqd's shadow mode wherever its peers are not polling it. `scripts/bench/run.py` runs it once
+//! per run and prints the bound it implies next to the measured ratios.
+//!
+//! A shadowed ring puts svqd between the guest and the device, so every request that finds svqd
+//! asleep pays two more wake-ups (the kick to svqd, the call from it); and a worker that shares
+//! busy CPUs moves at most one batch per timer wake. Neither cost is svqd's code: this measures
+//! them with nothing but eventfds, epoll and a sleep, the calls svqd's worker makes:
+//! - a hop between two processes (eventfd write → the other's `epoll_wait` returns), both on one
+//!   CPU and on two CPUs (idle apart from the probe);
+//! - a timer sleep of `--sleep-us` (svqd's batch wait) on a CPU that a busy loop in a session
+//!   of its own (its own scheduling autogroup, like a DPDK lcore) keeps busy, and on an idle one.
+//!
+//! The peers are this binary re-run with a hidden `--x-*` mode, so each hop switches address
+//! spaces as it does between a VMM, svqd and a backend.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::process::{Child, Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::json;
+
+/// Measure the cost of a wake-up on this machine (eventfd hops, timer sleeps next to a busy loop).
+#[derive(Debug, Parser)]
+#[command(name = "wake-cost")]
+struct Args {
+    /// Round trips per hop measurement.
+    #[arg(long, default_value_t = 20_000)]
+    round_trips: u32,
+    /// The timer sleep measured, in microseconds (svqd's default batch wait).
+    #[arg(long, default_value_t = 21)]
+    sleep_us: u64,
+    /// Timer sleeps per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    sleeps: u32,
+    /// The CPUs to use, one or two, comma-separated (default: the first two this process may
+    /// run on; with one, no hop across CPUs is measured).
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Internal: be the echoing peer: `KICK_FD CALL_FD CPU ROUND_TRIPS`.
+    #[arg(long, num_args = 4, hide = true)]
+    x_echo: Vec<u64>,
+    /// Internal: busy-loop on this CPU in a session of its own.
+    #[arg(long, hide = true)]
+    x_spin: Option<usize>,
+}
+
+/// Hops before a measurement starts (the peer is starting, caches and the scheduler settle).
+const WARMUP_ROUND_TRIPS: u32 = 1_000;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = if let Some(cpu) = args.x_spin {
+        spin(cpu)
+    } else if let [kick, call, cpu, n] = args.x_echo[..] {
+        echo(kick as RawFd, call as RawFd, cpu as usize, n as u32)
+    } else {
+        measure(&args)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wake-cost: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+fn pin(cpu: usize) -> Result<(), String> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(format!("CPU {cpu} is out of range"));
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET gets a CPU below CPU_SETSIZE
+    // (checked above); pid 0 is the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(os_err(&format!("pinning to CPU {cpu}")));
+    }
+    Ok(())
+}
+
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set for sched_getaffinity to fill; pid 0 is
+    // the calling thread.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        set
+    };
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// An eventfd the peer inherits (no close-on-exec), watched by its own epoll set.
+struct Notifier {
+    fd: std::fs::File,
+    epoll: std::fs::File,
+}
+
+impl Notifier {
+    fn new() -> Result<Self, String> {
+        // SAFETY: eventfd takes no pointers; a negative return is an error.
+        let fd = unsafe { libc::eventfd(0, 0) };
+        if fd < 0 {
+            return Err(os_err("eventfd"));
+        }
+        // SAFETY: `fd` is a new descriptor owned by nobody else.
+        let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let epoll = watch(fd.as_raw_fd())?;
+        Ok(Notifier { fd, epoll })
+    }
+}
+
+/// An epoll set (close-on-exec) watching `fd` for input.
+fn watch(fd: RawFd) -> Result<std::fs::File, String> {
+    // SAFETY: epoll_create1 takes no pointers; a negative return is an error.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(os_err("epoll_create1"));
+    }
+    // SAFETY: `ep` is a new descriptor owned by nobody else.
+    let epoll = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(ep) };
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
+    // SAFETY: both descriptors are open; `ev` is a valid event for the call to read.
+    if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+        return Err(os_err("epoll_ctl"));
+    }
+    Ok(epoll)
+}
+
+/// Sleep in `epoll_wait` until `fd` is signalled, then consume the signal (what svqd's worker
+/// does on a kick).
+fn wait_and_read(epoll: RawFd, fd: RawFd) -> Result<(), String> {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    loop {
+        // SAFETY: `ev` is valid for one event; `epoll` is an open epoll set.
+        let n = unsafe { libc::epoll_wait(epoll, &mut ev, 1, 10_000) };
+        match n {
+            1 => break,
+            0 => return Err("the peer stopped answering".into()),
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return Err(os_err("epoll_wait")),
+        }
+    }
+    let mut v = 0u64;
+    // SAFETY: `v` is 8 writable bytes, what an eventfd read fills.
+    if unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) } != 8 {
+        return Err(os_err("eventfd read"));
+    }
+    Ok(())
+}
+
+fn signal(fd: RawFd) -> Result<(), String> {
+    let v = 1u64;
+    // SAFETY: `v` is 8 readable bytes, what an eventfd write takes.
+    if unsafe { libc::write(fd, (&v as *const u64).cast(), 8) } != 8 {
+        return Err(os_err("eventfd write"));
+    }
+    Ok(())
+}
+
+/// The echoing peer: wait for a kick, answer with a call, `n` times.
+fn echo(kick: RawFd, call: RawFd, cpu: usize, n: u32) -> Result<(), String> {
+    pin(cpu)?;
+    let epoll = watch(kick)?;
+    for _ in 0..n {
+        wait_and_read(epoll.as_raw_fd(), kick)?;
+        signal(call)?;
+    }
+    Ok(())
+}
+
+/// The busy peer: a loop that never sleeps, in its own session (autogroup), like an lcore.
+fn spin(cpu: usize) -> Result<(), String> {
+    // SAFETY: setsid takes no arguments; it fails only for a process group leader, which a
+    // spawned child is not. PR_SET_PDEATHSIG takes a signal number: a probe killed midway
+    // takes its busy loop with it.
+    unsafe {
+        libc::setsid();
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+    }
+    pin(cpu)?;
+    let mut x = 0u64;
+    loop {
+        x = std::hint::black_box(x.wrapping_add(1));
+    }
+}
+
+/// Kills and reaps the child when dropped, whatever the measurement's outcome.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[String]) -> Result<Peer, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    Command::new(exe)
+        .args(args)
+        .spawn()
+        .map(Peer)
+        .map_err(|e| format!("starting a peer: {e}"))
+}
+
+/// Microseconds per hop (half a round trip) between this process on `here` and a peer on
+/// `there`.
+fn hop_us(here: usize, there: usize, round_trips: u32) -> Result<f64, String> {
+    pin(here)?;
+    let kick = Notifier::new()?;
+    let call = Notifier::new()?;
+    let total = WARMUP_ROUND_TRIPS + round_trips;
+    let (k, c) = (kick.fd.as_raw_fd(), call.fd.as_raw_fd());
+    let _peer = spawn(&[
+        "--x-echo".into(),
+        k.to_string(),
+        c.to_string(),
+        there.to_string(),
+        total.to_string(),
+    ])?;
+    let mut start = Instant::now();
+    for i in 0..total {
+        if i == WARMUP_ROUND_TRIPS {
+            start = Instant::now();
+        }
+        signal(k)?;
+        wait_and_read(call.epoll.as_raw_fd(), c)?;
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(round_trips) / 2.0)
+}
+
+/// Mean microseconds from asking for a `sleep` to running again, on `cpu`, with a busy loop
+/// on that CPU or not.
+fn timer_wake_us(cpu: usize, sleep: Duration, n: u32, busy: bool) -> Result<f64, String> {
+    pin(cpu)?;
+    // svqd's worker sleeps with 1 ns of timer slack (the default 50 µs would dwarf the sleep).
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the calling thread.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    let _spinner = if busy {
+        let p = spawn(&["--x-spin".into(), cpu.to_string()])?;
+        // Let it start and take its CPU.
+        std::thread::sleep(Duration::from_millis(200));
+        Some(p)
+    } else {
+        None
+    };
+    let start = Instant::now();
+    for _ in 0..n {
+        std::thread::sleep(sleep);
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(n))
+}
+
+fn measure(a: &Args) -> Result<(), String> {
+    if a.cpus.len() > 2 {
+        return Err(format!("--cpus takes one or two CPUs, not {}", a.cpus.len()));
+    }
+    let cpus = if a.cpus.is_empty() {
+        allowed_cpus()
+    } else {
+        a.cpus.clone()
+    };
+    let Some(&first) = cpus.first() else {
+        return Err("no CPU to run on".into());
+    };
+    let second = cpus.get(1).copied();
+    let sleep = Duration::from_micros(a.sleep_us);
+    let same = hop_us(first, first, a.round_trips)?;
+    let across = second
+        .map(|s| hop_us(first, s, a.round_trips))
+        .transpose()?;
+    let idle_timer = timer_wake_us(first, sleep, a.sleeps, false)?;
+    let busy_timer = timer_wake_us(first, sleep, a.sleeps, true)?;
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "cpus": [first, second],
+                "hop_same_cpu_us": same,
+                "hop_cross_cpu_us": across,
+                "sleep_us": a.sleep_us,
+                "timer_wake_idle_cpu_us": idle_timer,
+                "timer_wake_busy_cpu_us": busy_timer,
+            })
+        );
+    } else {
+        println!("eventfd hop between two processes, one CPU ({first}): {same:.1} µs");
+        match (second, across) {
+            (Some(s), Some(x)) => {
+                println!("eventfd hop between two processes, CPUs {first} and {s}: {x:.1} µs")
+            }
+            _ => println!("eventfd hop across CPUs: only one CPU to run on"),
+        }
+        println!(
+            "a {} µs timer sleep on CPU {first}: {idle_timer:.1} µs idle, {busy_timer:.1} µs next to a busy loop",
+            a.sleep_us
+        );
+    }
+    Ok(())
+}
