@@ -91,20 +91,23 @@ fn pin(cpu: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The CPUs this process may run on, from `Cpus_allowed_list` in `/proc/self/status` ("0-3,6").
 fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set for sched_getaffinity to fill; pid 0 is
-    // the calling thread.
-    let set = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        set
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let Some(list) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+    else {
+        return Vec::new();
     };
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `c` is below CPU_SETSIZE.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect()
+    let mut cpus = Vec::new();
+    for range in list.trim().split(',') {
+        let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+        if let (Ok(lo), Ok(hi)) = (lo.parse::<usize>(), hi.parse::<usize>()) {
+            cpus.extend(lo..=hi);
+        }
+    }
+    cpus
 }
 
 /// An eventfd the peer inherits (no close-on-exec), watched by its own epoll set.
@@ -274,7 +277,10 @@ fn timer_wake_us(cpu: usize, sleep: Duration, n: u32, busy: bool) -> Result<f64,
 
 fn measure(a: &Args) -> Result<(), String> {
     if a.cpus.len() > 2 {
-        return Err(format!("--cpus takes one or two CPUs, not {}", a.cpus.len()));
+        return Err(format!(
+            "--cpus takes one or two CPUs, not {}",
+            a.cpus.len()
+        ));
     }
     let cpus = if a.cpus.is_empty() {
         allowed_cpus()
