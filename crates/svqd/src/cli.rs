@@ -56,7 +56,9 @@ pub struct Cli {
     /// While traffic flows, microseconds a shadow worker sleeps with notifications off between
     /// work phases so that a wake moves a ring rather than a burst (0: re-arm notifications
     /// after every phase). Only while other threads want its CPU; on a CPU of its own it goes
-    /// straight on. Bounds the latency it adds under load.
+    /// straight on. Bounds the latency it adds under load. Shorter is not faster on shared
+    /// CPUs: each wake has a fixed cost, and a shorter wait moves fewer chains per wake
+    /// (docs/PERFORMANCE.md, tables 22 and 37).
     #[arg(long, value_name = "N", default_value_t = crate::config::DEFAULT_BATCH_WAIT_US)]
     pub batch_wait_us: u64,
     /// Serve Prometheus metrics over HTTP at ADDR (e.g. 127.0.0.1:9710; GET /metrics).

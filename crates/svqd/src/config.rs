@@ -76,7 +76,8 @@ pub const DEFAULT_POLL_US: u64 = 50;
 /// Default of `--batch-wait-us` ([`ProxyConfig::batch_wait`]), by measurement: 25 µs was the
 /// best of 0/25/50/100/300; a finer sweep in the contended layout (docs/PERFORMANCE.md, table
 /// 22) put 21 µs at 0.34–0.35 of direct against 0.29–0.30 for 25 µs, with 15 µs at 0.25 (each
-/// wake then moves too few chains for its fixed cost of ~7 µs of CPU).
+/// wake then moves too few chains for its fixed cost of ~7 µs of CPU). On the nested-PVM
+/// machine of table 37 the fixed cost is 12–17 µs and 15 µs falls to half of 21 µs's rate.
 pub const DEFAULT_BATCH_WAIT_US: u64 = 21;
 /// Longest `--poll-us`: a worker polling longer would hold a CPU for nothing.
 pub const MAX_POLL_US: u64 = 100_000;
