@@ -5,6 +5,8 @@ Each round runs the three paths back to back (direct first in odd-numbered round
 others, so a drift within rounds cancels over the run; adjacent in time, so the machine's drift hits them
 alike) and reports, per round, each path's rate, its ratio to direct, the CPU share every process
 got, and svqd's worker CPU time per forwarded descriptor; then the median of the per-round ratios.
+Before the rounds it measures what a wake-up costs on the machine (target/release/wake-cost): shadow
+mode adds wake-ups to the data path, so every shadow ratio of the run depends on that cost.
 
 Workloads:
   dpdk  DPDK testpmd is both peers (virtio-user driver -> [svqd] -> net_vhost device); rate in
@@ -142,18 +144,20 @@ def io_packets(proc):
     die("testpmd did not answer show port stats")
 
 
-def svqd_stats(ctl, field="descriptors"):
+def svqd_queues(ctl):
     out = subprocess.run([str(REPO / "target/release/svqctl"), "-c", ctl, "--json", "stats"],
                          capture_output=True, text=True, check=True).stdout
-    return sum(q[field] for q in json.loads(out)["queues"])
+    return json.loads(out)["queues"]
+
+
+def svqd_stats(ctl, field="descriptors"):
+    return sum(q[field] for q in svqd_queues(ctl))
 
 
 def svqd_wakes(ctl):
     """Wake-ups of svqd's worker: every ring a thread serves counts each of its wakes, so the
     busiest ring's count is the thread's (exact with one worker thread, the default)."""
-    out = subprocess.run([str(REPO / "target/release/svqctl"), "-c", ctl, "--json", "stats"],
-                         capture_output=True, text=True, check=True).stdout
-    return max((q["worker_wakeups"] for q in json.loads(out)["queues"]), default=0)
+    return max((q["worker_wakeups"] for q in svqd_queues(ctl)), default=0)
 
 
 def virtio_user_vdev(target, q):
@@ -623,10 +627,10 @@ def main():
     out.mkdir(parents=True)
     rounds = []
     one_round = dpdk_round if a.workload == "dpdk" else blk_round
-    # Sockets live in a short temporary directory (sun_path is 108 bytes); logs are kept.
     wake = wake_cost()
     if wake:
         print(wake_text(wake), flush=True)
+    # Sockets live in a short temporary directory (sun_path is 108 bytes); logs are kept.
     with tempfile.TemporaryDirectory(prefix="svqb-") as tmp:
         if a.workload == "dpdk":
             # The first measurement of a run comes out off by up to 2x (caches, page faults,
