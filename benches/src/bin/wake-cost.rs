@@ -1,6 +1,7 @@
 //! wake-cost: what waking a sleeping process costs on this machine, the quantity that bounds
 //! svqd's shadow mode wherever its peers are not polling it. `scripts/bench/run.py` runs it once
-//! per run and prints the bound it implies next to the measured ratios.
+//! per run and prints the costs next to the measured ratios (docs/PERFORMANCE.md, tables 35–37,
+//! turns them into bounds).
 //!
 //! A shadowed ring puts svqd between the guest and the device, so every request that finds svqd
 //! asleep pays two more wake-ups (the kick to svqd, the call from it); and a worker that shares
