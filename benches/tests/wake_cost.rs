@@ -68,9 +68,15 @@ fn the_probe_reports_every_cost_and_its_peers_end_with_it() {
     }
     // A sleep never ends early, so each measured period is at least the sleep asked for.
     assert_eq!(v["sleep_us"], 21);
-    for k in ["timer_wake_idle_cpu_us", "timer_wake_busy_cpu_us"] {
-        let t = us(k);
-        assert!((21.0..100_000.0).contains(&t), "{k}: {t} µs");
+    for (period, cpu) in [
+        ("timer_wake_idle_cpu_us", "timer_sleep_thread_cpu_idle_us"),
+        ("timer_wake_busy_cpu_us", "timer_sleep_thread_cpu_busy_us"),
+    ] {
+        let t = us(period);
+        assert!((21.0..100_000.0).contains(&t), "{period}: {t} µs");
+        // The sleeper's own CPU fits in the period it measured (one thread).
+        let c = us(cpu);
+        assert!(c > 0.0 && c <= t, "{cpu}: {c} µs of a {t} µs period");
     }
     // The busy loop must not outlive the probe: it would take a CPU from every later test.
     let mut left = probe_peers_left();

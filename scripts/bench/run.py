@@ -572,7 +572,9 @@ def wake_text(w):
     return (f"Wake-ups on this machine (`wake-cost`, before the rounds): an eventfd hop between two "
             f"processes costs {w['hop_same_cpu_us']:.1f} µs on one CPU, {across}; a {w['sleep_us']} µs "
             f"timer sleep ends after {w['timer_wake_idle_cpu_us']:.1f} µs on an idle CPU, "
-            f"{w['timer_wake_busy_cpu_us']:.1f} µs on one a busy loop keeps busy.")
+            f"{w['timer_wake_busy_cpu_us']:.1f} µs on one a busy loop keeps busy, and costs the sleeping "
+            f"thread {w['timer_sleep_thread_cpu_busy_us']:.1f} µs of CPU there (a shadow worker pays "
+            f"that for every wake before it does any work).")
 
 
 def main():

@@ -10,7 +10,8 @@
 //! - a hop between two processes (eventfd write → the other's `epoll_wait` returns), both on one
 //!   CPU and on two CPUs (idle apart from the probe);
 //! - a timer sleep of `--sleep-us` (svqd's batch wait) on a CPU that a busy loop in a session
-//!   of its own (its own scheduling autogroup, like a DPDK lcore) keeps busy, and on an idle one.
+//!   of its own (its own scheduling autogroup, like a DPDK lcore) keeps busy, and on an idle one:
+//!   how long it lasts and how much of the sleeping thread's CPU it takes.
 //!
 //! The peers are this binary re-run with a hidden `--x-*` mode, so each hop switches address
 //! spaces as it does between a VMM, svqd and a backend.
@@ -254,9 +255,26 @@ fn hop_us(here: usize, there: usize, round_trips: u32) -> Result<f64, String> {
     Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(round_trips) / 2.0)
 }
 
-/// Mean microseconds from asking for a `sleep` to running again, on `cpu`, with a busy loop
-/// on that CPU or not.
-fn timer_wake_us(cpu: usize, sleep: Duration, n: u32, busy: bool) -> Result<f64, String> {
+/// A timer sleep as measured: mean microseconds from asking for the sleep to running again, and
+/// the sleeping thread's own CPU microseconds per sleep (the timer, the switches in and out).
+struct TimerWake {
+    period_us: f64,
+    cpu_us: f64,
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out pointer; the thread CPU clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// `n` sleeps of `sleep` on `cpu`, with a busy loop on that CPU or not.
+fn timer_wake(cpu: usize, sleep: Duration, n: u32, busy: bool) -> Result<TimerWake, String> {
     pin(cpu)?;
     // svqd's worker sleeps with 1 ns of timer slack (the default 50 µs would dwarf the sleep).
     // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the calling thread.
@@ -269,11 +287,15 @@ fn timer_wake_us(cpu: usize, sleep: Duration, n: u32, busy: bool) -> Result<f64,
     } else {
         None
     };
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), thread_cpu());
     for _ in 0..n {
         std::thread::sleep(sleep);
     }
-    Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(n))
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
+    Ok(TimerWake {
+        period_us: per(start.elapsed()),
+        cpu_us: per(thread_cpu().saturating_sub(cpu0)),
+    })
 }
 
 fn measure(a: &Args) -> Result<(), String> {
@@ -297,8 +319,8 @@ fn measure(a: &Args) -> Result<(), String> {
     let across = second
         .map(|s| hop_us(first, s, a.round_trips))
         .transpose()?;
-    let idle_timer = timer_wake_us(first, sleep, a.sleeps, false)?;
-    let busy_timer = timer_wake_us(first, sleep, a.sleeps, true)?;
+    let idle = timer_wake(first, sleep, a.sleeps, false)?;
+    let busy = timer_wake(first, sleep, a.sleeps, true)?;
     if a.json {
         println!(
             "{}",
@@ -307,8 +329,10 @@ fn measure(a: &Args) -> Result<(), String> {
                 "hop_same_cpu_us": same,
                 "hop_cross_cpu_us": across,
                 "sleep_us": a.sleep_us,
-                "timer_wake_idle_cpu_us": idle_timer,
-                "timer_wake_busy_cpu_us": busy_timer,
+                "timer_wake_idle_cpu_us": idle.period_us,
+                "timer_wake_busy_cpu_us": busy.period_us,
+                "timer_sleep_thread_cpu_idle_us": idle.cpu_us,
+                "timer_sleep_thread_cpu_busy_us": busy.cpu_us,
             })
         );
     } else {
@@ -320,8 +344,9 @@ fn measure(a: &Args) -> Result<(), String> {
             _ => println!("eventfd hop across CPUs: only one CPU to run on"),
         }
         println!(
-            "a {} µs timer sleep on CPU {first}: {idle_timer:.1} µs idle, {busy_timer:.1} µs next to a busy loop",
-            a.sleep_us
+            "a {} µs timer sleep on CPU {first}: ends after {:.1} µs idle, {:.1} µs next to a busy \
+             loop; costs the sleeper {:.1} / {:.1} µs of CPU",
+            a.sleep_us, idle.period_us, busy.period_us, idle.cpu_us, busy.cpu_us
         );
     }
     Ok(())
