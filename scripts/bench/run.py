@@ -144,20 +144,20 @@ def io_packets(proc):
     die("testpmd did not answer show port stats")
 
 
-def svqd_queues(ctl):
+def svqd_counts(ctl):
+    """svqd's counters from one `svqctl stats`: descriptors and chains forwarded, summed over the
+    queues, and the worker's wake-ups (every ring a thread serves counts each of its wakes, so the
+    busiest ring's count is the thread's; exact with one worker thread, the default)."""
     out = subprocess.run([str(REPO / "target/release/svqctl"), "-c", ctl, "--json", "stats"],
                          capture_output=True, text=True, check=True).stdout
-    return json.loads(out)["queues"]
+    queues = json.loads(out)["queues"]
+    return {"descriptors": sum(q["descriptors"] for q in queues),
+            "chains": sum(q["chains"] for q in queues),
+            "wakes": max((q["worker_wakeups"] for q in queues), default=0)}
 
 
-def svqd_stats(ctl, field="descriptors"):
-    return sum(q[field] for q in svqd_queues(ctl))
-
-
-def svqd_wakes(ctl):
-    """Wake-ups of svqd's worker: every ring a thread serves counts each of its wakes, so the
-    busiest ring's count is the thread's (exact with one worker thread, the default)."""
-    return max((q["worker_wakeups"] for q in svqd_queues(ctl)), default=0)
+def counts_between(c0, c1):
+    return {k: c1[k] - c0[k] for k in c0}
 
 
 def virtio_user_vdev(target, q):
@@ -270,8 +270,7 @@ def run_path(path, a, work, logs):
         t0 = time.time()
         ticks0 = {k: cpu_ticks(p.p.pid) for k, p in procs.items()}
         w0 = cpu_ticks(procs["svqd"].p.pid, "svqd-shadow") if "svqd" in procs else 0
-        d0 = svqd_stats(ctl) if "svqd" in procs else 0
-        c0_chains, wakes0 = (svqd_stats(ctl, "chains"), svqd_wakes(ctl)) if "svqd" in procs else (0, 0)
+        n0 = svqd_counts(ctl) if "svqd" in procs else None
         time.sleep(a.seconds)
         wall = time.time() - t0
         share = {k: (cpu_ticks(p.p.pid) - ticks0[k]) / CLK / wall for k, p in procs.items()}
@@ -280,12 +279,11 @@ def run_path(path, a, work, logs):
             res["reseeded"] = reseeded
         if "svqd" in procs:
             w1 = cpu_ticks(procs["svqd"].p.pid, "svqd-shadow")
-            d1 = svqd_stats(ctl)
-            res["descriptors"] = d1 - d0
-            res["ns_per_desc"] = ((w1 - w0) / CLK * 1e9 / (d1 - d0)) if d1 > d0 else None
-            chains, wakes = svqd_stats(ctl, "chains") - c0_chains, svqd_wakes(ctl) - wakes0
-            res["wakes_per_s"] = wakes / wall
-            res["chains_per_wake"] = chains / wakes if wakes else None
+            n = counts_between(n0, svqd_counts(ctl))
+            res["descriptors"] = n["descriptors"]
+            res["ns_per_desc"] = (w1 - w0) / CLK * 1e9 / n["descriptors"] if n["descriptors"] > 0 else None
+            res["wakes_per_s"] = n["wakes"] / wall
+            res["chains_per_wake"] = n["chains"] / n["wakes"] if n["wakes"] else None
         if port is None:
             res["pps"] = (io_packets(rate_proc) - c0) / (time.time() - t0)
         for p in procs.values():
@@ -358,16 +356,16 @@ def run_blk_path(path, a, r, work, logs):
         ticks0 = {k: cpu_ticks(p.p.pid) for k, p in procs.items()}
         svqd = procs.get("svqd")
         w0 = cpu_ticks(svqd.p.pid, "svqd-shadow") if svqd else 0
-        d0 = (svqd_stats(ctl), svqd_stats(ctl, "chains")) if svqd else (0, 0)
+        n0 = svqd_counts(ctl) if svqd else None
         time.sleep(max(a.seconds - 0.4, 0.1))
         wall = time.time() - t0
         share = {k: (cpu_ticks(p.p.pid) - ticks0[k]) / CLK / wall for k, p in procs.items()}
         res = {"path": path, "share": share}
         if svqd:
             w1 = cpu_ticks(svqd.p.pid, "svqd-shadow")
-            d1 = (svqd_stats(ctl), svqd_stats(ctl, "chains"))
+            n = counts_between(n0, svqd_counts(ctl))
             cpu_ns = (w1 - w0) / CLK * 1e9
-            res["descriptors"], res["chains"] = d1[0] - d0[0], d1[1] - d0[1]
+            res["descriptors"], res["chains"] = n["descriptors"], n["chains"]
             res["ns_per_desc"] = cpu_ns / res["descriptors"] if res["descriptors"] else None
             res["ns_per_req"] = cpu_ns / res["chains"] if res["chains"] else None
         try:
