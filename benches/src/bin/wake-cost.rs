@@ -16,12 +16,14 @@
 //! The peers are this binary re-run with a hidden `--x-*` mode, so each hop switches address
 //! spaces as it does between a VMM, svqd and a backend.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::json;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Measure the cost of a wake-up on this machine (eventfd hops, timer sleeps next to a busy loop).
 #[derive(Debug, Parser)]
@@ -72,10 +74,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
-}
-
 fn pin(cpu: usize) -> Result<(), String> {
     if cpu >= libc::CPU_SETSIZE as usize {
         return Err(format!("CPU {cpu} is out of range"));
@@ -88,7 +86,8 @@ fn pin(cpu: usize) -> Result<(), String> {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if rc != 0 {
-        return Err(os_err(&format!("pinning to CPU {cpu}")));
+        let e = std::io::Error::last_os_error();
+        return Err(format!("pinning to CPU {cpu}: {e}"));
     }
     Ok(())
 }
@@ -112,84 +111,55 @@ fn allowed_cpus() -> Vec<usize> {
     cpus
 }
 
-/// An eventfd the peer inherits (no close-on-exec), watched by its own epoll set.
-struct Notifier {
-    fd: std::fs::File,
-    epoll: std::fs::File,
+/// An eventfd without close-on-exec, so that the peer inherits it.
+fn inheritable_eventfd() -> Result<EventFd, String> {
+    EventFd::new(0).map_err(|e| format!("eventfd: {e}"))
 }
 
-impl Notifier {
-    fn new() -> Result<Self, String> {
-        // SAFETY: eventfd takes no pointers; a negative return is an error.
-        let fd = unsafe { libc::eventfd(0, 0) };
-        if fd < 0 {
-            return Err(os_err("eventfd"));
-        }
-        // SAFETY: `fd` is a new descriptor owned by nobody else.
-        let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let epoll = watch(fd.as_raw_fd())?;
-        Ok(Notifier { fd, epoll })
-    }
-}
-
-/// An epoll set (close-on-exec) watching `fd` for input.
-fn watch(fd: RawFd) -> Result<std::fs::File, String> {
-    // SAFETY: epoll_create1 takes no pointers; a negative return is an error.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        return Err(os_err("epoll_create1"));
-    }
-    // SAFETY: `ep` is a new descriptor owned by nobody else.
-    let epoll = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(ep) };
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: 0,
-    };
-    // SAFETY: both descriptors are open; `ev` is a valid event for the call to read.
-    if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-        return Err(os_err("epoll_ctl"));
-    }
+/// An epoll set watching `fd` for input.
+fn watch(fd: &EventFd) -> Result<Epoll, String> {
+    let epoll = Epoll::new().map_err(|e| format!("epoll_create1: {e}"))?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            fd.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )
+        .map_err(|e| format!("epoll_ctl: {e}"))?;
     Ok(epoll)
 }
 
 /// Sleep in `epoll_wait` until `fd` is signalled, then consume the signal (what svqd's worker
 /// does on a kick).
-fn wait_and_read(epoll: RawFd, fd: RawFd) -> Result<(), String> {
-    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+fn wait_and_read(epoll: &Epoll, fd: &EventFd) -> Result<(), String> {
+    let mut events = [EpollEvent::default()];
     loop {
-        // SAFETY: `ev` is valid for one event; `epoll` is an open epoll set.
-        let n = unsafe { libc::epoll_wait(epoll, &mut ev, 1, 10_000) };
-        match n {
-            1 => break,
-            0 => return Err("the peer stopped answering".into()),
-            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-            _ => return Err(os_err("epoll_wait")),
+        match epoll.wait(10_000, &mut events) {
+            Ok(1) => break,
+            Ok(_) => return Err("the peer stopped answering".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("epoll_wait: {e}")),
         }
     }
-    let mut v = 0u64;
-    // SAFETY: `v` is 8 writable bytes, what an eventfd read fills.
-    if unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) } != 8 {
-        return Err(os_err("eventfd read"));
-    }
-    Ok(())
+    fd.read()
+        .map(drop)
+        .map_err(|e| format!("eventfd read: {e}"))
 }
 
-fn signal(fd: RawFd) -> Result<(), String> {
-    let v = 1u64;
-    // SAFETY: `v` is 8 readable bytes, what an eventfd write takes.
-    if unsafe { libc::write(fd, (&v as *const u64).cast(), 8) } != 8 {
-        return Err(os_err("eventfd write"));
-    }
-    Ok(())
+fn signal(fd: &EventFd) -> Result<(), String> {
+    fd.write(1).map_err(|e| format!("eventfd write: {e}"))
 }
 
 /// The echoing peer: wait for a kick, answer with a call, `n` times.
 fn echo(kick: RawFd, call: RawFd, cpu: usize, n: u32) -> Result<(), String> {
+    // SAFETY: both are eventfds the parent created without close-on-exec for this process,
+    // which owns its copies and uses nothing else under these numbers.
+    let (kick, call) = unsafe { (EventFd::from_raw_fd(kick), EventFd::from_raw_fd(call)) };
     pin(cpu)?;
-    let epoll = watch(kick)?;
+    let epoll = watch(&kick)?;
     for _ in 0..n {
-        wait_and_read(epoll.as_raw_fd(), kick)?;
-        signal(call)?;
+        wait_and_read(&epoll, &kick)?;
+        signal(&call)?;
     }
     Ok(())
 }
@@ -233,14 +203,14 @@ fn spawn(args: &[String]) -> Result<Peer, String> {
 /// `there`.
 fn hop_us(here: usize, there: usize, round_trips: u32) -> Result<f64, String> {
     pin(here)?;
-    let kick = Notifier::new()?;
-    let call = Notifier::new()?;
+    let kick = inheritable_eventfd()?;
+    let call = inheritable_eventfd()?;
+    let call_epoll = watch(&call)?;
     let total = WARMUP_ROUND_TRIPS + round_trips;
-    let (k, c) = (kick.fd.as_raw_fd(), call.fd.as_raw_fd());
     let _peer = spawn(&[
         "--x-echo".into(),
-        k.to_string(),
-        c.to_string(),
+        kick.as_raw_fd().to_string(),
+        call.as_raw_fd().to_string(),
         there.to_string(),
         total.to_string(),
     ])?;
@@ -249,8 +219,8 @@ fn hop_us(here: usize, there: usize, round_trips: u32) -> Result<f64, String> {
         if i == WARMUP_ROUND_TRIPS {
             start = Instant::now();
         }
-        signal(k)?;
-        wait_and_read(call.epoll.as_raw_fd(), c)?;
+        signal(&kick)?;
+        wait_and_read(&call_epoll, &call)?;
     }
     Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(round_trips) / 2.0)
 }
